@@ -1,0 +1,131 @@
+"""manifest.json: what a shard directory holds and how it was made.
+
+Fields (schema version 1): ``source`` (the query), ``build`` (block and shard sizes, seed),
+``vocabulary`` (feature_id, feature_name), ``splits`` (study -> train/val/test),
+``shards`` (name, split, n_cells, n_blocks, bytes, sha256), ``n_cells`` per split,
+``gene_stats`` (train split: mean/var of log1p CP10k and CP10k, detection rate),
+``hvg`` (ranking, normalised dispersion), ``markers`` per cell type, ``cell_types``
+(train counts), ``library_size`` (log-normal fit per cell type, tissue, disease, assay).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            h.update(data)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class Manifest:
+    """A loaded manifest plus the directory its shards live in."""
+
+    data: dict
+    root: str
+
+    @classmethod
+    def load(cls, path: str) -> "Manifest":
+        if os.path.isdir(path):
+            path = os.path.join(path, MANIFEST_NAME)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no shard manifest at {path}; build shards with "
+                                    "`python launchers/build_shards.py --source ATLAS --out DIR`")
+        with open(path) as f:
+            data = json.load(f)
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"{path} has manifest schema version {version}; this clopdit-dist reads version "
+                             f"{SCHEMA_VERSION}. Rebuild the shards with this version.")
+        return cls(data, os.path.dirname(os.path.abspath(path)))
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.root, MANIFEST_NAME)
+
+    def sha256(self) -> str:
+        return sha256_file(self.path)
+
+    # ------------------------------------------------------------------ genes
+    @cached_property
+    def feature_ids(self) -> np.ndarray:
+        return np.array(self.data["vocabulary"]["feature_id"])
+
+    @cached_property
+    def feature_names(self) -> np.ndarray:
+        return np.array(self.data["vocabulary"]["feature_name"])
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.feature_ids)
+
+    def hvg(self, k: int) -> np.ndarray:
+        """Indices of the top ``k`` highly variable genes, in vocabulary order."""
+        ranking = self.data["hvg"]["ranking"]
+        if k > len(ranking):
+            raise ValueError(f"asked for {k} HVGs but the vocabulary has {len(ranking)} genes")
+        return np.sort(np.array(ranking[:k], dtype=np.int64))
+
+    def gene_indices(self, genes) -> np.ndarray:
+        """Vocabulary indices of ``genes``: "all", "hvg:K", or a list of feature_ids or
+        feature_names (in the order given)."""
+        if isinstance(genes, str):
+            if genes == "all":
+                return np.arange(self.n_genes)
+            if genes.startswith("hvg:"):
+                return self.hvg(int(genes.split(":", 1)[1]))
+            raise ValueError(f"genes={genes!r}: use 'all', 'hvg:K' or a list of gene ids/names")
+        lookup = {n: i for i, n in enumerate(self.feature_names)}
+        lookup.update({f: i for i, f in enumerate(self.feature_ids)})
+        missing = [g for g in genes if g not in lookup]
+        if missing:
+            raise KeyError(f"{len(missing)} of {len(genes)} requested genes are not in the vocabulary of "
+                           f"{self.path}: {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+        return np.array([lookup[g] for g in genes], dtype=np.int64)
+
+    # ------------------------------------------------------------------ shards
+    def shards(self, split: str) -> list[dict]:
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r}: choose one of {SPLITS}")
+        return [s for s in self.data["shards"] if s["split"] == split]
+
+    def shard_paths(self, split: str) -> list[str]:
+        return [os.path.join(self.root, s["name"]) for s in self.shards(split)]
+
+    def n_cells(self, split: str) -> int:
+        return int(self.data["n_cells"][split])
+
+    def studies(self, split: str) -> list[str]:
+        return sorted(k for k, v in self.data["splits"].items() if v == split)
+
+    def verify(self) -> list[str]:
+        """Names of shards whose file is missing or whose sha256 differs from the manifest."""
+        bad = []
+        for s in self.data["shards"]:
+            p = os.path.join(self.root, s["name"])
+            if not os.path.exists(p) or sha256_file(p) != s["sha256"]:
+                bad.append(s["name"])
+        return bad

@@ -1,0 +1,303 @@
+"""Build WebDataset shards from a SOMA query.
+
+    SOMA query ─ plan (splits by study, blocks, shards) ─ workers: read cells, write tar ─ manifest
+
+The plan is a pure function of the query and the build settings and is saved first
+(``_build/plan.json`` + ``plan.npz``), so a run killed at any point and started again with
+the same arguments rebuilds only the shards that are missing, with exactly the same cells:
+each soma_joinid lands in exactly one shard. A shard is complete when its tar has been
+renamed into place and its ``_build/<name>.json`` written; anything else is rebuilt.
+
+Studies (``dataset_id``) are never split across train/val/test, so evaluation holds out
+whole studies. Blocks are runs of consecutive cells of one split; their order is permuted
+across the split so a shard mixes studies, and cells are permuted within each block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .blocks import BLOCK_EXT, encode_block
+from .manifest import MANIFEST_NAME, SCHEMA_VERSION, SPLITS, sha256_file, write_json_atomic
+from .source import CELL_COLUMNS, CellSource, Query
+from .stats import ShardStats, SplitStats
+
+BUILD_DIR = "_build"
+
+
+@dataclass
+class ShardConfig:
+    source: str
+    out: str
+    organism: str = "homo_sapiens"
+    obs_filter: str | None = None
+    genes: list[str] = field(default_factory=list)
+    cells_per_block: int = 256
+    blocks_per_shard: int = 16
+    val_studies: list[str] = field(default_factory=list)
+    test_studies: list[str] = field(default_factory=list)
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+    workers: int = 1
+    n_markers: int = 20
+
+    def query(self) -> Query:
+        return Query(self.source, self.organism, self.obs_filter, list(self.genes))
+
+    def plan_key(self) -> dict:
+        """Everything the plan depends on (not workers: any worker count gives the same shards)."""
+        d = asdict(self)
+        d.pop("workers")
+        d.pop("out")
+        d["source"] = os.path.abspath(self.source) if os.path.exists(self.source) else self.source
+        return d
+
+
+# ---------------------------------------------------------------------- splits
+def assign_splits(studies: pd.Series, cfg: ShardConfig) -> dict[str, str]:
+    """Study -> split. Explicit lists win; otherwise studies are taken in a seeded hash order
+    into test, then val, until each holds its fraction of cells (at least one study each when
+    there are three or more studies)."""
+    sizes = studies.value_counts()
+    names = sorted(sizes.index)
+    unknown = [s for s in cfg.val_studies + cfg.test_studies if s not in sizes.index]
+    if unknown:
+        raise ValueError(f"held-out studies {unknown} match no cell of the query; "
+                         f"studies in the query: {names}")
+    split = {s: "train" for s in names}
+    if cfg.val_studies or cfg.test_studies:
+        split.update({s: "val" for s in cfg.val_studies})
+        split.update({s: "test" for s in cfg.test_studies})
+        return split
+    order = sorted(names, key=lambda s: hashlib.sha256(f"{cfg.seed}/{s}".encode()).hexdigest())
+    total = sizes.sum()
+    for name, frac in (("test", cfg.test_fraction), ("val", cfg.val_fraction)):
+        taken = 0
+        for s in order:
+            if frac <= 0 or len(names) < 3 or sum(v == "train" for v in split.values()) <= 1:
+                break
+            if split[s] != "train":
+                continue
+            if taken and taken + sizes[s] > frac * total * 1.5:
+                continue
+            split[s] = name
+            taken += sizes[s]
+            if taken >= frac * total:
+                break
+    return split
+
+
+# ---------------------------------------------------------------------- plan
+@dataclass
+class Plan:
+    key: dict
+    splits: dict[str, str]
+    shards: list[dict]  # name, split, n_cells, n_blocks
+    joinids: np.ndarray  # all cells, shard after shard, block after block
+    offsets: np.ndarray  # shard i owns joinids[offsets[i]:offsets[i+1]]
+
+    def shard_joinids(self, i: int) -> np.ndarray:
+        return self.joinids[self.offsets[i]:self.offsets[i + 1]]
+
+
+def make_plan(obs: pd.DataFrame, cfg: ShardConfig) -> Plan:
+    splits = assign_splits(obs["dataset_id"], cfg)
+    split_of_cell = obs["dataset_id"].map(splits).to_numpy()
+    B = cfg.cells_per_block
+    shards, parts, offsets = [], [], [0]
+    for si, split in enumerate(SPLITS):
+        ids = obs["soma_joinid"].to_numpy()[split_of_cell == split]
+        if len(ids) == 0:
+            continue
+        rng = np.random.default_rng([cfg.seed, si])
+        blocks = [ids[i:i + B] for i in range(0, len(ids), B)]
+        blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+        for k in range(0, len(blocks), cfg.blocks_per_shard):
+            group = blocks[k:k + cfg.blocks_per_shard]
+            group = [b[rng.permutation(len(b))] for b in group]
+            name = f"{split}-{len([s for s in shards if s['split'] == split]):06d}.tar"
+            shards.append({"name": name, "split": split, "n_cells": int(sum(map(len, group))),
+                           "block_sizes": [len(b) for b in group]})
+            parts.extend(group)
+            offsets.append(offsets[-1] + shards[-1]["n_cells"])
+    joinids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return Plan(cfg.plan_key(), splits, shards, joinids, np.array(offsets, np.int64))
+
+
+def save_plan(plan: Plan, build_dir: str) -> None:
+    os.makedirs(build_dir, exist_ok=True)
+    np.savez(os.path.join(build_dir, "plan.npz"), joinids=plan.joinids, offsets=plan.offsets)
+    write_json_atomic(os.path.join(build_dir, "plan.json"),
+                      {"key": plan.key, "splits": plan.splits, "shards": plan.shards})
+
+
+def load_plan(build_dir: str) -> Plan | None:
+    meta = os.path.join(build_dir, "plan.json")
+    arrays = os.path.join(build_dir, "plan.npz")
+    if not (os.path.exists(meta) and os.path.exists(arrays)):
+        return None
+    with open(meta) as f:
+        m = json.load(f)
+    with np.load(arrays, allow_pickle=False) as z:
+        return Plan(m["key"], m["splits"], m["shards"], z["joinids"], z["offsets"])
+
+
+# ---------------------------------------------------------------------- workers
+_SOURCE: CellSource | None = None
+_PLAN: Plan | None = None
+
+
+def _init_worker(query: Query, build_dir: str, threads: int) -> None:
+    global _SOURCE, _PLAN
+    config = {"sm.compute_concurrency_level": threads, "sm.io_concurrency_level": threads}
+    _SOURCE = CellSource(query, tiledb_config=config)
+    _PLAN = load_plan(build_dir)
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "clopdit", "clopdit"
+    return info
+
+
+def build_shard(i: int, out: str, build_dir: str) -> dict:
+    """Read shard ``i``'s cells, write its tar (atomically) and its statistics."""
+    plan, src = _PLAN, _SOURCE
+    meta = plan.shards[i]
+    obs, X = src.read_cells(plan.shard_joinids(i), CELL_COLUMNS)
+    obs["library_size"] = np.asarray(X.sum(axis=1)).ravel()
+    stats = ShardStats(X.shape[1])
+    stats.update(X, obs)
+    stem = meta["name"][: -len(".tar")]
+    final = os.path.join(out, meta["name"])
+    tmp = final + ".partial"
+    with open(tmp, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            start = 0
+            for b, size in enumerate(meta["block_sizes"]):
+                payload = encode_block(X[start:start + size], obs.iloc[start:start + size])
+                tar.addfile(_tarinfo(f"{stem}_{b:05d}.{BLOCK_EXT}", len(payload)), io.BytesIO(payload))
+                start += size
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    stats.save(os.path.join(build_dir, f"{stem}.stats.npz"))
+    done = {"name": meta["name"], "split": meta["split"], "n_cells": meta["n_cells"],
+            "n_blocks": len(meta["block_sizes"]), "bytes": os.path.getsize(final), "sha256": sha256_file(final)}
+    write_json_atomic(os.path.join(build_dir, f"{stem}.json"), done)
+    return done
+
+
+def _build_shard_task(args) -> dict:
+    return build_shard(*args)
+
+
+def _completed(out: str, build_dir: str, name: str) -> dict | None:
+    stem = name[: -len(".tar")]
+    marker = os.path.join(build_dir, f"{stem}.json")
+    if not (os.path.exists(marker) and os.path.exists(os.path.join(out, name))
+            and os.path.exists(os.path.join(build_dir, f"{stem}.stats.npz"))):
+        return None
+    with open(marker) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------- driver
+def build_shards(cfg: ShardConfig, dry_run: bool = False, progress: bool = True, log=print) -> dict | None:
+    """Plan, build (or resume) and write the manifest. Returns the manifest (None on dry run)."""
+    from tqdm.auto import tqdm
+
+    build_dir = os.path.join(cfg.out, BUILD_DIR)
+    with CellSource(cfg.query()) as src:
+        obs = src.obs(("soma_joinid", "dataset_id"))
+        if obs.empty:
+            raise ValueError(f"obs filter {cfg.obs_filter!r} matches no cell in {cfg.source} ({cfg.organism})")
+        var = src.var
+    plan = make_plan(obs, cfg)
+    if dry_run:
+        counts = obs["dataset_id"].map(plan.splits).value_counts()
+        log(json.dumps({"cells": len(obs), "genes": len(var), "studies": len(plan.splits),
+                        "cells_per_split": {k: int(counts.get(k, 0)) for k in SPLITS},
+                        "studies_per_split": {k: sum(v == k for v in plan.splits.values()) for k in SPLITS},
+                        "shards": len(plan.shards), "cells_per_block": cfg.cells_per_block,
+                        "blocks_per_shard": cfg.blocks_per_shard}, indent=1))
+        return None
+
+    existing = load_plan(build_dir)
+    if existing is not None and existing.key != plan.key:
+        diff = sorted(k for k in plan.key if existing.key.get(k) != plan.key[k])
+        raise ValueError(f"{cfg.out} holds a shard build with other settings ({', '.join(diff)} differ); "
+                         "use a new --out, or delete it to rebuild")
+    if existing is None:
+        save_plan(plan, build_dir)
+    todo = [i for i, s in enumerate(plan.shards) if _completed(cfg.out, build_dir, s["name"]) is None]
+    pending = set(todo)
+    done_cells = sum(s["n_cells"] for i, s in enumerate(plan.shards) if i not in pending)
+    if done_cells:
+        log(f"resuming: {len(plan.shards) - len(todo)} of {len(plan.shards)} shards already built")
+
+    workers = max(1, min(cfg.workers, len(todo) or 1))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    t0 = time.perf_counter()
+    with tqdm(total=len(obs), initial=done_cells, unit="cell", desc="shards", disable=not progress,
+              file=sys.stderr) as bar:
+        tasks = [(i, cfg.out, build_dir) for i in todo]
+        if workers == 1:
+            _init_worker(cfg.query(), build_dir, threads)
+            for t in tasks:
+                bar.update(_build_shard_task(t)["n_cells"])
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg.query(), build_dir, threads)) as pool:
+                for done in pool.imap_unordered(_build_shard_task, tasks):
+                    bar.update(done["n_cells"])
+    elapsed = time.perf_counter() - t0
+    manifest = write_manifest(cfg, plan, var, build_dir)
+    built = sum(plan.shards[i]["n_cells"] for i in todo)
+    log(f"wrote {len(plan.shards)} shards ({manifest['n_cells']}) to {cfg.out}; "
+        f"built {built} cells in {elapsed:.1f}s")
+    return manifest
+
+
+def write_manifest(cfg: ShardConfig, plan: Plan, var: pd.DataFrame, build_dir: str) -> dict:
+    shards = [_completed(cfg.out, build_dir, s["name"]) for s in plan.shards]
+    stats = {split: SplitStats(len(var)) for split in SPLITS}
+    for s in shards:
+        stats[s["split"]].add_file(os.path.join(build_dir, s["name"][: -len(".tar")] + ".stats.npz"))
+    train = stats["train"]
+    gene_stats = {k: np.round(v, 6).tolist() for k, v in train.gene_stats().items()}
+    order, norm = train.hvg_ranking()
+    from .. import __version__
+
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "created_by": f"clopdit-dist {__version__}",
+        "source": cfg.query().to_dict(),
+        "build": {k: v for k, v in asdict(cfg).items() if k in ("cells_per_block", "blocks_per_shard", "seed",
+                                                              "val_fraction", "test_fraction")},
+        "n_cells": {split: stats[split].n_cells for split in SPLITS},
+        "splits": plan.splits,
+        "vocabulary": {"feature_id": var["feature_id"].tolist(), "feature_name": var["feature_name"].tolist()},
+        "shards": shards,
+        "gene_stats": {"split": "train", **gene_stats},
+        "hvg": {"flavor": "seurat", "split": "train", "ranking": order.tolist(),
+                "normalized_dispersion": np.round(np.nan_to_num(norm, neginf=-1e9), 5).tolist()},
+        "markers": train.markers(var["feature_name"].to_numpy(), n=cfg.n_markers),
+        "cell_types": {split: stats[split].cell_type_counts() for split in SPLITS},
+        "library_size": {"keys": ["cell_type", "tissue_general", "disease", "assay"],
+                         "unit": "total raw counts over the vocabulary", "groups": train.library_sizes()},
+    }
+    write_json_atomic(os.path.join(cfg.out, MANIFEST_NAME), manifest)
+    return manifest

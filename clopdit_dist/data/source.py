@@ -1,0 +1,127 @@
+"""Read cells from the CELLxGENE Census or a local Census-shaped collection through TileDB-SOMA.
+
+A :class:`CellSource` is one query (organism + obs value filter + gene vocabulary). It never
+reads the whole matrix: callers ask for the cells they want (``read_cells``), which comes
+back as obs rows plus a CSR matrix over the query's gene vocabulary.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import tiledbsoma as soma
+
+# Columns carried with every cell from the source into shards and batches.
+CELL_COLUMNS = (
+    "soma_joinid", "dataset_id", "cell_type", "cell_type_ontology_term_id", "tissue_general", "tissue",
+    "disease", "assay", "sex", "development_stage", "donor_id", "suspension_type", "self_reported_ethnicity",
+    "is_primary_data",
+)
+
+
+@dataclass
+class Query:
+    """What to read: ``source`` is a local collection path or URI, or a Census version
+    ("stable", "latest", "2025-01-30")."""
+
+    source: str
+    organism: str = "homo_sapiens"
+    obs_filter: str | None = None
+    genes: list[str] = field(default_factory=list)  # feature_id or feature_name; empty = all
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def open_census(source: str, tiledb_config: dict | None = None) -> soma.Collection:
+    """Open ``source`` the way the Census API does: a path/URI to a Census-shaped collection,
+    or a published Census version (needs network)."""
+    import cellxgene_census
+
+    if "://" in source or os.path.exists(source):
+        if "://" not in source and not os.path.exists(os.path.join(source, "census_data")):
+            raise FileNotFoundError(
+                f"{source} is not a Census-shaped collection (no census_data/ inside); "
+                "create one with `clopdit data synth --out DIR` or `clopdit data ingest FILE.h5ad --out DIR`")
+        return cellxgene_census.open_soma(uri=source, tiledb_config=tiledb_config)
+    if os.sep in source or source.startswith("."):
+        raise FileNotFoundError(f"{source} does not exist")
+    return cellxgene_census.open_soma(census_version=source, tiledb_config=tiledb_config)
+
+
+class CellSource:
+    """An open query over one organism's experiment."""
+
+    def __init__(self, query: Query, tiledb_config: dict | None = None):
+        self.query = query
+        self.census = open_census(query.source, tiledb_config)
+        data = self.census["census_data"]
+        if query.organism not in data:
+            self.close()
+            raise KeyError(f"organism {query.organism!r} is not in {query.source}; it has {sorted(data.keys())}")
+        self.exp = data[query.organism]
+        self.var = self._read_var()
+        var_ids = self.var["soma_joinid"].to_numpy()
+        self._var_col = np.full(int(var_ids.max()) + 1 if len(var_ids) else 0, -1, dtype=np.int64)
+        self._var_col[var_ids] = np.arange(len(var_ids))
+        self._X = self.exp.ms["RNA"].X["raw"]
+
+    def _read_var(self) -> pd.DataFrame:
+        var = self.exp.ms["RNA"].var.read(column_names=["soma_joinid", "feature_id", "feature_name"]).concat()
+        var = var.to_pandas().sort_values("soma_joinid").reset_index(drop=True)
+        if self.query.genes:
+            wanted = pd.Index(self.query.genes)
+            hit = var["feature_id"].isin(wanted) | var["feature_name"].isin(wanted)
+            found = set(var.loc[hit, "feature_id"]) | set(var.loc[hit, "feature_name"])
+            missing = [g for g in wanted if g not in found]
+            if missing:
+                raise KeyError(f"{len(missing)} requested genes are not in {self.query.source}: {missing[:20]}")
+            var = var[hit].reset_index(drop=True)
+        return var
+
+    @property
+    def obs_columns(self) -> list[str]:
+        return list(self.exp.obs.schema.names)
+
+    def obs(self, columns=("soma_joinid", "dataset_id")) -> pd.DataFrame:
+        """obs rows matching the filter, only ``columns``, sorted by soma_joinid."""
+        flt = self.query.obs_filter
+        try:
+            tables = self.exp.obs.read(value_filter=flt or None, column_names=list(columns)).concat()
+        except Exception as exc:  # tiledbsoma raises several types for a bad filter
+            raise ValueError(
+                f"obs filter {flt!r} could not be applied to {self.query.source} ({exc}). "
+                f"Write it in TileDB-SOMA value_filter syntax, e.g. \"is_primary_data == True and "
+                f"tissue_general == 'lung'\"; obs columns are: {', '.join(self.obs_columns)}") from exc
+        return tables.to_pandas().sort_values("soma_joinid").reset_index(drop=True)
+
+    def read_cells(self, joinids: np.ndarray, columns=CELL_COLUMNS) -> tuple[pd.DataFrame, sp.csr_matrix]:
+        """obs rows and raw counts (CSR over ``self.var``) of ``joinids``, in the order given."""
+        joinids = np.asarray(joinids, dtype=np.int64)
+        order = np.argsort(joinids, kind="stable")
+        sorted_ids = joinids[order]
+        cols = [c for c in columns if c in self.obs_columns]
+        obs = self.exp.obs.read(coords=(sorted_ids,), column_names=cols).concat().to_pandas()
+        obs = obs.set_index("soma_joinid").loc[sorted_ids].reset_index()
+        var_coords = None if not self.query.genes else self.var["soma_joinid"].to_numpy()
+        table = self._X.read(coords=(sorted_ids, var_coords)).tables().concat()
+        rows = np.searchsorted(sorted_ids, table["soma_dim_0"].to_numpy())
+        cols_idx = self._var_col[table["soma_dim_1"].to_numpy()]
+        X = sp.csr_matrix((table["soma_data"].to_numpy(), (rows, cols_idx)), shape=(len(sorted_ids), len(self.var)))
+        # back to the caller's order
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return obs.iloc[inverse].reset_index(drop=True), X[inverse]
+
+    def close(self) -> None:
+        self.census.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
