@@ -89,7 +89,9 @@ class CensusWriter:
             if var is None:
                 raise ValueError(f"{self.exp_uri} does not exist and no gene table was given to create it")
             self._create(max(expected_cells, 1), var)
-        self._exp = soma.Experiment.open(self.exp_uri, "w")
+        self.obs_uri = os.path.join(self.exp_uri, "obs")
+        self.var_uri = os.path.join(self.exp_uri, "ms", "RNA", "var")
+        self.X_uri = os.path.join(self.exp_uri, "ms", "RNA", "X", "raw")
         with soma.Experiment.open(self.exp_uri) as exp:
             self.n_cells = _count_rows(exp.obs)
             var_df = exp.ms["RNA"].var.read(column_names=["soma_joinid", "feature_id"]).concat().to_pandas()
@@ -133,11 +135,13 @@ class CensusWriter:
             return
         start = len(self.feature_index)
         table = _var_table(new, start)
-        v = self._exp.ms["RNA"].var
-        v.tiledbsoma_resize_soma_joinid_shape(start + len(new))
-        v.write(pa.Table.from_pandas(table, schema=VAR_SCHEMA, preserve_index=False))
-        X = self._exp.ms["RNA"].X["raw"]
-        X.resize((X.shape[0], start + len(new)))
+        # Resize and write through separate handles: a handle keeps the domain it opened with.
+        with soma.DataFrame.open(self.var_uri, "w") as v:
+            v.tiledbsoma_resize_soma_joinid_shape(start + len(new))
+        with soma.DataFrame.open(self.var_uri, "w") as v:
+            v.write(pa.Table.from_pandas(table, schema=VAR_SCHEMA, preserve_index=False))
+        with soma.SparseNDArray.open(self.X_uri, "w") as X:
+            X.resize((X.shape[0], start + len(new)))
         self.feature_index.update(zip(table["feature_id"], table["soma_joinid"]))
 
     # ------------------------------------------------------------------ cells
@@ -154,23 +158,25 @@ class CensusWriter:
         n = len(obs)
         joinids = np.arange(self.n_cells, self.n_cells + n, dtype=np.int64)
         obs_df = _obs_table(obs, joinids, X)
-        soma_obs = self._exp.obs
-        if soma_obs.domain[0][1] < joinids[-1]:
-            soma_obs.tiledbsoma_resize_soma_joinid_shape(int(joinids[-1]) + 1)
-        soma_obs.write(pa.Table.from_pandas(obs_df, schema=OBS_SCHEMA, preserve_index=False))
-
-        raw = self._exp.ms["RNA"].X["raw"]
-        if raw.shape[0] <= joinids[-1]:
-            raw.resize((int(joinids[-1]) + 1, raw.shape[1]))
+        # Resize and write through separate handles: a handle keeps the domain it opened with.
+        with soma.DataFrame.open(self.obs_uri, "w") as soma_obs:
+            if soma_obs.domain[0][1] < joinids[-1]:
+                soma_obs.tiledbsoma_resize_soma_joinid_shape(int(joinids[-1]) + 1)
+        with soma.DataFrame.open(self.obs_uri, "w") as soma_obs:
+            soma_obs.write(pa.Table.from_pandas(obs_df, schema=OBS_SCHEMA, preserve_index=False))
+        with soma.SparseNDArray.open(self.X_uri, "w") as raw:
+            if raw.shape[0] <= joinids[-1]:
+                raw.resize((int(joinids[-1]) + 1, raw.shape[1]))
         coo = X.tocoo()
         col_map = np.array([self.feature_index[f] for f in feature_ids], dtype=np.int64)
         sorted_cols = bool(np.all(np.diff(col_map) > 0))
-        raw.write(pa.Table.from_pydict({
-            "soma_dim_0": joinids[coo.row], "soma_dim_1": col_map[coo.col],
-            "soma_data": coo.data.astype(np.float32)}),
-            # Rows of a CSR with increasing columns are already in the array's global order
-            # (one column tile spans every gene), so TileDB need not sort them.
-            platform_config={"tiledb": {"write": {"sort_coords": not (sorted_cols and X.has_sorted_indices)}}})
+        table = pa.Table.from_pydict({"soma_dim_0": joinids[coo.row], "soma_dim_1": col_map[coo.col],
+                                      "soma_data": coo.data.astype(np.float32)})
+        # Rows of a CSR with increasing columns are already in the array's global order (one
+        # column tile spans every gene), so TileDB need not sort them.
+        presorted = sorted_cols and X.has_sorted_indices
+        with soma.SparseNDArray.open(self.X_uri, "w") as raw:
+            raw.write(table, platform_config={"tiledb": {"write": {"sort_coords": not presorted}}})
         self.n_cells += n
         return joinids
 
@@ -179,7 +185,6 @@ class CensusWriter:
         self._datasets.extend(datasets.to_dict("records"))
 
     def close(self) -> None:
-        self._exp.close()
         info_uri = os.path.join(self.root, "census_info")
         with soma.DataFrame.open(os.path.join(info_uri, "datasets")) as ds:
             start = _count_rows(ds)

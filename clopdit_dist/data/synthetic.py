@@ -51,7 +51,8 @@ def gene_vocabulary(n_genes: int, seed: int) -> pd.DataFrame:
     if n_genes < len(named):
         raise ValueError(f"n_genes={n_genes} is below the {len(named)} genes the programs need")
     text = resources.files("clopdit_dist.data").joinpath("resources/gene_symbols.txt").read_text()
-    pool = [g for g in text.split() if not g.startswith("#") and g not in set(named)]
+    named_set = set(named)
+    pool = [g for g in text.split() if not g.startswith("#") and g not in named_set]
     rng = np.random.default_rng([seed, 1])
     filler = rng.choice(len(pool), size=n_genes - len(named), replace=False)
     names = np.array(named + [pool[i] for i in sorted(filler)])
@@ -97,9 +98,8 @@ class SyntheticAtlas:
             v[idx] = rng.normal(0, sd, len(idx))
             return v
 
-        named = set(bio.named_genes())
         base = rng.normal(-2.5, 2.0, G).astype(np.float32)
-        for g in named:  # program genes are off unless a program switches them on
+        for g in bio.named_genes():  # a list: set order would differ between processes  # program genes are off unless a program switches them on
             base[gi[g]] = rng.normal(-2.5, 0.5)
         base += vec(bio.HOUSEKEEPING, 4.0, 6.0) + vec(bio.MITOCHONDRIAL, 3.0, 4.5)
         self.base = base
@@ -209,7 +209,7 @@ class SyntheticAtlas:
         tissue_idx = np.array([self._tissue_index(t) for t in tissue_names])
         disease_idx = np.array([self._disease_index(d) for d in disease_names])
         type_idx = np.empty(n, int)
-        for key in set(zip(tissue_idx, disease_idx)):
+        for key in sorted(set(zip(tissue_idx, disease_idx))):
             sel = np.flatnonzero((tissue_idx == key[0]) & (disease_idx == key[1]))
             type_idx[sel] = rng.choice(len(self.types), len(sel), p=self._composition(*key))
 

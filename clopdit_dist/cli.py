@@ -1,0 +1,141 @@
+"""``clopdit <verb>``: the command line. Launchers in ``launchers/`` are thin files over this.
+
+    clopdit data synth  --out ATLAS --cells 20000 --seed 0
+    clopdit data ingest FILE.h5ad --out ATLAS --map cell_type=louvain
+    clopdit data shards --source ATLAS --out SHARDS --workers 2
+    clopdit data verify SHARDS
+    clopdit demo --out runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_shard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", required=True,
+                   help="local Census-shaped collection, or a Census version such as 'stable' (needs network)")
+    p.add_argument("--out", required=True, help="directory for the tar shards and manifest.json")
+    p.add_argument("--organism", default="homo_sapiens")
+    p.add_argument("--obs-filter", default=None,
+                   help="TileDB-SOMA value filter, e.g. \"is_primary_data == True and tissue_general == 'lung'\"")
+    p.add_argument("--genes", type=_csv, default=[], help="comma-separated feature ids/names (default: all)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--cells-per-block", type=int, default=256)
+    p.add_argument("--blocks-per-shard", type=int, default=16)
+    p.add_argument("--val-studies", type=_csv, default=[], help="comma-separated dataset_ids held out for validation")
+    p.add_argument("--test-studies", type=_csv, default=[], help="comma-separated dataset_ids held out for test")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of cells (whole studies) for val")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="fraction of cells (whole studies) for test")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true", help="print the plan's counts and exit")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_shards(args) -> None:
+    from .data.shards import ShardConfig, build_shards
+
+    cfg = ShardConfig(source=args.source, out=args.out, organism=args.organism, obs_filter=args.obs_filter,
+                      genes=args.genes, cells_per_block=args.cells_per_block, blocks_per_shard=args.blocks_per_shard,
+                      val_studies=args.val_studies, test_studies=args.test_studies, val_fraction=args.val_fraction,
+                      test_fraction=args.test_fraction, seed=args.seed, workers=args.workers)
+    build_shards(cfg, dry_run=args.dry_run, progress=not args.no_progress)
+
+
+def cmd_synth(args) -> None:
+    from .data.synthetic import SynthConfig, write_synthetic_atlas
+
+    cfg = SynthConfig(n_cells=args.cells, n_genes=args.genes, n_studies=args.studies, seed=args.seed,
+                      organism=args.organism)
+    atlas = write_synthetic_atlas(args.out, cfg, workers=args.workers, progress=not args.no_progress)
+    print(f"wrote {cfg.n_cells} cells x {cfg.n_genes} genes, {len(atlas.studies)} studies, "
+          f"{len(atlas.types)} cell types to {args.out}")
+
+
+def cmd_ingest(args) -> None:
+    from .data.ingest import ingest_h5ad
+
+    mapping = {}
+    for item in args.map:
+        if "=" not in item:
+            raise SystemExit(f"--map {item!r}: write CENSUS_COLUMN=SOURCE_COLUMN, e.g. cell_type=louvain")
+        k, v = item.split("=", 1)
+        mapping[k.strip()] = v.strip()
+    n = ingest_h5ad(args.file, args.out, organism=args.organism, mapping=mapping, layer=args.layer,
+                    dataset_id=args.dataset_id, match_by=args.match_by)
+    print(f"appended {n} cells from {args.file} to {args.out}")
+
+
+def cmd_verify(args) -> None:
+    from .data.manifest import Manifest
+
+    m = Manifest.load(args.shards)
+    bad = m.verify()
+    print(json.dumps({"shards": len(m.data["shards"]), "bad": bad}))
+    if bad:
+        raise SystemExit(f"{len(bad)} shard(s) are missing or differ from the manifest: {bad}. Delete them and "
+                         "rerun build_shards.py with the same arguments; it rebuilds only missing shards.")
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, n_cells=args.cells, workers=args.workers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clopdit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    data = verbs.add_parser("data", help="atlas and shards").add_subparsers(dest="data_verb", required=True)
+    p = data.add_parser("synth", help="write the synthetic Census-shaped atlas")
+    p.add_argument("--out", required=True)
+    p.add_argument("--cells", type=int, default=20_000)
+    p.add_argument("--genes", type=int, default=3_000)
+    p.add_argument("--studies", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--organism", default="homo_sapiens")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_synth)
+
+    p = data.add_parser("ingest", help="append an AnnData file with raw counts")
+    p.add_argument("file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--organism", default="homo_sapiens")
+    p.add_argument("--map", action="append", default=[], metavar="CENSUS=SOURCE")
+    p.add_argument("--layer", default=None, help="layer holding raw counts")
+    p.add_argument("--dataset-id", default=None)
+    p.add_argument("--match-by", default="feature_id", choices=["feature_id", "feature_name"])
+    p.set_defaults(func=cmd_ingest)
+
+    p = data.add_parser("shards", help="SOMA query -> WebDataset shards + manifest.json")
+    add_shard_args(p)
+    p.set_defaults(func=cmd_shards)
+
+    p = data.add_parser("verify", help="check shard files against the manifest's sha256")
+    p.add_argument("shards")
+    p.set_defaults(func=cmd_verify)
+
+    p = verbs.add_parser("demo", help="the whole path on the embedded atlas")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--cells", type=int, default=20_000)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,256 @@
+"""Shards -> batches of cells, per rank and per DataLoader worker (the open_clip recipe).
+
+Training (``resampled=True``): every (rank, worker) draws shards with replacement from its
+own seeded stream and stops after a fixed number of batches, so every rank gets exactly
+the same number of batches per epoch whatever the shard count (open_clip's
+``ResampledShards`` + ``with_epoch``). Evaluation (``resampled=False``): shards are split by
+rank, then by worker, and every cell is read exactly once.
+
+Within a worker, decoded blocks pass a seeded shuffle buffer (``shuffle_blocks`` blocks);
+every ``mix_blocks`` blocks are pooled, their cells permuted and cut into batches. All
+randomness comes from ``(seed, epoch, rank, worker)``, so the stream is reproducible and the
+loader can resume mid-epoch exactly: skipped batches are counted, not densified.
+
+A batch is a dict: ``counts`` float32 (B, genes), ``library_size`` float32 (B,) (total raw
+counts over the whole vocabulary), ``soma_joinid`` int64 (B,), one list of strings per
+metadata field, and ``split``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .blocks import BLOCK_EXT, Block, decode_block
+from .manifest import Manifest
+
+DEFAULT_FIELDS = ("cell_type", "tissue_general", "tissue", "disease", "assay", "dataset_id", "donor_id", "sex",
+                  "development_stage", "suspension_type")
+
+
+class CorruptShardError(RuntimeError):
+    """A shard that cannot be read: missing, truncated or with a failed checksum."""
+
+
+@dataclass
+class LoaderConfig:
+    split: str = "train"
+    genes: str | list[str] = "hvg:2000"  # "all", "hvg:K", or gene ids/names
+    batch_size: int = 256
+    num_workers: int = 2
+    fields: tuple[str, ...] = DEFAULT_FIELDS
+    resampled: bool | None = None  # default: True for train, False otherwise
+    shuffle_blocks: int = 32
+    mix_blocks: int = 8
+    seed: int = 0
+    on_error: str = "raise"  # or "skip": skip an unreadable shard and warn
+    batches_per_epoch: int | None = None  # per rank; default covers the split once
+    prefetch_factor: int = 4
+
+
+def dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class CellDataset(IterableDataset):
+    """The per-worker pipeline. Use :class:`CellLoader`, which owns epochs and resume."""
+
+    def __init__(self, manifest: Manifest, cfg: LoaderConfig, gene_idx: np.ndarray, rank: int, world_size: int,
+                 batches_per_worker: int | None):
+        self.manifest, self.cfg, self.gene_idx = manifest, cfg, gene_idx
+        self.rank, self.world_size = rank, world_size
+        self.urls = manifest.shard_paths(cfg.split)
+        self.batches_per_worker = batches_per_worker
+        self.epoch = 0
+        self.skip = 0  # batches of this epoch the whole loader has already delivered
+
+    @property
+    def resampled(self) -> bool:
+        return self.batches_per_worker is not None
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        # DataLoader takes batches from its workers round-robin: batch n came from worker n % nw.
+        skip = self.skip // nw + (1 if wid < self.skip % nw else 0)
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, wid])
+        if self.resampled:
+            urls = self._resampled_urls(rng)
+        else:
+            urls = iter(self.urls[self.rank::self.world_size][wid::nw])
+        blocks = _shuffle(self._blocks(urls), self.cfg.shuffle_blocks, rng)
+        yield from self._batches(blocks, rng, skip, self.batches_per_worker)
+
+    def _resampled_urls(self, rng):
+        if not self.urls:
+            raise ValueError(f"split {self.cfg.split!r} of {self.manifest.path} has no shards")
+        while True:
+            yield self.urls[int(rng.integers(len(self.urls)))]
+
+    def _blocks(self, urls):
+        skipped = 0
+        for url in urls:
+            try:
+                for sample in wds.tarfile_samples([{"url": url}]):
+                    payload = sample.get(BLOCK_EXT)
+                    if payload is None:
+                        raise ValueError(f"sample {sample.get('__key__')} has no .{BLOCK_EXT}")
+                    yield decode_block(payload)
+            except Exception as exc:  # missing file, truncated tar, bad CRC, bad npz
+                if self.cfg.on_error != "skip":
+                    raise CorruptShardError(
+                        f"shard {url} is unreadable ({type(exc).__name__}: {exc}). Check the shards with "
+                        f"`clopdit data verify {self.manifest.root}`, delete the bad file and rerun "
+                        "build_shards.py with the same arguments (it rebuilds only missing shards), or pass "
+                        "on_error='skip'.") from exc
+                skipped += 1
+                warnings.warn(f"skipped unreadable shard {url} ({type(exc).__name__}: {exc}); "
+                              f"{skipped} shard(s) skipped so far by this worker", RuntimeWarning, stacklevel=2)
+
+    def _batches(self, blocks, rng, skip: int, limit: int | None):
+        B, fields = self.cfg.batch_size, [*self.cfg.fields, "soma_joinid", "library_size"]
+        carry: list = []  # blocks holding the cells left over from the previous pool
+        produced = 0
+        exhausted = False
+        while not exhausted and (limit is None or produced < limit):
+            group = list(carry)
+            for _ in range(self.cfg.mix_blocks):
+                try:
+                    group.append(next(blocks))
+                except StopIteration:
+                    exhausted = True
+                    break
+            if not group:
+                break
+            X = sp.vstack([b.X for b in group], format="csr") if len(group) > 1 else group[0].X
+            obs = {f: np.concatenate([_column(b.obs, f) for b in group]) for f in fields}
+            n = X.shape[0]
+            perm = rng.permutation(n)
+            last = n if exhausted else (n // B) * B  # at the end of the stream a short batch is kept
+            dense = None
+            for start in range(0, last, B):
+                if limit is not None and produced >= limit:
+                    break
+                rows = perm[start:start + B]
+                produced += 1
+                if produced <= skip:
+                    continue
+                if dense is None:
+                    dense = X[:, self.gene_idx].toarray()
+                yield self._make_batch(dense[rows], obs, rows)
+            rest = np.sort(perm[last:])
+            carry = [Block(X[rest], {f: v[rest] for f, v in obs.items()})] if len(rest) else []
+
+    def _make_batch(self, counts: np.ndarray, obs: dict, rows: np.ndarray) -> dict:
+        batch = {"counts": torch.from_numpy(counts),
+                 "library_size": torch.from_numpy(obs["library_size"][rows].astype(np.float32)),
+                 "soma_joinid": torch.from_numpy(obs["soma_joinid"][rows].astype(np.int64)),
+                 "split": self.cfg.split}
+        for f in self.cfg.fields:
+            batch[f] = obs[f][rows].tolist()
+        return batch
+
+
+def _column(obs: dict, name: str) -> np.ndarray:
+    if name not in obs:
+        raise KeyError(f"metadata field {name!r} is not in the shards; they carry {sorted(obs)}")
+    return obs[name]
+
+
+def _keep_batch(batch: dict) -> dict:
+    """DataLoader ``collate_fn``: batches are built whole in the workers (the default would
+    walk every metadata string)."""
+    return batch
+
+
+def _shuffle(items, bufsize: int, rng):
+    """Seeded shuffle buffer (webdataset's ``shuffle`` with an explicit generator)."""
+    buf = []
+    for item in items:
+        if len(buf) < bufsize:
+            buf.append(item)
+            continue
+        i = int(rng.integers(len(buf)))
+        yield buf[i]
+        buf[i] = item
+    while buf:
+        yield buf.pop(int(rng.integers(len(buf))))
+
+
+class CellLoader:
+    """Batches of one split for one rank, with epochs and an exact resume position.
+
+    >>> loader = CellLoader("shards/", LoaderConfig(split="train", genes="hvg:2000"))
+    >>> for batch in loader: ...                 # one epoch
+    >>> state = loader.state_dict()              # save with the checkpoint
+    >>> loader.load_state_dict(state)            # continue from the same batch
+    """
+
+    def __init__(self, shards: str | Manifest, cfg: LoaderConfig | None = None, rank: int | None = None,
+                 world_size: int | None = None):
+        self.cfg = cfg or LoaderConfig()
+        self.manifest = shards if isinstance(shards, Manifest) else Manifest.load(shards)
+        r, w = dist_info()
+        self.rank = r if rank is None else rank
+        self.world_size = w if world_size is None else world_size
+        self.gene_idx = self.manifest.gene_indices(self.cfg.genes)
+        resampled = self.cfg.resampled if self.cfg.resampled is not None else self.cfg.split == "train"
+        nw = max(self.cfg.num_workers, 1)
+        per_worker = None
+        if resampled:
+            per_rank = self.cfg.batches_per_epoch or math.ceil(
+                self.manifest.n_cells(self.cfg.split) / (self.cfg.batch_size * self.world_size))
+            per_worker = max(1, math.ceil(per_rank / nw))
+        self.dataset = CellDataset(self.manifest, self.cfg, self.gene_idx, self.rank, self.world_size, per_worker)
+        self.epoch = 0
+        self.batches_done = 0
+
+    @property
+    def gene_names(self) -> list[str]:
+        return self.manifest.feature_names[self.gene_idx].tolist()
+
+    @property
+    def gene_ids(self) -> list[str]:
+        return self.manifest.feature_ids[self.gene_idx].tolist()
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (exact when resampled; an estimate otherwise)."""
+        if self.dataset.resampled:
+            return self.dataset.batches_per_worker * max(self.cfg.num_workers, 1)
+        n = sum(s["n_cells"] for s in self.manifest.shards(self.cfg.split)[self.rank::self.world_size])
+        return math.ceil(n / self.cfg.batch_size)
+
+    def __iter__(self):
+        ds = self.dataset
+        ds.epoch, ds.skip = self.epoch, self.batches_done
+        nw = self.cfg.num_workers
+        loader = DataLoader(ds, batch_size=None, collate_fn=_keep_batch, num_workers=nw,
+                            pin_memory=torch.cuda.is_available(),
+                            prefetch_factor=self.cfg.prefetch_factor if nw > 0 else None)
+        for batch in loader:
+            self.batches_done += 1
+            yield batch
+        self.epoch += 1
+        self.batches_done = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.cfg.seed,
+                "split": self.cfg.split, "world_size": self.world_size, "num_workers": self.cfg.num_workers}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "world_size", "num_workers"):
+            if state[key] != getattr(self.cfg, key, None) and state[key] != getattr(self, key, None):
+                raise ValueError(f"loader state was saved with {key}={state[key]}; this loader has "
+                                 f"{getattr(self.cfg, key, getattr(self, key, None))}. Exact resume needs the same "
+                                 "seed, world size and number of workers.")
+        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
