@@ -1,9 +1,9 @@
 """Shards -> batches of cells, per rank and per DataLoader worker (the open_clip recipe).
 
-Training (``resampled=True``): every (rank, worker) draws shards with replacement from its
-own seeded stream and stops after a fixed number of batches, so every rank gets exactly
-the same number of batches per epoch whatever the shard count (open_clip's
-``ResampledShards`` + ``with_epoch``). Evaluation (``resampled=False``): shards are split by
+Training (``resampled=True``): every (rank, worker) reads an endless stream of shards from
+its own seed (passes over all shards, each pass in a new order) and stops after a fixed
+number of batches, so every rank gets exactly the same number of batches per epoch
+whatever the shard count (open_clip's ``ResampledShards`` + ``with_epoch``). Evaluation (``resampled=False``): shards are split by
 rank, then by worker, and every cell is read exactly once.
 
 Within a worker, decoded blocks pass a seeded shuffle buffer (``shuffle_blocks`` blocks);
@@ -80,8 +80,11 @@ class CellDataset(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        # DataLoader takes batches from its workers round-robin: batch n came from worker n % nw.
+        phys, nw = (info.id, info.num_workers) if info else (0, 1)
+        # DataLoader takes batches from its workers round-robin, starting at worker 0: batch n
+        # of an epoch came from stream n % nw. On resume after `skip` batches, physical worker
+        # 0 must play the stream that delivers batch `skip`.
+        wid = (phys + self.skip) % nw
         skip = self.skip // nw + (1 if wid < self.skip % nw else 0)
         rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, wid])
         if self.resampled:
@@ -94,28 +97,32 @@ class CellDataset(IterableDataset):
     def _resampled_urls(self, rng):
         if not self.urls:
             raise ValueError(f"split {self.cfg.split!r} of {self.manifest.path} has no shards")
-        while True:
-            yield self.urls[int(rng.integers(len(self.urls)))]
+        while True:  # passes over all shards, each in a fresh order: no repeats within a pass
+            for i in rng.permutation(len(self.urls)):
+                yield self.urls[i]
 
     def _blocks(self, urls):
         skipped = 0
         for url in urls:
             try:
-                for sample in wds.tarfile_samples([{"url": url}]):
-                    payload = sample.get(BLOCK_EXT)
-                    if payload is None:
-                        raise ValueError(f"sample {sample.get('__key__')} has no .{BLOCK_EXT}")
-                    yield decode_block(payload)
-            except Exception as exc:  # missing file, truncated tar, bad CRC, bad npz
+                with open(url, "rb") as stream:
+                    samples = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
+                    for sample in wds.tariterators.group_by_keys(samples):
+                        payload = sample.get(BLOCK_EXT)
+                        if payload is None:
+                            raise ValueError(f"sample {sample.get('__key__')} has no .{BLOCK_EXT} member")
+                        yield decode_block(payload)
+            except Exception as exc:  # missing file, truncated tar, bad CRC, foreign member
+                reason = f"{type(exc).__name__}: {str(exc.args[0]) if exc.args else exc}"
                 if self.cfg.on_error != "skip":
                     raise CorruptShardError(
-                        f"shard {url} is unreadable ({type(exc).__name__}: {exc}). Check the shards with "
+                        f"shard {url} is unreadable ({reason}). Check the shards with "
                         f"`clopdit data verify {self.manifest.root}`, delete the bad file and rerun "
                         "build_shards.py with the same arguments (it rebuilds only missing shards), or pass "
                         "on_error='skip'.") from exc
                 skipped += 1
-                warnings.warn(f"skipped unreadable shard {url} ({type(exc).__name__}: {exc}); "
-                              f"{skipped} shard(s) skipped so far by this worker", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"skipped unreadable shard {url} ({reason}); {skipped} shard(s) skipped so far "
+                              "by this worker", RuntimeWarning, stacklevel=2)
 
     def _batches(self, blocks, rng, skip: int, limit: int | None):
         B, fields = self.cfg.batch_size, [*self.cfg.fields, "soma_joinid", "library_size"]

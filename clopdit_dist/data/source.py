@@ -93,8 +93,9 @@ class CellSource:
         try:
             tables = self.exp.obs.read(value_filter=flt or None, column_names=list(columns)).concat()
         except Exception as exc:  # tiledbsoma raises several types for a bad filter
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ValueError(
-                f"obs filter {flt!r} could not be applied to {self.query.source} ({exc}). "
+                f"obs filter {flt!r} could not be applied to {self.query.source} ({reason}). "
                 f"Write it in TileDB-SOMA value_filter syntax, e.g. \"is_primary_data == True and "
                 f"tissue_general == 'lung'\"; obs columns are: {', '.join(self.obs_columns)}") from exc
         return tables.to_pandas().sort_values("soma_joinid").reset_index(drop=True)
@@ -102,19 +103,15 @@ class CellSource:
     def read_cells(self, joinids: np.ndarray, columns=CELL_COLUMNS) -> tuple[pd.DataFrame, sp.csr_matrix]:
         """obs rows and raw counts (CSR over ``self.var``) of ``joinids``, in the order given."""
         joinids = np.asarray(joinids, dtype=np.int64)
-        order = np.argsort(joinids, kind="stable")
-        sorted_ids = joinids[order]
+        unique_ids, inverse = np.unique(joinids, return_inverse=True)  # ids may repeat
         cols = [c for c in columns if c in self.obs_columns]
-        obs = self.exp.obs.read(coords=(sorted_ids,), column_names=cols).concat().to_pandas()
-        obs = obs.set_index("soma_joinid").loc[sorted_ids].reset_index()
+        obs = self.exp.obs.read(coords=(unique_ids,), column_names=cols).concat().to_pandas()
+        obs = obs.set_index("soma_joinid").loc[unique_ids].reset_index()
         var_coords = None if not self.query.genes else self.var["soma_joinid"].to_numpy()
-        table = self._X.read(coords=(sorted_ids, var_coords)).tables().concat()
-        rows = np.searchsorted(sorted_ids, table["soma_dim_0"].to_numpy())
+        table = self._X.read(coords=(unique_ids, var_coords)).tables().concat()
+        rows = np.searchsorted(unique_ids, table["soma_dim_0"].to_numpy())
         cols_idx = self._var_col[table["soma_dim_1"].to_numpy()]
-        X = sp.csr_matrix((table["soma_data"].to_numpy(), (rows, cols_idx)), shape=(len(sorted_ids), len(self.var)))
-        # back to the caller's order
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
+        X = sp.csr_matrix((table["soma_data"].to_numpy(), (rows, cols_idx)), shape=(len(unique_ids), len(self.var)))
         return obs.iloc[inverse].reset_index(drop=True), X[inverse]
 
     def close(self) -> None:
