@@ -1,0 +1,1 @@
+"""Models: the count autoencoder, the text and cell towers (CLOP), the DiT and flow matching."""
