@@ -4,6 +4,7 @@
     clopdit data ingest FILE.h5ad --out ATLAS --map cell_type=louvain
     clopdit data shards --source ATLAS --out SHARDS --workers 2
     clopdit data verify SHARDS
+    clopdit train ae --config configs/ae.yaml --shards SHARDS --run RUN train.steps=500
     clopdit demo --out runs/demo
 """
 
@@ -83,6 +84,26 @@ def cmd_verify(args) -> None:
                          "rerun build_shards.py with the same arguments; it rebuilds only missing shards.")
 
 
+STAGES = {"ae": ("clopdit_dist.stages.ae", "AEStage", "AEStageConfig")}
+
+
+def cmd_train(args) -> None:
+    import importlib
+
+    from .config import load_config
+    from .train.trainer import train
+
+    module, stage_cls, cfg_cls = STAGES[args.stage]
+    mod = importlib.import_module(module)
+    overrides = list(args.overrides)
+    if args.shards:
+        overrides.append(f"data.shards={args.shards}")
+    if args.run:
+        overrides.append(f"train.run_dir={args.run}")
+    cfg = load_config(getattr(mod, cfg_cls), args.config, overrides)
+    train(getattr(mod, stage_cls)(cfg))
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -124,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("shards")
     p.set_defaults(func=cmd_verify)
 
+    train_p = verbs.add_parser("train", help="train a stage (one DeepSpeed loop for all)")
+    train_p.add_argument("stage", choices=sorted(STAGES))
+    train_p.add_argument("--config", default=None, help="stage YAML, e.g. configs/ae.yaml")
+    train_p.add_argument("--shards", default=None, help="shortcut for data.shards=")
+    train_p.add_argument("--run", default=None, help="shortcut for train.run_dir=")
+    train_p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    train_p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=100")
+    train_p.set_defaults(func=cmd_train)
+
     p = verbs.add_parser("demo", help="the whole path on the embedded atlas")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--cells", type=int, default=20_000)
@@ -133,7 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot take positionals after options: KEY=VALUE overrides may come anywhere
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    unknown = [e for e in extra if e not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = list(args.overrides) + overrides
     args.func(args)
 
 

@@ -1,0 +1,145 @@
+"""Stage 0: the count autoencoder that defines the latent space every later stage uses.
+
+    encode(counts)            -> z            (B, latent_tokens * token_dim)
+    decode(z, library_size)   -> NB / ZINB distribution over counts (mean, inverse dispersion, dropout)
+
+Encoder: log1p of counts per 10k → MLP → z (LayerNorm'd, so every cell's latent has zero mean
+and unit variance across dimensions: a scale the diffusion model can rely on). Decoder: MLP →
+softmax proportions over genes × library size = NB mean, with a per-gene inverse dispersion,
+and optionally a zero-inflation logit per gene and cell. This is the decoder of scVI
+(Lopez et al., Nat. Methods 2018) and scLDM, and the frozen decoder of CLOP-DiT's stage 3
+(which used scGPT's; its weights cannot be fetched here, so ours is the default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class AEConfig:
+    n_genes: int = 2000  # set from the data (the HVG count)
+    latent_tokens: int = 16
+    token_dim: int = 16
+    hidden: tuple[int, ...] = (1024, 512)
+    dropout: float = 0.1
+    likelihood: str = "nb"  # nb or zinb
+    input_noise: float = 0.0  # multiplicative dropout of input counts (a denoising AE)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.latent_tokens * self.token_dim
+
+
+def _mlp(dims: list[int], dropout: float, last_plain: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2 or not last_plain:
+            layers += [nn.LayerNorm(b), nn.GELU(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers)
+
+
+def log_normalize(counts: torch.Tensor, target_sum: float = 1e4) -> torch.Tensor:
+    lib = counts.sum(-1, keepdim=True).clamp_min(1.0)
+    return torch.log1p(counts / lib * target_sum)
+
+
+def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """log NB(x; mean mu, inverse dispersion theta), elementwise (scVI's parameterisation)."""
+    log_theta_mu = torch.log(theta + mu + eps)
+    return (theta * (torch.log(theta + eps) - log_theta_mu) + x * (torch.log(mu + eps) - log_theta_mu)
+            + torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1))
+
+
+def zinb_log_prob(x, mu, theta, pi_logits, eps: float = 1e-8) -> torch.Tensor:
+    """Zero-inflated NB with dropout probability sigmoid(pi_logits) (scVI's stable form)."""
+    softplus_pi = F.softplus(-pi_logits)
+    log_theta_eps = torch.log(theta + eps)
+    log_theta_mu = torch.log(theta + mu + eps)
+    pi_theta_log = -pi_logits + theta * (log_theta_eps - log_theta_mu)
+    case_zero = F.softplus(pi_theta_log) - softplus_pi
+    case_nonzero = (-softplus_pi + pi_theta_log + x * (torch.log(mu + eps) - log_theta_mu)
+                    + torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1))
+    return torch.where(x < eps, case_zero, case_nonzero)
+
+
+class CountAutoencoder(nn.Module):
+    def __init__(self, cfg: AEConfig):
+        super().__init__()
+        self.cfg = cfg
+        dims = [cfg.n_genes, *cfg.hidden, cfg.latent_dim]
+        self.encoder = _mlp(dims, cfg.dropout)
+        self.latent_norm = nn.LayerNorm(cfg.latent_dim, elementwise_affine=False)
+        self.decoder = _mlp(dims[::-1][:-1], cfg.dropout, last_plain=False)
+        self.px_logits = nn.Linear(dims[1], cfg.n_genes)
+        self.px_dropout = nn.Linear(dims[1], cfg.n_genes) if cfg.likelihood == "zinb" else None
+        self.log_theta = nn.Parameter(torch.zeros(cfg.n_genes))
+
+    def encode(self, counts: torch.Tensor) -> torch.Tensor:
+        x = log_normalize(counts.float())
+        return self.latent_norm(self.encoder(x.to(self.px_logits.weight.dtype)))
+
+    def decode(self, z: torch.Tensor, library_size: torch.Tensor) -> dict[str, torch.Tensor]:
+        """NB (or ZINB) parameters for counts summing to ``library_size`` in expectation."""
+        h = self.decoder(z.to(self.px_logits.weight.dtype))
+        scale = torch.softmax(self.px_logits(h).float(), dim=-1)
+        out = {"mu": scale * library_size.float().unsqueeze(-1), "theta": self.log_theta.float().exp().expand_as(scale)}
+        if self.px_dropout is not None:
+            out["pi_logits"] = self.px_dropout(h).float()
+        return out
+
+    def log_prob(self, counts: torch.Tensor, params: dict) -> torch.Tensor:
+        """Per-cell log-likelihood (summed over genes)."""
+        x = counts.float()
+        if "pi_logits" in params:
+            lp = zinb_log_prob(x, params["mu"], params["theta"], params["pi_logits"])
+        else:
+            lp = nb_log_prob(x, params["mu"], params["theta"])
+        return lp.sum(-1)
+
+    def forward(self, counts: torch.Tensor) -> torch.Tensor:
+        """Mean negative log-likelihood per cell: the training loss."""
+        inputs = counts
+        if self.training and self.cfg.input_noise > 0:
+            keep = torch.rand_like(counts, dtype=torch.float32) > self.cfg.input_noise
+            inputs = counts * keep
+        z = self.encode(inputs)
+        params = self.decode(z, counts.float().sum(-1))
+        return -self.log_prob(counts, params).mean()
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor, library_size: torch.Tensor, generator: torch.Generator | None = None):
+        """Counts drawn from the decoded NB/ZINB (Gamma-Poisson), as float32 integers."""
+        p = self.decode(z, library_size)
+        mu, theta = p["mu"], p["theta"]
+        x = torch.poisson(_gamma(theta, generator) * (mu / theta), generator=generator)
+        if "pi_logits" in p:
+            drop = torch.rand(x.shape, generator=generator, device=x.device) < torch.sigmoid(p["pi_logits"])
+            x = x.masked_fill(drop, 0.0)
+        return x
+
+
+def _gamma(alpha: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Gamma(alpha, 1) with an explicit generator (torch's _standard_gamma has none):
+    Marsaglia & Tsang (2000) for alpha >= 1, boosted by U^(1/alpha) below 1."""
+    boost = alpha < 1
+    a = torch.where(boost, alpha + 1, alpha)
+    d = a - 1.0 / 3
+    c = 1.0 / torch.sqrt(9 * d)
+    out = torch.empty_like(a)
+    todo = torch.ones_like(a, dtype=torch.bool)
+    while todo.any():
+        n = torch.randn(a.shape, generator=generator, device=a.device)
+        v = (1 + c * n) ** 3
+        u = torch.rand(a.shape, generator=generator, device=a.device)
+        ok = (v > 0) & (torch.log(u) < 0.5 * n**2 + d - d * v + d * torch.log(v.clamp_min(1e-30)))
+        take = todo & ok
+        out[take] = (d * v)[take]
+        todo &= ~ok
+    u = torch.rand(a.shape, generator=generator, device=a.device)
+    return torch.where(boost, out * u ** (1.0 / alpha.clamp_min(1e-8)), out)

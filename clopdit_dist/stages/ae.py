@@ -1,0 +1,91 @@
+"""Stage 0: the count autoencoder (model: ``models/autoencoder.py``; loss: NB/ZINB NLL).
+
+    deepspeed --num_gpus 2 launchers/train_ae.py --config configs/ae.yaml
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..data.loader import CellLoader, LoaderConfig
+from ..evaluate.reconstruction import reconstruction_metrics
+from ..models.autoencoder import AEConfig, CountAutoencoder
+from ..train.config import DataConfig, OptimConfig, TrainConfig
+from ..train.run import RunDir
+from ..train.trainer import Stage
+
+
+@dataclass
+class AEStageConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: AEConfig = field(default_factory=AEConfig)
+
+
+def iter_heldout(shards: str, split: str, genes, max_cells: int, batch_size: int = 512, fields=("cell_type",)):
+    """Batches of a held-out split, every cell once, up to ``max_cells`` cells."""
+    loader = CellLoader(shards, LoaderConfig(split=split, genes=genes, batch_size=batch_size, num_workers=0,
+                                             resampled=False, fields=tuple(fields)), rank=0, world_size=1)
+    seen = 0
+    for batch in loader:
+        if seen >= max_cells:
+            break
+        yield batch
+        seen += batch["counts"].shape[0]
+
+
+def load_autoencoder(run: RunDir, device: torch.device | str = "cpu") -> tuple[CountAutoencoder, AEStageConfig]:
+    """The trained, frozen stage-0 model of a run directory."""
+    from ..config import load_config
+
+    cfg = load_config(AEStageConfig, run.config_path("ae"))
+    model = CountAutoencoder(cfg.model)
+    model.load_state_dict(run.load_weights("ae"))
+    model.eval().requires_grad_(False)
+    return model.to(device), cfg
+
+
+class AEStage(Stage):
+    name = "ae"
+
+    def fields(self):
+        return ("cell_type",)
+
+    def setup(self, run: RunDir, loader: CellLoader, device: torch.device) -> None:
+        self.cfg.model.n_genes = len(loader.gene_idx)
+        self.gene_ids = loader.gene_ids
+        self.device = device
+
+    def build_model(self) -> torch.nn.Module:
+        return CountAutoencoder(self.cfg.model)
+
+    def loss(self, model, batch, generator):
+        counts = batch["counts"].to(self.device, non_blocking=True)
+        nll = model(counts)
+        return nll, {"nll_per_gene": nll.detach() / counts.shape[1]}
+
+    def flops_per_cell(self, model) -> float:
+        n = sum(p.numel() for p in model.parameters())
+        return 6.0 * n  # forward + backward of dense layers, 2 FLOPs per weight per pass x 3
+
+    @torch.no_grad()
+    def evaluate(self, model, run: RunDir, device) -> dict:
+        d = self.cfg.data
+        counts, means, nll = [], [], []
+        for batch in iter_heldout(d.shards, d.eval_split, d.genes, d.eval_cells):
+            x = batch["counts"].to(device)
+            params = model.decode(model.encode(x), x.sum(-1))
+            counts.append(x.cpu().numpy())
+            means.append(params["mu"].cpu().numpy())
+            nll.append((-model.log_prob(x, params)).cpu().numpy())
+        if not counts:
+            return {"split": d.eval_split, "cells": 0}
+        metrics = reconstruction_metrics(np.concatenate(counts), np.concatenate(means), np.concatenate(nll))
+        return {"split": d.eval_split, **metrics}
+
+    def export(self, state_dict, run: RunDir) -> None:
+        run.save_weights(self.name, state_dict, {"genes": ",".join(self.gene_ids)})

@@ -1,0 +1,1 @@
+"""The one training loop every stage uses (DeepSpeed ZeRO, checkpoints, EMA, tracking)."""

@@ -1,0 +1,57 @@
+"""Exponential moving average of weights, correct under every ZeRO stage.
+
+Under ZeRO-3 a rank holds only its partition of each parameter (``param.ds_tensor``), so
+each rank averages its own partition; gathering for export swaps the average in, gathers
+with ``GatheredParameters`` and swaps the live weights back. Under ZeRO 0-2 every rank holds
+full parameters and the average is of those. The average is kept in float32 whatever the
+training precision.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+
+def _is_partitioned(p: torch.nn.Parameter) -> bool:
+    return hasattr(p, "ds_tensor")
+
+
+def _local(p: torch.nn.Parameter) -> torch.Tensor:
+    return p.ds_tensor if _is_partitioned(p) else p.data
+
+
+class EMA:
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.shadow = [_local(p).detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(_local(p).float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": [s.clone() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["shadow"]) != len(self.shadow):
+            raise ValueError(f"EMA state has {len(state['shadow'])} tensors, the model {len(self.shadow)}")
+        for s, t in zip(self.shadow, state["shadow"]):
+            s.copy_(t)
+
+    @contextmanager
+    def applied(self):
+        """Temporarily load the averaged weights into the model (each rank its part)."""
+        saved = [_local(p).detach().clone() for p in self.params]
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params):
+                _local(p).copy_(s.to(_local(p).dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, p in zip(saved, self.params):
+                    _local(p).copy_(t)

@@ -1,0 +1,17 @@
+"""Stage 0: train the count autoencoder.
+
+    deepspeed --num_gpus 2 launchers/train_ae.py --config configs/ae.yaml --shards SHARDS --run RUN
+    torchrun --nproc_per_node 2 launchers/train_ae.py --config configs/ae.yaml train.zero_stage=2
+    python launchers/train_ae.py --config configs/ae.yaml train.steps=100          # one process
+    sbatch launchers/slurm/train.sbatch launchers/train_ae.py --config configs/ae.yaml   # multi-node
+
+On CPU set DS_ACCELERATOR=cpu (gloo, fp32 or bf16). Any config key can be overridden as
+KEY=VALUE (e.g. train.zero_stage=3 train.precision=bf16 data.batch_size=512).
+"""
+
+import sys
+
+from clopdit_dist.cli import main
+
+if __name__ == "__main__":
+    main(["train", "ae", *sys.argv[1:]])
