@@ -111,7 +111,6 @@ def train(stage: Stage) -> dict:
     if rank == 0:
         run.init(cfg.data.shards)
         os.makedirs(stage_dir, exist_ok=True)
-        save_config(cfg, os.path.join(stage_dir, "config.yaml"))
     dist.barrier()
 
     from ..data.loader import LoaderConfig
@@ -119,7 +118,9 @@ def train(stage: Stage) -> dict:
     loader = CellLoader(cfg.data.shards, LoaderConfig(
         split="train", genes=cfg.data.genes, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
         seed=tcfg.seed, fields=stage.fields()), rank=rank, world_size=world)
-    stage.setup(run, loader, device)
+    stage.setup(run, loader, device)  # may fill in config values from the data (e.g. gene count)
+    if rank == 0:
+        save_config(cfg, os.path.join(stage_dir, "config.yaml"))
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
     model = stage.build_model()
 
