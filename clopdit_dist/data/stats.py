@@ -38,36 +38,41 @@ class ShardStats:
         self.library: dict[tuple, list[float]] = {}  # key -> [n, sum log L, sum (log L)^2]
 
     def update(self, X: sp.csr_matrix, obs: pd.DataFrame) -> None:
+        G = self.n_genes
         lib = np.asarray(X.sum(axis=1)).ravel()
-        cp = cp10k(X, lib)
-        lg = sp.csr_matrix((np.log1p(cp.data), cp.indices, cp.indptr), shape=cp.shape)
+        cp = cp10k(X, lib).data
+        lg = np.log1p(cp)
+        genes = X.indices
         self.n_cells += X.shape[0]
-        self.sum_cp10k += np.asarray(cp.sum(axis=0)).ravel()
-        self.sumsq_cp10k += np.asarray(cp.multiply(cp).sum(axis=0)).ravel()
-        self.sum_log += np.asarray(lg.sum(axis=0)).ravel()
-        self.sumsq_log += np.asarray(lg.multiply(lg).sum(axis=0)).ravel()
-        self.nnz += np.bincount(X.indices, minlength=self.n_genes)
-        types = obs["cell_type"].to_numpy()
-        for t in pd.unique(types):
-            rows = np.flatnonzero(types == t)
-            sub = lg[rows]
-            if t not in self.type_names:
-                self.type_names.append(t)
+        for acc, w in ((self.sum_cp10k, cp), (self.sumsq_cp10k, cp * cp), (self.sum_log, lg),
+                       (self.sumsq_log, lg * lg)):
+            acc += np.bincount(genes, weights=w, minlength=G)
+        self.nnz += np.bincount(genes, minlength=G)
+        # per cell type: one sparse product of a type indicator with the log matrix
+        codes, names = pd.factorize(obs["cell_type"].astype(str), sort=False)
+        onehot = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(len(names), len(codes)))
+        LG = sp.csr_matrix((lg, X.indices, X.indptr), shape=X.shape)
+        NZ = sp.csr_matrix((np.ones_like(lg), X.indices, X.indptr), shape=X.shape)
+        type_sum, type_nnz = (onehot @ LG).toarray(), (onehot @ NZ).toarray()
+        for t, name in enumerate(names):
+            if name not in self.type_names:
+                self.type_names.append(name)
                 self.type_cells.append(0)
-                self.type_sum_log.append(np.zeros(self.n_genes, np.float32))
-                self.type_nnz.append(np.zeros(self.n_genes, np.int32))
-            i = self.type_names.index(t)
-            self.type_cells[i] += len(rows)
-            self.type_sum_log[i] += np.asarray(sub.sum(axis=0)).ravel().astype(np.float32)
-            self.type_nnz[i] += np.bincount(sub.indices, minlength=self.n_genes).astype(np.int32)
+                self.type_sum_log.append(np.zeros(G, np.float32))
+                self.type_nnz.append(np.zeros(G, np.int32))
+            i = self.type_names.index(name)
+            self.type_cells[i] += int((codes == t).sum())
+            self.type_sum_log[i] += type_sum[t].astype(np.float32)
+            self.type_nnz[i] += type_nnz[t].astype(np.int32)
         loglib = np.log(np.maximum(lib, 1.0))
-        keys = obs[list(LIBRARY_KEYS)].astype(str).agg("\x1f".join, axis=1).to_numpy()
-        for k in np.unique(keys):
-            v = loglib[keys == k]
-            acc = self.library.setdefault(tuple(k.split("\x1f")), [0, 0.0, 0.0])
-            acc[0] += len(v)
-            acc[1] += float(v.sum())
-            acc[2] += float((v**2).sum())
+        groups = pd.DataFrame({k: obs[k].astype(str).to_numpy() for k in LIBRARY_KEYS})
+        groups["v"], groups["v2"] = loglib, loglib**2
+        for key, row in groups.groupby(list(LIBRARY_KEYS), sort=True).agg(n=("v", "size"), s=("v", "sum"),
+                                                                         ss=("v2", "sum")).iterrows():
+            acc = self.library.setdefault(tuple(key), [0, 0.0, 0.0])
+            acc[0] += int(row["n"])
+            acc[1] += float(row["s"])
+            acc[2] += float(row["ss"])
 
     # ---------------------------------------------------------------- files
     def save(self, path: str) -> None:
