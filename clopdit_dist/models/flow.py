@@ -1,0 +1,131 @@
+"""Flow matching on autoencoder latents, and the samplers that generate with guidance.
+
+Path and objective (Lipman et al., 2023; Liu et al., 2023, rectified flow):
+    x_t = t * x_1 + (1 - t) * x_0,   x_0 ~ N(0, I) noise, x_1 a (standardised) cell latent,
+    v*  = x_1 - x_0,                 loss = || v_theta(x_t, t, c) - v* ||^2,
+with t ~ logit-normal(m, s) (Esser et al., 2024, SD3), which spends the training signal on
+the middle of the path.
+
+Guidance: classifier-free (Ho & Salimans, 2022): v = v_null + w (v_c - v_null), optionally
+only for t inside a guidance interval (Kynkäänniemi et al., 2024), and compositional over
+condition fields as scLDM does: v = v_null + sum_k w_k (v_k - v_null), where v_k keeps only
+field k.
+
+Samplers integrate t from 0 (noise) to 1 (data): Euler, Heun, midpoint, and a stochastic
+Euler-Maruyama variant with the same marginals,
+    dx = [v - (eta / 2) (x - t v)] dt + sqrt(eta (1 - t)) dW,
+obtained from the score of the linear path, s = -(x - t v) / (1 - t), with diffusion
+g(t)^2 = eta (1 - t); ``eta`` = 0 is the ODE, larger values add diversity (the CLOP-DiT
+paper's generated cells were too alike: diversity ratio 0.51).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class FlowConfig:
+    t_mean: float = 0.0  # logit-normal location
+    t_std: float = 1.0  # logit-normal scale
+    p_uncond: float = 0.15  # probability a condition field is replaced by the learned null
+
+
+def sample_t(n: int, cfg: FlowConfig, generator: torch.Generator, device) -> torch.Tensor:
+    u = torch.randn(n, generator=generator, device=device) * cfg.t_std + cfg.t_mean
+    return torch.sigmoid(u)
+
+
+def flow_matching_loss(model, x1: torch.Tensor, cond: torch.Tensor, cfg: FlowConfig,
+                       generator: torch.Generator) -> torch.Tensor:
+    """Mean squared velocity error. ``x1`` (B, T, D) data latents; ``cond`` (B, K, C)."""
+    B, K = x1.shape[0], cond.shape[1]
+    t = sample_t(B, cfg, generator, x1.device)
+    x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
+    tt = t.view(B, 1, 1).to(x1.dtype)
+    xt = tt * x1 + (1 - tt) * x0
+    drop = torch.rand((B, K), generator=generator, device=x1.device) < cfg.p_uncond
+    v = model(xt, t, cond, drop)
+    return (v.float() - (x1 - x0).float()).pow(2).mean()
+
+
+@dataclass
+class SamplerConfig:
+    method: str = "euler"  # euler, heun, midpoint, sde
+    steps: int = 20
+    guidance: float = 2.0  # classifier-free guidance scale w (1 = conditional only, 0 = unconditional)
+    field_weights: tuple[float, ...] | None = None  # compositional guidance, one weight per field
+    interval: tuple[float, float] = (0.0, 1.0)  # apply guidance only for t in [lo, hi]
+    noise: float = 0.0  # eta of the SDE sampler
+
+    def nfe_per_step(self, guided: bool = True) -> int:
+        evals = 2 if self.method in ("heun", "midpoint") else 1
+        n_branches = (len(self.field_weights) + 1) if self.field_weights else 2
+        return evals * (n_branches if guided else 1)
+
+
+def guided_velocity(model, x: torch.Tensor, t: float, cond: torch.Tensor, cfg: SamplerConfig) -> torch.Tensor:
+    """One guided velocity evaluation, all branches in one batched forward pass."""
+    B, K = x.shape[0], cond.shape[1]
+    tt = torch.full((B,), t, device=x.device)
+    inside = cfg.interval[0] <= t <= cfg.interval[1]
+    if not inside or cfg.guidance == 1.0 and not cfg.field_weights:
+        weights = None
+    elif cfg.field_weights:
+        if len(cfg.field_weights) != K:
+            raise ValueError(f"field_weights has {len(cfg.field_weights)} weights for {K} condition fields")
+        weights = list(cfg.field_weights)
+    else:
+        weights = [cfg.guidance]
+    if weights is None:  # plain conditional velocity
+        return model(x, tt, cond, torch.zeros((B, K), dtype=torch.bool, device=x.device))
+    # branch 0: everything dropped (v_null); branch k: the full condition (K=1) or field k only
+    drops = [torch.ones((B, K), dtype=torch.bool, device=x.device)]
+    if cfg.field_weights:
+        for k in range(K):
+            d = torch.ones((B, K), dtype=torch.bool, device=x.device)
+            d[:, k] = False
+            drops.append(d)
+    else:
+        drops.append(torch.zeros((B, K), dtype=torch.bool, device=x.device))
+    n = len(drops)
+    v = model(x.repeat(n, 1, 1), tt.repeat(n), cond.repeat(n, 1, 1), torch.cat(drops)).float()
+    v = v.view(n, B, *x.shape[1:])
+    out = v[0].clone()
+    for w, vk in zip(weights, v[1:]):
+        out += w * (vk - v[0])
+    return out
+
+
+@torch.no_grad()
+def sample(model, cond: torch.Tensor, shape: tuple[int, int], cfg: SamplerConfig,
+           generator: torch.Generator) -> torch.Tensor:
+    """Integrate from noise to data. ``cond`` (B, K, C); returns latents (B, *shape)."""
+    B = cond.shape[0]
+    x = torch.randn((B, *shape), generator=generator, device=cond.device)
+    ts = torch.linspace(0.0, 1.0, cfg.steps + 1).tolist()
+    for i in range(cfg.steps):
+        t0, t1 = ts[i], ts[i + 1]
+        h = t1 - t0
+        v0 = guided_velocity(model, x, t0, cond, cfg)
+        if cfg.method == "euler":
+            x = x + h * v0
+        elif cfg.method == "midpoint":
+            x = x + h * guided_velocity(model, x + 0.5 * h * v0, t0 + 0.5 * h, cond, cfg)
+        elif cfg.method == "heun":
+            x_pred = x + h * v0
+            if i == cfg.steps - 1:
+                x = x_pred  # t1 = 1: no second evaluation at the data end
+            else:
+                x = x + 0.5 * h * (v0 + guided_velocity(model, x_pred, t1, cond, cfg))
+        elif cfg.method == "sde":
+            eta = cfg.noise
+            drift = v0 - 0.5 * eta * (x - t0 * v0)
+            x = x + h * drift
+            if i < cfg.steps - 1 and eta > 0:
+                x = x + (eta * (1 - t0) * h) ** 0.5 * torch.randn(x.shape, generator=generator, device=x.device)
+        else:
+            raise ValueError(f"sampler method {cfg.method!r}: use euler, heun, midpoint or sde")
+    return x
