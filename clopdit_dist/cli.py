@@ -84,7 +84,9 @@ def cmd_verify(args) -> None:
                          "rerun build_shards.py with the same arguments; it rebuilds only missing shards.")
 
 
-STAGES = {"ae": ("clopdit_dist.stages.ae", "AEStage", "AEStageConfig")}
+STAGES = {"ae": ("clopdit_dist.stages.ae", "AEStage", "AEStageConfig"),
+          "clop": ("clopdit_dist.stages.clop", "ClopStage", "ClopStageConfig"),
+          "dit": ("clopdit_dist.stages.dit", "DiTStage", "DiTStageConfig")}
 
 
 def cmd_train(args) -> None:
@@ -102,6 +104,28 @@ def cmd_train(args) -> None:
         overrides.append(f"train.run_dir={args.run}")
     cfg = load_config(getattr(mod, cfg_cls), args.config, overrides)
     train(getattr(mod, stage_cls)(cfg))
+
+
+def cmd_generate(args) -> None:
+    from .generate import CellGenerator, sampler_from
+
+    gen = CellGenerator.from_run(args.run, device=args.device)
+    sampler = sampler_from(gen.default_sampler, guidance=args.guidance, steps=args.steps, method=args.sampler,
+                           noise=args.noise,
+                           field_weights=tuple(float(w) for w in args.field_weights.split(",")) if args.field_weights
+                           else None)
+    if args.interpolate:
+        adata = gen.interpolate(*args.interpolate, points=args.points, n=args.n, sampler=sampler, seed=args.seed)
+    else:
+        prompts = list(args.prompt)
+        if args.prompts_file:
+            with open(args.prompts_file) as f:
+                prompts += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        if not prompts:
+            raise SystemExit("give at least one --prompt, a --prompts-file, or --interpolate A B")
+        adata = gen.generate(prompts, n=args.n, sampler=sampler, seed=args.seed)
+    adata.write_h5ad(args.out)
+    print(f"wrote {adata.n_obs} cells x {adata.n_vars} genes to {args.out}")
 
 
 def cmd_demo(args) -> None:
@@ -153,6 +177,23 @@ def build_parser() -> argparse.ArgumentParser:
     train_p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     train_p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=100")
     train_p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("generate", help="prompts -> generated cells (.h5ad)")
+    p.add_argument("--run", required=True, help="run directory with trained ae, clop and dit stages")
+    p.add_argument("--prompt", action="append", default=[], help="repeatable")
+    p.add_argument("--prompts-file", default=None, help="one prompt per line")
+    p.add_argument("--interpolate", nargs=2, metavar=("PROMPT_A", "PROMPT_B"), default=None)
+    p.add_argument("--points", type=int, default=10)
+    p.add_argument("--n", type=int, default=100, help="cells per prompt (per point when interpolating)")
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--sampler", default=None, choices=["euler", "heun", "midpoint", "sde"])
+    p.add_argument("--noise", type=float, default=None, help="SDE noise (diversity); with --sampler sde")
+    p.add_argument("--field-weights", default=None, help="compositional guidance weights, e.g. 2,1,1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_generate)
 
     p = verbs.add_parser("demo", help="the whole path on the embedded atlas")
     p.add_argument("--out", default="runs/demo")

@@ -193,9 +193,9 @@ class CLOP(nn.Module):
         self.cell_proj = _mlp(latent_dim, hidden, embed_dim)
         if init_logit_scale is None:
             init_logit_scale = math.log(1 / 0.07) if loss == "infonce" else math.log(10.0)
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.logit_scale = nn.Parameter(torch.tensor([float(init_logit_scale)]))  # 1-d: DeepSpeed cannot broadcast 0-d
         if loss == "siglip":
-            self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
+            self.logit_bias = nn.Parameter(torch.tensor([float(init_logit_bias)]))
             self.loss_fn = SigLipLoss()
         else:
             self.logit_bias = None

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,15 +28,22 @@ class AEStageConfig:
 
 
 def iter_heldout(shards: str, split: str, genes, max_cells: int, batch_size: int = 512, fields=("cell_type",)):
-    """Batches of a held-out split, every cell once, up to ``max_cells`` cells."""
-    loader = CellLoader(shards, LoaderConfig(split=split, genes=genes, batch_size=batch_size, num_workers=0,
-                                             resampled=False, fields=tuple(fields)), rank=0, world_size=1)
-    seen = 0
-    for batch in loader:
-        if seen >= max_cells:
-            break
-        yield batch
-        seen += batch["counts"].shape[0]
+    """Batches of held-out splits ("val", "test" or "val+test"), every cell once, up to
+    ``max_cells`` cells per split."""
+    for name in split.split("+"):
+        loader = CellLoader(shards, LoaderConfig(split=name, genes=genes, batch_size=batch_size, num_workers=0,
+                                                 resampled=False, fields=tuple(fields)), rank=0, world_size=1)
+        seen = 0
+        for batch in loader:
+            if seen >= max_cells:
+                break
+            yield batch
+            seen += batch["counts"].shape[0]
+
+
+def autoencoder_genes(run: RunDir) -> list[str]:
+    """feature_ids the autoencoder was trained on (later stages read exactly these)."""
+    return json.loads(run.load_weights_metadata("ae")["genes"])
 
 
 def load_autoencoder(run: RunDir, device: torch.device | str = "cpu") -> tuple[CountAutoencoder, AEStageConfig]:
@@ -88,4 +96,4 @@ class AEStage(Stage):
         return {"split": d.eval_split, **metrics}
 
     def export(self, state_dict, run: RunDir) -> None:
-        run.save_weights(self.name, state_dict, {"genes": ",".join(self.gene_ids)})
+        run.save_weights(self.name, state_dict, {"genes": json.dumps(self.gene_ids)})

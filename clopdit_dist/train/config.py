@@ -12,7 +12,7 @@ class DataConfig:
     genes: str = "hvg:2000"  # "all", "hvg:K"
     batch_size: int = 256  # micro-batch per rank
     num_workers: int = 1
-    eval_split: str = "val"  # held-out studies used for the end-of-run report
+    eval_split: str = "val+test"  # held-out studies used for the end-of-run report
     eval_cells: int = 4000  # cap on held-out cells evaluated
 
 

@@ -85,6 +85,15 @@ class RunDir:
             raise RunDirError(f"{path} is missing: train the '{stage}' stage into {self.root} first")
         return load_file(path)
 
+    def load_weights_metadata(self, stage: str) -> dict[str, str]:
+        from safetensors import safe_open
+
+        path = os.path.join(self.stage_dir(stage), "model.safetensors")
+        if not os.path.exists(path):
+            raise RunDirError(f"{path} is missing: train the '{stage}' stage into {self.root} first")
+        with safe_open(path, "pt") as f:
+            return dict(f.metadata() or {})
+
     def config_path(self, stage: str) -> str:
         return os.path.join(self.stage_dir(stage), "config.yaml")
 

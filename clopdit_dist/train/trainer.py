@@ -51,6 +51,11 @@ class Stage:
 
         return DEFAULT_FIELDS
 
+    def genes(self, run: RunDir):
+        """The genes of the stage's batches: ``data.genes``, or (for stages on top of the
+        autoencoder) exactly the autoencoder's genes."""
+        return self.cfg.data.genes
+
     def setup(self, run: RunDir, loader: CellLoader, device: torch.device) -> None:
         """Called once before the model is built (load frozen parts, caches...)."""
 
@@ -116,7 +121,7 @@ def train(stage: Stage) -> dict:
     from ..data.loader import LoaderConfig
 
     loader = CellLoader(cfg.data.shards, LoaderConfig(
-        split="train", genes=cfg.data.genes, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+        split="train", genes=stage.genes(run), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
         seed=tcfg.seed, fields=stage.fields()), rank=rank, world_size=world)
     stage.setup(run, loader, device)  # may fill in config values from the data (e.g. gene count)
     if rank == 0:

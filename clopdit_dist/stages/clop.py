@@ -1,0 +1,197 @@
+"""Stage 1: CLOP, contrastive language–omics pretraining.
+
+Cells go through the frozen stage-0 encoder and a projection head; their captions (built
+from metadata, augmented) through the text tower and a projection head; a symmetric InfoNCE
+(or SigLIP) loss with multi-positive targets aligns the two, negatives gathered from all
+ranks (``models/clop.py``). With a frozen text tower the text features of a bank of
+augmented captions per training condition are computed once (:class:`CaptionBank`), so a
+step costs no text-tower forward pass.
+
+    deepspeed --num_gpus 2 launchers/train_clop.py --config configs/clop.yaml
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..data.captions import CAPTION_FIELDS, CaptionBuilder, condition_ids
+from ..evaluate.clop_metrics import knn_study_entropy, text_to_cell_recall, zero_shot_classification
+from ..models.clop import CLOP
+from ..models.text import TextTower
+from ..train.config import DataConfig, OptimConfig, TrainConfig
+from ..train.run import RunDir
+from ..train.trainer import Stage
+from .ae import autoencoder_genes, iter_heldout, load_autoencoder
+
+
+@dataclass
+class ClopModelConfig:
+    text_model: str = "minilm"  # "minilm" (ships offline), a local path, or an HF id (BiomedBERT on clusters)
+    trainable_layers: int = 0  # last N text-tower layers trained; 0 = frozen (cached caption features)
+    max_length: int = 64
+    embed_dim: int = 256
+    hidden: int = 512
+    loss: str = "infonce"  # infonce or siglip
+    captions_per_condition: int = 32  # size of the caption bank per training condition (frozen tower)
+    n_markers: int = 3
+
+
+@dataclass
+class ClopStageConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ClopModelConfig = field(default_factory=ClopModelConfig)
+
+
+class ClopTrainModule(torch.nn.Module):
+    """What the engine trains: the projection heads, plus the text tower if part of it is trainable."""
+
+    def __init__(self, clop: CLOP, tower: TextTower | None):
+        super().__init__()
+        self.clop = clop
+        self.tower = tower
+
+    def forward(self, z, text, keys):
+        feats = self.tower(text) if self.tower is not None else text
+        return self.clop(z, feats, keys)
+
+
+def train_conditions(manifest) -> list[dict]:
+    """The (cell_type, tissue_general, disease) conditions of the training split."""
+    seen = {}
+    for g in manifest.data["library_size"]["groups"]:
+        meta = {f: g[f] for f in CAPTION_FIELDS}
+        seen.setdefault(CaptionBuilder.condition_key(meta), meta)
+    return list(seen.values())
+
+
+class CaptionBank:
+    """``per_condition`` augmented captions for every training condition, with their text
+    features; ``sample`` picks one per cell."""
+
+    def __init__(self, keys: list[str], captions: list[str], features: torch.Tensor, owner: np.ndarray):
+        self.keys, self.captions, self.features, self.owner = keys, captions, features, owner
+        self.rows = {k: np.flatnonzero(owner == i) for i, k in enumerate(keys)}
+
+    @classmethod
+    def build(cls, builder: CaptionBuilder, conditions: list[dict], per_condition: int, tower: TextTower,
+              seed: int) -> "CaptionBank":
+        rng = np.random.default_rng([seed, 77])
+        keys, captions, owner = [], [], []
+        for i, meta in enumerate(conditions):
+            keys.append(builder.condition_key(meta))
+            texts = [builder.canonical(meta)] + [builder.augment(meta, rng) for _ in range(per_condition - 1)]
+            captions += texts
+            owner += [i] * len(texts)
+        return cls(keys, captions, tower.embed(captions).float().cpu(), np.array(owner))
+
+    def save(self, path: str) -> None:
+        torch.save({"keys": self.keys, "captions": self.captions, "features": self.features,
+                    "owner": torch.from_numpy(self.owner)}, path)
+
+    @classmethod
+    def load(cls, path: str) -> "CaptionBank":
+        d = torch.load(path, weights_only=True)
+        return cls(d["keys"], d["captions"], d["features"], d["owner"].numpy())
+
+    def sample(self, keys: list[str], rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray]:
+        missing = sorted({k for k in keys if k not in self.rows})
+        if missing:
+            raise KeyError(f"conditions {missing[:5]} have no captions in the bank (they are not in the training "
+                           "split's manifest); rebuild the shards or the bank")
+        rows = np.array([self.rows[k][rng.integers(len(self.rows[k]))] for k in keys])
+        return self.features[rows], rows
+
+
+def shared_caption_bank(path: str, builder, conditions, per_condition, tower, seed, rank: int) -> CaptionBank:
+    """Rank 0 builds (or reuses) the bank file; the other ranks load it."""
+    if rank == 0 and not os.path.exists(path):
+        bank = CaptionBank.build(builder, conditions, per_condition, tower, seed)
+        bank.save(path + ".tmp")
+        os.replace(path + ".tmp", path)
+    if dist.is_initialized():
+        dist.barrier()
+    return CaptionBank.load(path)
+
+
+class ClopStage(Stage):
+    name = "clop"
+
+    def fields(self):
+        return ("cell_type", "tissue_general", "disease", "dataset_id")
+
+    def genes(self, run: RunDir):
+        return autoencoder_genes(run)
+
+    def setup(self, run: RunDir, loader, device) -> None:
+        m = self.cfg.model
+        self.device = device
+        self.ae, _ = load_autoencoder(run, device)
+        self.builder = CaptionBuilder.from_manifest(run.manifest(), n_markers=m.n_markers)
+        self.tower = TextTower(m.text_model, trainable_layers=m.trainable_layers, max_length=m.max_length)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.bank = None
+        if self.tower.frozen:
+            os.makedirs(run.stage_dir(self.name), exist_ok=True)
+            self.bank = shared_caption_bank(os.path.join(run.stage_dir(self.name), "caption_bank.pt"), self.builder,
+                                            train_conditions(run.manifest()), m.captions_per_condition, self.tower,
+                                            self.cfg.train.seed, self.rank)
+
+    def build_model(self) -> torch.nn.Module:
+        m = self.cfg.model
+        clop = CLOP(self.tower.dim, self.ae.cfg.latent_dim, embed_dim=m.embed_dim, hidden=m.hidden, loss=m.loss)
+        return ClopTrainModule(clop, None if self.tower.frozen else self.tower)
+
+    def loss(self, model, batch, generator):
+        counts = batch["counts"].to(self.device)
+        with torch.no_grad():
+            z = self.ae.encode(counts)
+        keys = self.builder.batch_keys(batch)
+        ids = torch.from_numpy(condition_ids(keys)).to(self.device)
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        if self.bank is not None:
+            text = self.bank.sample(keys, rng)[0].to(self.device)
+        else:
+            text = self.builder.batch(batch, "augment", rng)
+        return model(z, text, ids)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, model, run: RunDir, device) -> dict:
+        d = self.cfg.data
+        clop, tower = model.clop, model.tower or self.tower
+        cells, types, studies, conds = [], [], [], []
+        for batch in iter_heldout(d.shards, d.eval_split, self.genes(run), d.eval_cells,
+                                  fields=("cell_type", "tissue_general", "disease", "dataset_id")):
+            z = self.ae.encode(batch["counts"].to(device))
+            cells.append(clop.encode_cell(z).cpu())
+            types += batch["cell_type"]
+            studies += batch["dataset_id"]
+            conds += self.builder.batch_keys(batch)
+        if not cells:
+            return {"split": d.eval_split, "cells": 0}
+        cell_emb = torch.cat(cells)
+        classes = sorted(set(run.manifest().data["cell_types"]["train"]) | set(types))
+        out = {"split": d.eval_split, "cells": len(types), "classes": len(classes)}
+        rng = np.random.default_rng(0)
+        for style in ("canonical", "paraphrase"):
+            text = clop.encode_text(tower.embed(self.builder.zero_shot_captions(classes, style, rng)).to(device))
+            zs = zero_shot_classification(cell_emb, text.cpu(), types, classes)
+            out[f"zero_shot_{style}"] = {"accuracy": zs["accuracy"], "macro_f1": zs["macro_f1"]}
+        metas = {k: dict(zip(CAPTION_FIELDS, k.split("|"))) for k in sorted(set(conds))}
+        cond_text = clop.encode_text(tower.embed([self.builder.canonical(m) for m in metas.values()]).to(device))
+        out["retrieval"] = text_to_cell_recall(cond_text.cpu(), list(metas), cell_emb, conds)
+        out["knn_study_entropy"] = knn_study_entropy(cell_emb, studies) if len(set(studies)) > 1 else None
+        out["paraphrase_gap"] = out["zero_shot_canonical"]["accuracy"] - out["zero_shot_paraphrase"]["accuracy"]
+        return out
+
+    def export(self, state_dict, run: RunDir) -> None:
+        if self.tower.frozen:  # the tower is named in the config, not copied
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("tower.")}
+        run.save_weights(self.name, state_dict)

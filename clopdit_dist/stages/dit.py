@@ -1,0 +1,250 @@
+"""Stage 2: the latent Diffusion Transformer, trained by flow matching on stage-0 latents,
+conditioned on stage-1 CLOP text embeddings of augmented captions.
+
+    deepspeed --num_gpus 2 launchers/train_dit.py --config configs/dit.yaml
+
+Conditioning is either the whole caption (one field, the default) or one field per
+metadata attribute (cell type, tissue, disease; compositional guidance as in scLDM); each
+field is replaced by a learned null with probability ``flow.p_uncond`` during training
+(classifier-free guidance). Latents are standardised per dimension with statistics taken
+from the training split at setup, and the library sizes of the autoencoder's genes are
+recorded per condition, so generation can draw realistic ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..data.captions import CAPTION_FIELDS, CaptionBuilder
+from ..data.loader import CellLoader, LoaderConfig
+from ..data.stats import LIBRARY_KEYS
+from ..models.clop import CLOP
+from ..models.dit import DiT, DiTConfig
+from ..models.flow import FlowConfig, SamplerConfig, flow_matching_loss
+from ..models.text import TextTower
+from ..train.config import DataConfig, OptimConfig, TrainConfig
+from ..train.run import RunDir
+from ..train.trainer import Stage
+from .ae import autoencoder_genes, load_autoencoder
+from .clop import CaptionBank, ClopStageConfig, shared_caption_bank, train_conditions
+
+FIELD_NAMES = {"cell_type": "cell type", "tissue_general": "tissue", "disease": "disease"}
+
+
+@dataclass
+class DiTStageConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: DiTConfig = field(default_factory=lambda: DiTConfig(preset="DiT-S"))
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    conditioning: str = "caption"  # caption (one field) or fields (cell type, tissue, disease)
+    stats_cells: int = 20_000  # training cells used for latent and library-size statistics
+    eval_conditions: int = 12  # held-out conditions generated at the end of training
+    eval_cells_per_condition: int = 200
+
+
+class DiTTrainModule(torch.nn.Module):
+    """The DiT plus the latent standardisation it was trained with (saved with the weights)."""
+
+    def __init__(self, dit: DiT, latent_dim: int):
+        super().__init__()
+        self.dit = dit
+        self.register_buffer("latent_mean", torch.zeros(latent_dim))
+        self.register_buffer("latent_std", torch.ones(latent_dim))
+
+    def standardize(self, z: torch.Tensor) -> torch.Tensor:
+        x = (z.float() - self.latent_mean.float()) / self.latent_std.float()
+        return x.view(z.shape[0], self.dit.tokens, self.dit.token_dim)
+
+    def unstandardize(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1).float() * self.latent_std.float() + self.latent_mean.float()
+
+    def forward(self, x, t, cond, drop=None):
+        dtype = self.dit.pos_embed.dtype  # bf16 engines do not cast inputs
+        return self.dit(x.to(dtype), t, cond.to(dtype), drop)
+
+
+class ConditionEncoder:
+    """Text → DiT condition: frozen text tower, then CLOP's text projection (unit norm)."""
+
+    def __init__(self, tower: TextTower, clop: CLOP, builder: CaptionBuilder, mode: str):
+        self.tower, self.clop, self.builder, self.mode = tower, clop, builder, mode
+
+    @property
+    def num_fields(self) -> int:
+        return 1 if self.mode == "caption" else len(CAPTION_FIELDS)
+
+    @torch.no_grad()
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        dev = next(self.clop.parameters()).device
+        return self.clop.encode_text(features.to(dev).float()).float()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """(P, K, embed_dim) conditions of free-text prompts. In field mode a prompt is parsed
+        as "cell type: X; tissue: Y; disease: Z"; a missing field is left to the null."""
+        if self.mode == "caption":
+            return self.project(self.tower.embed(prompts))[:, None]
+        parsed = [parse_fields(p) for p in prompts]
+        texts = [f"{FIELD_NAMES[f]}: {p.get(f, '')}" for p in parsed for f in CAPTION_FIELDS]
+        emb = self.project(self.tower.embed(texts))
+        return emb.view(len(prompts), len(CAPTION_FIELDS), -1)
+
+    @staticmethod
+    def missing_fields(prompts: list[str]) -> torch.Tensor:
+        """(P, K) True where a field-mode prompt leaves a field out."""
+        return torch.tensor([[f not in parse_fields(p) for f in CAPTION_FIELDS] for p in prompts])
+
+
+def parse_fields(prompt: str) -> dict[str, str]:
+    """"cell type: B cell; tissue: lung" → {"cell_type": "B cell", "tissue_general": "lung"}."""
+    names = {v: k for k, v in FIELD_NAMES.items()} | {"tissue_general": "tissue_general", "cell_type": "cell_type"}
+    out = {}
+    for part in prompt.replace("\n", ";").split(";"):
+        if ":" in part:
+            key, value = part.split(":", 1)
+            key = key.strip().lower()
+            if key in names and value.strip():
+                out[names[key]] = value.strip()
+    return out
+
+
+def load_condition_encoder(run: RunDir, mode: str, device) -> ConditionEncoder:
+    """The frozen text side of a run's CLOP stage."""
+    from ..config import load_config
+
+    ccfg = load_config(ClopStageConfig, run.config_path("clop"))
+    m = ccfg.model
+    tower = TextTower(m.text_model, trainable_layers=m.trainable_layers, max_length=m.max_length)
+    state = run.load_weights("clop")
+    ae_dim = next(v for k, v in state.items() if k.startswith("clop.cell_proj.0.weight")).shape[1]
+    clop = CLOP(tower.dim, ae_dim, embed_dim=m.embed_dim, hidden=m.hidden, loss=m.loss)
+    clop.load_state_dict({k[len("clop."):]: v for k, v in state.items() if k.startswith("clop.")})
+    tower_state = {k[len("tower."):]: v for k, v in state.items() if k.startswith("tower.")}
+    if tower_state:
+        tower.load_state_dict(tower_state)
+    tower.eval().requires_grad_(False)
+    clop.eval().requires_grad_(False).to(device)
+    builder = CaptionBuilder.from_manifest(run.manifest(), n_markers=m.n_markers)
+    return ConditionEncoder(tower, clop, builder, mode)
+
+
+class DiTStage(Stage):
+    name = "dit"
+
+    def fields(self):
+        return ("cell_type", "tissue_general", "disease", "assay")
+
+    def genes(self, run: RunDir):
+        return autoencoder_genes(run)
+
+    def setup(self, run: RunDir, loader, device) -> None:
+        self.device = device
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.ae, _ = load_autoencoder(run, device)
+        self.cond = load_condition_encoder(run, self.cfg.conditioning, device)
+        self.cfg.model.tokens = self.ae.cfg.latent_tokens
+        self.cfg.model.token_dim = self.ae.cfg.token_dim
+        self.cfg.model.cond_dim = self.cond.clop.text_proj[-1].out_features
+        self.cfg.model.num_fields = self.cond.num_fields
+        stage_dir = run.stage_dir(self.name)
+        os.makedirs(stage_dir, exist_ok=True)
+        conditions = train_conditions(run.manifest())
+        per = ClopStageConfig().model.captions_per_condition
+        if self.cfg.conditioning == "caption":
+            banks = {"caption": shared_caption_bank(os.path.join(run.stage_dir("clop"), "caption_bank.pt"),
+                                                    self.cond.builder, conditions, per, self.cond.tower,
+                                                    self.cfg.train.seed, self.rank)}
+        else:  # one bank per field, of captions that mention only that field
+            banks = {}
+            for f in CAPTION_FIELDS:
+                field_conditions = list({c[f]: {f: c[f]} for c in conditions}.values())
+                banks[f] = shared_caption_bank(os.path.join(stage_dir, f"field_bank_{f}.pt"), self.cond.builder,
+                                               field_conditions, 8, self.cond.tower, self.cfg.train.seed, self.rank)
+        # project the bank features once: the condition of a cell is a row of these
+        self.banks = {k: CaptionBank(b.keys, b.captions, self.cond.project(b.features).cpu(), b.owner)
+                      for k, b in banks.items()}
+        stats_path = os.path.join(stage_dir, "latent_stats.json")
+        if self.rank == 0 and not os.path.exists(stats_path):
+            with open(stats_path + ".tmp", "w") as f:
+                json.dump(self._statistics(run), f)
+            os.replace(stats_path + ".tmp", stats_path)
+        if dist.is_initialized():
+            dist.barrier()
+        with open(stats_path) as f:
+            self.stats = json.load(f)
+
+    @torch.no_grad()
+    def _statistics(self, run: RunDir) -> dict:
+        """Per-dimension latent mean/std and log library size (over the autoencoder's genes)
+        per (cell_type, tissue_general, disease, assay), from up to ``stats_cells`` cells."""
+        loader = CellLoader(self.cfg.data.shards, LoaderConfig(
+            split="train", genes=self.genes(run), batch_size=1024, num_workers=0, resampled=False,
+            fields=LIBRARY_KEYS), rank=0, world_size=1)
+        zs, libs, keys = [], [], []
+        for batch in loader:
+            x = batch["counts"].to(self.device)
+            zs.append(self.ae.encode(x).float().cpu())
+            libs.append(torch.log(x.sum(-1).clamp_min(1)).cpu())
+            keys += ["\x1f".join(v) for v in zip(*(batch[k] for k in LIBRARY_KEYS))]
+            if sum(len(z) for z in zs) >= self.cfg.stats_cells:
+                break
+        z, lib = torch.cat(zs), torch.cat(libs).numpy()
+        groups = []
+        keys = np.array(keys)
+        for k in np.unique(keys):
+            v = lib[keys == k]
+            groups.append({**dict(zip(LIBRARY_KEYS, k.split("\x1f"))), "n": int(len(v)),
+                           "mean_log": float(v.mean()), "sd_log": float(v.std()) if len(v) > 1 else 0.3})
+        return {"latent_mean": z.mean(0).tolist(), "latent_std": z.std(0).clamp_min(1e-3).tolist(),
+                "library": {"keys": list(LIBRARY_KEYS), "unit": "total counts over the autoencoder's genes",
+                            "groups": groups}}
+
+    def build_model(self) -> torch.nn.Module:
+        module = DiTTrainModule(self.cfg.model.build(), self.ae.cfg.latent_dim)
+        module.latent_mean.copy_(torch.tensor(self.stats["latent_mean"]))
+        module.latent_std.copy_(torch.tensor(self.stats["latent_std"]))
+        return module
+
+    def conditions_of(self, batch: dict, rng: np.random.Generator) -> torch.Tensor:
+        """(B, K, C) training conditions: a random bank caption per cell (per field)."""
+        if self.cfg.conditioning == "caption":
+            keys = self.cond.builder.batch_keys(batch)
+            return self.banks["caption"].sample(keys, rng)[0][:, None]
+        per_field = []
+        for f in CAPTION_FIELDS:
+            keys = [self.cond.builder.condition_key({f: v}) for v in batch[f]]
+            per_field.append(self.banks[f].sample(keys, rng)[0])
+        return torch.stack(per_field, dim=1)
+
+    def loss(self, model, batch, generator):
+        module = model.module if hasattr(model, "module") else model
+        with torch.no_grad():
+            x1 = module.standardize(self.ae.encode(batch["counts"].to(self.device)))
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        cond = self.conditions_of(batch, rng).to(self.device)
+        loss = flow_matching_loss(model, x1, cond, self.cfg.flow, generator)
+        return loss, {}
+
+    def flops_per_cell(self, model) -> float | None:
+        dit = model.dit if hasattr(model, "dit") else None
+        return dit.train_flops_per_sample() if dit is not None else None
+
+    @torch.no_grad()
+    def evaluate(self, model, run: RunDir, device) -> dict:
+        from ..evaluate.generation import heldout_generation_report
+        from ..generate import CellGenerator
+
+        gen = CellGenerator(run, self.ae, self.cond, model, self.stats["library"], device)
+        return heldout_generation_report(gen, run, self.cfg, split=self.cfg.data.eval_split)
+
+    def export(self, state_dict, run: RunDir) -> None:
+        run.save_weights(self.name, state_dict, {"conditioning": self.cfg.conditioning})

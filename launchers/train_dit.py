@@ -1,0 +1,17 @@
+"""Stage 2: train the latent Diffusion Transformer (needs the ae and clop stages in the same run directory).
+
+    deepspeed --num_gpus 2 launchers/train_dit.py --config configs/dit.yaml --shards SHARDS --run RUN
+    torchrun --nproc_per_node 2 launchers/train_dit.py --config configs/dit.yaml train.zero_stage=2
+    python launchers/train_dit.py --config configs/dit.yaml train.steps=100          # one process
+    sbatch launchers/slurm/train.sbatch launchers/train_dit.py --config configs/dit.yaml   # multi-node
+
+On CPU set DS_ACCELERATOR=cpu (gloo, fp32 or bf16). Any config key can be overridden as
+KEY=VALUE (e.g. train.zero_stage=3 train.precision=bf16 data.batch_size=512).
+"""
+
+import sys
+
+from clopdit_dist.cli import main
+
+if __name__ == "__main__":
+    main(["train", "dit", *sys.argv[1:]])
