@@ -1,27 +1,74 @@
 """The main job end to end on the embedded atlas: ``clopdit demo --out runs/demo``.
 
-Each step skips what an earlier run already finished (the atlas, complete shards), so a
-demo that was interrupted picks up where it stopped.
+    1. synthesize a Census-shaped atlas          (clopdit data synth)
+    2. build WebDataset shards + manifest        (launchers/build_shards.py)
+    3. train the count autoencoder               (deepspeed --num_gpus 2 launchers/train_ae.py)
+    4. train CLOP                                (deepspeed --num_gpus 2 launchers/train_clop.py)
+    5. train the latent DiT                      (deepspeed --num_gpus 2 launchers/train_dit.py)
+    6. generate cells for a few prompts -> .h5ad (launchers/generate.py)
+    7. print the held-out tables
+
+Training runs as two processes under the ``deepspeed`` launcher (CPU: gloo; torchrun if
+the launcher is missing). Each step skips what an earlier run finished (the atlas, complete
+shards, trained stages), so an interrupted demo picks up where it stopped.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 import time
 
-from .data.loader import CellLoader, LoaderConfig
 from .data.manifest import MANIFEST_NAME
 from .data.shards import ShardConfig, build_shards
 from .data.synthetic import SynthConfig, write_synthetic_atlas
+from .train.distributed import REPO_ROOT
+
+DEMO_OVERRIDES = {
+    "ae": ["train.steps=500"],
+    "clop": ["train.steps=1500"],
+    "dit": ["train.steps=1200", "data.batch_size=128"],
+}
+DEMO_PROMPTS = [
+    "cell type: CD8-positive, alpha-beta T cell; tissue: lung; disease: lung adenocarcinoma; markers: CD8A, GZMK",
+    "cell type: classical monocyte; tissue: blood; disease: COVID-19",
+    "killer T cells from the lung of a lung cancer patient",
+    "B cell in a lymph node",
+]
 
 
 def _step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-def run_demo(out: str, n_cells: int = 20_000, workers: int = 2) -> dict:
-    atlas, shards = os.path.join(out, "atlas"), os.path.join(out, "shards")
+def _launch(stage: str, shards: str, run: str, nproc: int) -> None:
+    launcher = str(REPO_ROOT / "launchers" / f"train_{stage}.py")
+    config = str(REPO_ROOT / "configs" / f"{stage}.yaml")
+    args = [launcher, "--config", config, "--shards", shards, "--run", run, *DEMO_OVERRIDES[stage]]
+    ds = shutil.which("deepspeed")
+    if ds:
+        cmd = [ds, "--num_gpus", str(nproc), "--master_port", str(29700 + ["ae", "clop", "dit"].index(stage)), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env.setdefault("WANDB_MODE", "offline")
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    print("$ " + " ".join(os.path.relpath(c) if c.startswith(str(REPO_ROOT)) else c for c in cmd), flush=True)
+    subprocess.run(cmd, check=True, env=env)
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows])
+
+
+def run_demo(out: str, n_cells: int = 20_000, workers: int = 2, nproc: int = 2) -> dict:
+    t0 = time.perf_counter()
+    atlas, shards, run = (os.path.join(out, d) for d in ("atlas", "shards", "run"))
     _step(f"1. synthetic Census-shaped atlas ({n_cells} cells) -> {atlas}")
     if os.path.exists(os.path.join(atlas, "census_data")):
         print("already there")
@@ -29,24 +76,49 @@ def run_demo(out: str, n_cells: int = 20_000, workers: int = 2) -> dict:
         write_synthetic_atlas(atlas, SynthConfig(n_cells=n_cells), workers=workers)
 
     _step(f"2. WebDataset shards -> {shards}")
-    if not os.path.exists(os.path.join(shards, MANIFEST_NAME)):
-        build_shards(ShardConfig(source=atlas, out=shards, workers=workers))
-    else:
+    if os.path.exists(os.path.join(shards, MANIFEST_NAME)):
         print("already there")
+    else:
+        build_shards(ShardConfig(source=atlas, out=shards, workers=workers))
 
-    _step("3. loader throughput (train split, 2,000 HVGs, batch 256)")
-    rows = []
-    for nw in (0, workers):
-        loader = CellLoader(shards, LoaderConfig(split="train", genes="hvg:2000", batch_size=256, num_workers=nw))
-        t0, cells = time.perf_counter(), 0
-        for batch in loader:
-            cells += batch["counts"].shape[0]
-        rows.append({"num_workers": nw, "batches": len(loader), "cells": cells,
-                     "cells_per_s": round(cells / (time.perf_counter() - t0))})
-    print(f"{'workers':>8} {'batches':>8} {'cells':>8} {'cells/s':>9}")
-    for r in rows:
-        print(f"{r['num_workers']:>8} {r['batches']:>8} {r['cells']:>8} {r['cells_per_s']:>9}")
-    summary = {"atlas": atlas, "shards": shards, "loader": rows}
+    for i, stage in enumerate(("ae", "clop", "dit"), start=3):
+        _step(f"{i}. train {stage} ({nproc} processes) -> {run}/{stage}")
+        if os.path.exists(os.path.join(run, stage, "metrics.json")):
+            print("already trained")
+        else:
+            _launch(stage, shards, run, nproc)
+
+    _step("6. generate cells for a few prompts")
+    from .generate import CellGenerator
+
+    gen = CellGenerator.from_run(run)
+    adata = gen.generate(DEMO_PROMPTS, n=200, seed=0)
+    h5ad = os.path.join(out, "generated.h5ad")
+    adata.write_h5ad(h5ad)
+    print(f"wrote {adata.n_obs} cells x {adata.n_vars} genes to {h5ad}")
+
+    _step("7. held-out results")
+    ae = json.load(open(os.path.join(run, "ae", "metrics.json")))
+    clop = json.load(open(os.path.join(run, "clop", "metrics.json")))
+    dit = json.load(open(os.path.join(run, "dit", "metrics.json")))
+    print(f"autoencoder ({ae['split']} studies, {ae['cells']} cells): per-gene mean Pearson "
+          f"{ae['gene_mean_pearson']:.3f}, per-cell Pearson {ae['cell_pearson']:.3f}, NLL/cell {ae['nll']:.1f}")
+    print(f"CLOP zero-shot cell type ({clop['classes']} classes, {clop['cells']} cells): canonical accuracy "
+          f"{clop['zero_shot_canonical']['accuracy']:.3f} (macro-F1 {clop['zero_shot_canonical']['macro_f1']:.3f}), "
+          f"paraphrased {clop['zero_shot_paraphrase']['accuracy']:.3f}; text->cell R@1/5/10 "
+          f"{clop['retrieval']['recall@1']:.2f}/{clop['retrieval']['recall@5']:.2f}/{clop['retrieval']['recall@10']:.2f}")
+    rows = [[r["cell_type"], r["tissue_general"], r["disease"], f"{r['canonical_matched_fraction']:.2f}",
+             f"{r['reworded_matched_fraction']:.2f}", f"{r['canonical_diversity_ratio']:.2f}"]
+            for r in dit["per_prompt"]]
+    print(f"\ngenerated vs real held-out cells (guidance {dit['guidance']}, {dit['steps']} steps; kNN judge on real "
+          f"held-out cells, chance {dit['chance']:.2f}):")
+    print(_table(rows, ["cell type", "tissue", "disease", "matched", "matched (reworded)", "diversity"]))
+    print(f"mean matched fraction {dit['matched_fraction']:.3f}; reworded {dit['matched_fraction_reworded']:.3f}; "
+          f"diversity ratio {dit['diversity_ratio']:.2f}")
+    summary = {"atlas": atlas, "shards": shards, "run": run, "generated": h5ad, "ae": ae, "clop": clop,
+               "dit": {k: v for k, v in dit.items() if k != "per_prompt"},
+               "minutes": round((time.perf_counter() - t0) / 60, 1)}
     with open(os.path.join(out, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
+    print(f"\ndone in {summary['minutes']} min; summary in {os.path.join(out, 'demo_summary.json')}")
     return summary

@@ -143,7 +143,7 @@ class CellGenerator:
             "matched_tissue_general": group["tissue_general"], "matched_disease": group["disease"],
             "matched_assay": group["assay"], "guidance": sampler.guidance, "steps": sampler.steps,
             "sampler": sampler.method, "noise": sampler.noise, "seed": seed, "library_size": lib.astype(np.float32),
-        }, index=[str(i) for i in range(n)])
+        }, index=[f"{seed}-{i}" for i in range(n)])
         a = ad.AnnData(X=sp.csr_matrix(counts.astype(np.int32)), obs=obs)
         a.obsm["X_latent"] = z.cpu().numpy().astype(np.float32)
         return a

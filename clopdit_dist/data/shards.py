@@ -66,11 +66,12 @@ class ShardConfig:
 
 
 # ---------------------------------------------------------------------- splits
-def assign_splits(studies: pd.Series, cfg: ShardConfig) -> dict[str, str]:
-    """Study -> split. Explicit lists win; otherwise studies are taken in a seeded hash order
-    into test, then val, until each holds its fraction of cells (at least one study each when
-    there are three or more studies)."""
-    sizes = studies.value_counts()
+def assign_splits(obs: pd.DataFrame, cfg: ShardConfig) -> dict[str, str]:
+    """Study -> split. Explicit lists win. Otherwise studies are taken in a seeded hash order
+    into test, then val, until each holds its fraction of cells, skipping a study whose
+    tissue(s) would then be left without a training study: held-out studies test new
+    donors, labs and batches, not cell types the model never saw."""
+    sizes = obs["dataset_id"].value_counts()
     names = sorted(sizes.index)
     unknown = [s for s in cfg.val_studies + cfg.test_studies if s not in sizes.index]
     if unknown:
@@ -81,6 +82,13 @@ def assign_splits(studies: pd.Series, cfg: ShardConfig) -> dict[str, str]:
         split.update({s: "val" for s in cfg.val_studies})
         split.update({s: "test" for s in cfg.test_studies})
         return split
+    tissues = (obs.groupby("dataset_id")["tissue_general"].agg(lambda t: set(t)) if "tissue_general" in obs
+               else pd.Series({s: set() for s in names}))
+
+    def keeps_tissues_in_train(study: str) -> bool:
+        others = set().union(*(tissues[s] for s in names if split[s] == "train" and s != study))
+        return tissues[study] <= others
+
     order = sorted(names, key=lambda s: hashlib.sha256(f"{cfg.seed}/{s}".encode()).hexdigest())
     total = sizes.sum()
     for name, frac in (("test", cfg.test_fraction), ("val", cfg.val_fraction)):
@@ -88,7 +96,7 @@ def assign_splits(studies: pd.Series, cfg: ShardConfig) -> dict[str, str]:
         for s in order:
             if frac <= 0 or len(names) < 3 or sum(v == "train" for v in split.values()) <= 1:
                 break
-            if split[s] != "train":
+            if split[s] != "train" or not keeps_tissues_in_train(s):
                 continue
             if taken and taken + sizes[s] > frac * total * 1.5:
                 continue
@@ -113,7 +121,7 @@ class Plan:
 
 
 def make_plan(obs: pd.DataFrame, cfg: ShardConfig) -> Plan:
-    splits = assign_splits(obs["dataset_id"], cfg)
+    splits = assign_splits(obs, cfg)
     split_of_cell = obs["dataset_id"].map(splits).to_numpy()
     B = cfg.cells_per_block
     shards, parts, offsets = [], [], [0]
@@ -221,7 +229,8 @@ def build_shards(cfg: ShardConfig, dry_run: bool = False, progress: bool = True,
 
     build_dir = os.path.join(cfg.out, BUILD_DIR)
     with CellSource(cfg.query()) as src:
-        obs = src.obs(("soma_joinid", "dataset_id"))
+        obs = src.obs(("soma_joinid", "dataset_id", "tissue_general") if "tissue_general" in src.obs_columns
+                      else ("soma_joinid", "dataset_id"))
         if obs.empty:
             raise ValueError(f"obs filter {cfg.obs_filter!r} matches no cell in {cfg.source} ({cfg.organism})")
         var = src.var

@@ -168,7 +168,7 @@ class CLOP(nn.Module):
     latent_dim
         Width of the frozen autoencoder latent z.
     embed_dim, hidden
-        Shared embedding width; hidden width of both MLPs (Linear-GELU-Linear).
+        Shared embedding width; hidden width of the MLPs (Linear-GELU-Linear).
     loss
         "infonce" (CLIP) or "siglip".
     init_logit_scale
@@ -176,6 +176,8 @@ class CLOP(nn.Module):
         SigLIP (Zhai et al.).
     init_logit_bias
         SigLIP's initial bias (-10 in the paper); unused by InfoNCE.
+    text_head
+        "mlp" or "linear" projection of the text features.
 
     Examples
     --------
@@ -184,12 +186,18 @@ class CLOP(nn.Module):
     """
 
     def __init__(self, text_dim: int, latent_dim: int, embed_dim: int = 256, hidden: int = 512,
-                 loss: str = "infonce", init_logit_scale: float | None = None, init_logit_bias: float = -10.0):
+                 loss: str = "infonce", init_logit_scale: float | None = None, init_logit_bias: float = -10.0,
+                 text_head: str = "mlp"):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss={loss!r}: choose one of {LOSSES}")
+        if text_head not in ("mlp", "linear"):
+            raise ValueError(f"text_head={text_head!r}: choose 'mlp' or 'linear'")
         self.loss_name = loss
-        self.text_proj = _mlp(text_dim, hidden, embed_dim)
+        # A linear text head (CLIP's choice) keeps the text tower's neighbourhoods, so wordings
+        # never seen in training land near their synonyms; an MLP fits training wordings tighter.
+        self.text_proj = (_mlp(text_dim, hidden, embed_dim) if text_head == "mlp"
+                          else nn.Sequential(nn.Linear(text_dim, embed_dim)))
         self.cell_proj = _mlp(latent_dim, hidden, embed_dim)
         if init_logit_scale is None:
             init_logit_scale = math.log(1 / 0.07) if loss == "infonce" else math.log(10.0)

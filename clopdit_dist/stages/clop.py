@@ -37,6 +37,7 @@ class ClopModelConfig:
     embed_dim: int = 256
     hidden: int = 512
     loss: str = "infonce"  # infonce or siglip
+    text_head: str = "linear"  # linear or mlp projection of text features
     captions_per_condition: int = 32  # size of the caption bank per training condition (frozen tower)
     n_markers: int = 3
 
@@ -145,7 +146,8 @@ class ClopStage(Stage):
 
     def build_model(self) -> torch.nn.Module:
         m = self.cfg.model
-        clop = CLOP(self.tower.dim, self.ae.cfg.latent_dim, embed_dim=m.embed_dim, hidden=m.hidden, loss=m.loss)
+        clop = CLOP(self.tower.dim, self.ae.cfg.latent_dim, embed_dim=m.embed_dim, hidden=m.hidden, loss=m.loss,
+                    text_head=m.text_head)
         return ClopTrainModule(clop, None if self.tower.frozen else self.tower)
 
     def loss(self, model, batch, generator):

@@ -126,7 +126,7 @@ def load_condition_encoder(run: RunDir, mode: str, device) -> ConditionEncoder:
     tower = TextTower(m.text_model, trainable_layers=m.trainable_layers, max_length=m.max_length)
     state = run.load_weights("clop")
     ae_dim = next(v for k, v in state.items() if k.startswith("clop.cell_proj.0.weight")).shape[1]
-    clop = CLOP(tower.dim, ae_dim, embed_dim=m.embed_dim, hidden=m.hidden, loss=m.loss)
+    clop = CLOP(tower.dim, ae_dim, embed_dim=m.embed_dim, hidden=m.hidden, loss=m.loss, text_head=m.text_head)
     clop.load_state_dict({k[len("clop."):]: v for k, v in state.items() if k.startswith("clop.")})
     tower_state = {k[len("tower."):]: v for k, v in state.items() if k.startswith("tower.")}
     if tower_state:
