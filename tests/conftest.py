@@ -39,3 +39,13 @@ def shards_dir(atlas_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("shards") / "shards")
     build_shards(shard_config(atlas_dir, out), progress=False, log=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tmp_path_factory):
+    """A tiny BERT with a WordPiece tokenizer trained here on caption words (loads through
+    the Auto classes like any hub model, in a fraction of a second)."""
+    from clopdit_dist.data.captions import caption_corpus
+    from clopdit_dist.models.text import build_tiny_text_model
+
+    return build_tiny_text_model(str(tmp_path_factory.mktemp("text") / "tiny-bert"), caption_corpus())

@@ -201,6 +201,13 @@ TEMPLATES_HELDOUT: tuple[tuple[tuple[str, ...], ...], ...] = (
 
 DROP_PROB = {"cell_type": 0.05, "tissue": 0.3, "organism": 0.5, "disease": 0.3, "markers": 0.3}
 
+# Context words a user may wrap around a description. Training sees them in random places so
+# the model learns to look past words that do not name the condition (none of them appears in
+# the held-out templates; a test checks).
+CONTEXT_PREFIXES = ("generate", "simulate", "show me", "give me", "I want", "these are", "annotated as",
+                    "population of", "cluster:", "example:", "query:", "many", "some", "typical", "human")
+CONTEXT_SUFFIXES = ("cells", "please", "dataset", "example", "population", "cluster", "in humans", "(scRNA-seq)")
+
 
 # ---------------------------------------------------------------------------------------
 # Name lookups with fallback
@@ -358,6 +365,10 @@ class CaptionBuilder:
             text = self._structured(values, rng)
         else:
             text = self._template(_pick(TEMPLATES_TRAIN, rng), values, normal, joiner=_pick((", ", " ", "/"), rng))
+        if rng.random() < 0.4:
+            text = f"{_pick(CONTEXT_PREFIXES, rng)} {text}"
+        if rng.random() < 0.3:
+            text = f"{text} {_pick(CONTEXT_SUFFIXES, rng)}"
         return _casing(text, rng)
 
     def paraphrase(self, meta: dict, rng: np.random.Generator) -> str:

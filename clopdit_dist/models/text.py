@@ -90,12 +90,15 @@ class TextTower(nn.Module):
     local_files_only
         Never reach the hub (fail at once rather than after its retries when a hub id is
         neither cached nor reachable); ``HF_HUB_OFFLINE=1`` does the same globally.
+    normalize
+        L2-normalise the pooled embedding (what sentence-transformers does for MiniLM).
     """
 
     def __init__(self, name_or_path: str = "minilm", trainable_layers: int = 0, max_length: int = 64,
-                 local_files_only: bool = False):
+                 local_files_only: bool = False, normalize: bool = False):
         super().__init__()
         self.name = name_or_path
+        self.normalize = normalize
         self.tokenizer, self.model = _load(name_or_path, resolve_text_model(name_or_path), local_files_only)
         self.max_length = max_length
         self.trainable_layers = trainable_layers
@@ -131,7 +134,8 @@ class TextTower(nn.Module):
     def forward(self, texts: list[str]) -> torch.Tensor:
         enc = self.tokenize(texts)
         hidden = self.model(**enc).last_hidden_state
-        return mean_pool(hidden, enc["attention_mask"])
+        pooled = mean_pool(hidden, enc["attention_mask"])
+        return torch.nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
 
     @torch.no_grad()
     def embed(self, texts: list[str], batch_size: int = 128) -> torch.Tensor:

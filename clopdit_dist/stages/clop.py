@@ -38,7 +38,9 @@ class ClopModelConfig:
     hidden: int = 512
     loss: str = "infonce"  # infonce or siglip
     text_head: str = "linear"  # linear or mlp projection of text features
-    captions_per_condition: int = 32  # size of the caption bank per training condition (frozen tower)
+    normalize_text: bool = True  # L2-normalise pooled text-tower features
+    captions_per_condition: int = 48  # size of the caption bank per training condition (frozen tower)
+    text_noise: float = 0.0  # std of Gaussian noise on text features in training (robustness to rewording)
     n_markers: int = 3
 
 
@@ -135,7 +137,8 @@ class ClopStage(Stage):
         self.device = device
         self.ae, _ = load_autoencoder(run, device)
         self.builder = CaptionBuilder.from_manifest(run.manifest(), n_markers=m.n_markers)
-        self.tower = TextTower(m.text_model, trainable_layers=m.trainable_layers, max_length=m.max_length)
+        self.tower = TextTower(m.text_model, trainable_layers=m.trainable_layers, max_length=m.max_length,
+                          normalize=m.normalize_text)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.bank = None
         if self.tower.frozen:
@@ -159,6 +162,9 @@ class ClopStage(Stage):
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
         if self.bank is not None:
             text = self.bank.sample(keys, rng)[0].to(self.device)
+            if self.cfg.model.text_noise > 0:
+                text = text + self.cfg.model.text_noise * torch.randn(text.shape, generator=generator,
+                                                                      device=text.device)
         else:
             text = self.builder.batch(batch, "augment", rng)
         return model(z, text, ids)

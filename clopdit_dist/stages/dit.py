@@ -123,7 +123,8 @@ def load_condition_encoder(run: RunDir, mode: str, device) -> ConditionEncoder:
 
     ccfg = load_config(ClopStageConfig, run.config_path("clop"))
     m = ccfg.model
-    tower = TextTower(m.text_model, trainable_layers=m.trainable_layers, max_length=m.max_length)
+    tower = TextTower(m.text_model, trainable_layers=m.trainable_layers, max_length=m.max_length,
+                          normalize=m.normalize_text)
     state = run.load_weights("clop")
     ae_dim = next(v for k, v in state.items() if k.startswith("clop.cell_proj.0.weight")).shape[1]
     clop = CLOP(tower.dim, ae_dim, embed_dim=m.embed_dim, hidden=m.hidden, loss=m.loss, text_head=m.text_head)
