@@ -50,7 +50,8 @@ class CellGenerator:
     def from_run(cls, run_dir: str, device="cpu") -> "CellGenerator":
         from .config import load_config
         from .stages.ae import load_autoencoder
-        from .stages.dit import DiTStageConfig, DiTTrainModule, load_condition_encoder
+        from .stages.clop import load_condition_encoder
+        from .stages.dit import DiTStageConfig, DiTTrainModule
 
         run = RunDir(run_dir)
         run.info()  # schema check with a clear message
@@ -133,7 +134,7 @@ class CellGenerator:
         return out
 
     def _anndata(self, counts, z, prompt, group, sampler, seed, lib) -> ad.AnnData:
-        from .stages.dit import parse_fields
+        from .stages.clop import parse_fields
 
         n = counts.shape[0]
         fields = parse_fields(prompt)

@@ -141,7 +141,7 @@ def test_killed_run_resumes_onto_the_same_loss_curve(shards_dir, tmp_path):
     resumed = subprocess.run(_single(shards_dir, run, 14, ["train.ckpt_every=5"]), env=env(), capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stdout
     a = {r["step"]: r["loss"] for r in log_rows(ref)}
     b = {r["step"]: r["loss"] for r in log_rows(run)}
     assert sorted(b) == list(range(1, 15))

@@ -201,7 +201,6 @@ class SyntheticAtlas:
 
     def _sample_study(self, rng, si: int, n: int):
         s = self.studies[si]
-        G = self.cfg.n_genes
         donor = s.donors.iloc[rng.integers(len(s.donors), size=n)].reset_index(drop=True)
         tissue_names = rng.choice(s.tissues, n, p=_normalise([1.0] + [0.35] * (len(s.tissues) - 1)))
         disease_names = np.where([d in bio.DISEASE_BY_NAME and t in bio.DISEASE_BY_NAME[d].tissues

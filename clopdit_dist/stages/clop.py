@@ -41,6 +41,8 @@ class ClopModelConfig:
     normalize_text: bool = True  # L2-normalise pooled text-tower features
     captions_per_condition: int = 48  # size of the caption bank per training condition (frozen tower)
     text_noise: float = 0.0  # std of Gaussian noise on text features in training (robustness to rewording)
+    prompt_anchor_k: int = 8  # at inference, blend in the k nearest bank captions (0: off); see ConditionEncoder
+    prompt_anchor_tau: float = 0.02
     n_markers: int = 3
 
 
@@ -123,6 +125,105 @@ def shared_caption_bank(path: str, builder, conditions, per_condition, tower, se
     return CaptionBank.load(path)
 
 
+FIELD_NAMES = {"cell_type": "cell type", "tissue_general": "tissue", "disease": "disease"}
+
+
+class ConditionEncoder:
+    """Text → DiT condition: frozen text tower, then CLOP's text projection (unit norm).
+
+    With a caption bank, a prompt is also *anchored*: its nearest training captions in the
+    frozen tower's own space (top ``anchor_k``, softmax weights at temperature
+    ``anchor_tau``) contribute their projected embeddings, and the condition is the
+    normalised sum of the direct and the anchored embedding. The tower's space is where
+    unseen synonyms land near seen ones; the anchored part keeps the condition on the
+    embeddings the DiT was trained with.
+    """
+
+    def __init__(self, tower: TextTower, clop: CLOP, builder: CaptionBuilder, mode: str,
+                 bank: CaptionBank | None = None, anchor_k: int = 0, anchor_tau: float = 0.02):
+        self.tower, self.clop, self.builder, self.mode = tower, clop, builder, mode
+        self.anchor_k, self.anchor_tau = anchor_k, anchor_tau
+        self._bank_raw = self._bank_proj = None
+        if bank is not None and anchor_k > 0:
+            self._bank_raw = torch.nn.functional.normalize(bank.features.float(), dim=-1)
+            self._bank_proj = self.project(bank.features).cpu()
+
+    @property
+    def num_fields(self) -> int:
+        return 1 if self.mode == "caption" else len(CAPTION_FIELDS)
+
+    @torch.no_grad()
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        dev = next(self.clop.parameters()).device
+        return self.clop.encode_text(features.to(dev).float()).float()
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """(N, embed_dim) projected (and, with a bank, anchored) text embeddings."""
+        feats = self.tower.embed(texts).float().cpu()
+        direct = self.project(feats).cpu()
+        if self._bank_raw is None:
+            return direct
+        sims = torch.nn.functional.normalize(feats, dim=-1) @ self._bank_raw.T
+        top = sims.topk(min(self.anchor_k, sims.shape[1]), dim=1)
+        w = torch.softmax(top.values / self.anchor_tau, dim=1)
+        anchored = (w[..., None] * self._bank_proj[top.indices]).sum(1)
+        return torch.nn.functional.normalize(direct + torch.nn.functional.normalize(anchored, dim=-1), dim=-1)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """(P, K, embed_dim) conditions of free-text prompts. In field mode a prompt is parsed
+        as "cell type: X; tissue: Y; disease: Z"; a missing field is left to the null."""
+        if self.mode == "caption":
+            return self.encode_texts(prompts)[:, None]
+        parsed = [parse_fields(p) for p in prompts]
+        texts = [f"{FIELD_NAMES[f]}: {p.get(f, '')}" for p in parsed for f in CAPTION_FIELDS]
+        emb = self.project(self.tower.embed(texts))
+        return emb.view(len(prompts), len(CAPTION_FIELDS), -1)
+
+    @staticmethod
+    def missing_fields(prompts: list[str]) -> torch.Tensor:
+        """(P, K) True where a field-mode prompt leaves a field out."""
+        return torch.tensor([[f not in parse_fields(p) for f in CAPTION_FIELDS] for p in prompts])
+
+
+def parse_fields(prompt: str) -> dict[str, str]:
+    """"cell type: B cell; tissue: lung" → {"cell_type": "B cell", "tissue_general": "lung"}."""
+    names = {v: k for k, v in FIELD_NAMES.items()} | {"tissue_general": "tissue_general", "cell_type": "cell_type"}
+    out = {}
+    for part in prompt.replace("\n", ";").split(";"):
+        if ":" in part:
+            key, value = part.split(":", 1)
+            key = key.strip().lower()
+            if key in names and value.strip():
+                out[names[key]] = value.strip()
+    return out
+
+
+def load_condition_encoder(run: RunDir, mode: str, device) -> ConditionEncoder:
+    """The frozen text side of a run's CLOP stage."""
+    from ..config import load_config
+
+    ccfg = load_config(ClopStageConfig, run.config_path("clop"))
+    m = ccfg.model
+    tower = TextTower(m.text_model, trainable_layers=m.trainable_layers, max_length=m.max_length,
+                          normalize=m.normalize_text)
+    state = run.load_weights("clop")
+    ae_dim = next(v for k, v in state.items() if k.startswith("clop.cell_proj.0.weight")).shape[1]
+    clop = CLOP(tower.dim, ae_dim, embed_dim=m.embed_dim, hidden=m.hidden, loss=m.loss, text_head=m.text_head)
+    clop.load_state_dict({k[len("clop."):]: v for k, v in state.items() if k.startswith("clop.")})
+    tower_state = {k[len("tower."):]: v for k, v in state.items() if k.startswith("tower.")}
+    if tower_state:
+        tower.load_state_dict(tower_state)
+    tower.eval().requires_grad_(False)
+    clop.eval().requires_grad_(False).to(device)
+    builder = CaptionBuilder.from_manifest(run.manifest(), n_markers=m.n_markers)
+    bank_path = os.path.join(run.stage_dir("clop"), "caption_bank.pt")
+    bank = CaptionBank.load(bank_path) if mode == "caption" and m.prompt_anchor_k > 0 and os.path.exists(bank_path) \
+        else None
+    return ConditionEncoder(tower, clop, builder, mode, bank, m.prompt_anchor_k, m.prompt_anchor_tau)
+
+
 class ClopStage(Stage):
     name = "clop"
 
@@ -187,13 +288,17 @@ class ClopStage(Stage):
         cell_emb = torch.cat(cells)
         classes = sorted(set(run.manifest().data["cell_types"]["train"]) | set(types))
         out = {"split": d.eval_split, "cells": len(types), "classes": len(classes)}
-        rng = np.random.default_rng(0)
-        for style in ("canonical", "paraphrase"):
-            text = clop.encode_text(tower.embed(self.builder.zero_shot_captions(classes, style, rng)).to(device))
-            zs = zero_shot_classification(cell_emb, text.cpu(), types, classes)
-            out[f"zero_shot_{style}"] = {"accuracy": zs["accuracy"], "macro_f1": zs["macro_f1"]}
+        encoders = {"": ConditionEncoder(tower, clop, self.builder, "caption")}
+        if self.bank is not None and self.cfg.model.prompt_anchor_k > 0:
+            encoders["_anchored"] = ConditionEncoder(tower, clop, self.builder, "caption", self.bank,
+                                                     self.cfg.model.prompt_anchor_k, self.cfg.model.prompt_anchor_tau)
+        for suffix, enc in encoders.items():
+            for style in ("canonical", "paraphrase"):
+                captions = self.builder.zero_shot_captions(classes, style, np.random.default_rng(0))
+                zs = zero_shot_classification(cell_emb, enc.encode_texts(captions), types, classes)
+                out[f"zero_shot_{style}{suffix}"] = {"accuracy": zs["accuracy"], "macro_f1": zs["macro_f1"]}
         metas = {k: dict(zip(CAPTION_FIELDS, k.split("|"))) for k in sorted(set(conds))}
-        cond_text = clop.encode_text(tower.embed([self.builder.canonical(m) for m in metas.values()]).to(device))
+        cond_text = encoders[""].encode_texts([self.builder.canonical(m) for m in metas.values()])
         out["retrieval"] = text_to_cell_recall(cond_text.cpu(), list(metas), cell_emb, conds)
         out["knn_study_entropy"] = knn_study_entropy(cell_emb, studies) if len(set(studies)) > 1 else None
         out["paraphrase_gap"] = out["zero_shot_canonical"]["accuracy"] - out["zero_shot_paraphrase"]["accuracy"]

@@ -21,20 +21,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data.captions import CAPTION_FIELDS, CaptionBuilder
+from ..data.captions import CAPTION_FIELDS
 from ..data.loader import CellLoader, LoaderConfig
 from ..data.stats import LIBRARY_KEYS
-from ..models.clop import CLOP
 from ..models.dit import DiT, DiTConfig
 from ..models.flow import FlowConfig, SamplerConfig, flow_matching_loss
-from ..models.text import TextTower
 from ..train.config import DataConfig, OptimConfig, TrainConfig
 from ..train.run import RunDir
 from ..train.trainer import Stage
 from .ae import autoencoder_genes, load_autoencoder
-from .clop import CaptionBank, ClopStageConfig, shared_caption_bank, train_conditions
+from .clop import CaptionBank, ClopStageConfig, load_condition_encoder, shared_caption_bank, train_conditions
 
-FIELD_NAMES = {"cell_type": "cell type", "tissue_general": "tissue", "disease": "disease"}
 
 
 @dataclass
@@ -70,72 +67,6 @@ class DiTTrainModule(torch.nn.Module):
     def forward(self, x, t, cond, drop=None):
         dtype = self.dit.pos_embed.dtype  # bf16 engines do not cast inputs
         return self.dit(x.to(dtype), t, cond.to(dtype), drop)
-
-
-class ConditionEncoder:
-    """Text → DiT condition: frozen text tower, then CLOP's text projection (unit norm)."""
-
-    def __init__(self, tower: TextTower, clop: CLOP, builder: CaptionBuilder, mode: str):
-        self.tower, self.clop, self.builder, self.mode = tower, clop, builder, mode
-
-    @property
-    def num_fields(self) -> int:
-        return 1 if self.mode == "caption" else len(CAPTION_FIELDS)
-
-    @torch.no_grad()
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        dev = next(self.clop.parameters()).device
-        return self.clop.encode_text(features.to(dev).float()).float()
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """(P, K, embed_dim) conditions of free-text prompts. In field mode a prompt is parsed
-        as "cell type: X; tissue: Y; disease: Z"; a missing field is left to the null."""
-        if self.mode == "caption":
-            return self.project(self.tower.embed(prompts))[:, None]
-        parsed = [parse_fields(p) for p in prompts]
-        texts = [f"{FIELD_NAMES[f]}: {p.get(f, '')}" for p in parsed for f in CAPTION_FIELDS]
-        emb = self.project(self.tower.embed(texts))
-        return emb.view(len(prompts), len(CAPTION_FIELDS), -1)
-
-    @staticmethod
-    def missing_fields(prompts: list[str]) -> torch.Tensor:
-        """(P, K) True where a field-mode prompt leaves a field out."""
-        return torch.tensor([[f not in parse_fields(p) for f in CAPTION_FIELDS] for p in prompts])
-
-
-def parse_fields(prompt: str) -> dict[str, str]:
-    """"cell type: B cell; tissue: lung" → {"cell_type": "B cell", "tissue_general": "lung"}."""
-    names = {v: k for k, v in FIELD_NAMES.items()} | {"tissue_general": "tissue_general", "cell_type": "cell_type"}
-    out = {}
-    for part in prompt.replace("\n", ";").split(";"):
-        if ":" in part:
-            key, value = part.split(":", 1)
-            key = key.strip().lower()
-            if key in names and value.strip():
-                out[names[key]] = value.strip()
-    return out
-
-
-def load_condition_encoder(run: RunDir, mode: str, device) -> ConditionEncoder:
-    """The frozen text side of a run's CLOP stage."""
-    from ..config import load_config
-
-    ccfg = load_config(ClopStageConfig, run.config_path("clop"))
-    m = ccfg.model
-    tower = TextTower(m.text_model, trainable_layers=m.trainable_layers, max_length=m.max_length,
-                          normalize=m.normalize_text)
-    state = run.load_weights("clop")
-    ae_dim = next(v for k, v in state.items() if k.startswith("clop.cell_proj.0.weight")).shape[1]
-    clop = CLOP(tower.dim, ae_dim, embed_dim=m.embed_dim, hidden=m.hidden, loss=m.loss, text_head=m.text_head)
-    clop.load_state_dict({k[len("clop."):]: v for k, v in state.items() if k.startswith("clop.")})
-    tower_state = {k[len("tower."):]: v for k, v in state.items() if k.startswith("tower.")}
-    if tower_state:
-        tower.load_state_dict(tower_state)
-    tower.eval().requires_grad_(False)
-    clop.eval().requires_grad_(False).to(device)
-    builder = CaptionBuilder.from_manifest(run.manifest(), n_markers=m.n_markers)
-    return ConditionEncoder(tower, clop, builder, mode)
 
 
 class DiTStage(Stage):
