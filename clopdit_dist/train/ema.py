@@ -25,20 +25,29 @@ def _local(p: torch.nn.Parameter) -> torch.Tensor:
 class EMA:
     def __init__(self, module: torch.nn.Module, decay: float):
         self.decay = decay
+        self.updates = 0
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.shadow = [_local(p).detach().float().clone() for p in self.params]
 
+    def current_decay(self) -> float:
+        """Warmed-up decay, min(decay, (1 + n) / (10 + n)): without it a short run's average
+        keeps a large share of the initial (zero-initialised) weights, e.g. 0.999^1200 = 30%."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
     @torch.no_grad()
     def update(self) -> None:
+        d = self.current_decay()
         for s, p in zip(self.shadow, self.params):
-            s.lerp_(_local(p).float(), 1.0 - self.decay)
+            s.lerp_(_local(p).float(), 1.0 - d)
+        self.updates += 1
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": [s.clone() for s in self.shadow]}
+        return {"decay": self.decay, "updates": self.updates, "shadow": [s.clone() for s in self.shadow]}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["shadow"]) != len(self.shadow):
             raise ValueError(f"EMA state has {len(state['shadow'])} tensors, the model {len(self.shadow)}")
+        self.updates = int(state.get("updates", 0))
         for s, t in zip(self.shadow, state["shadow"]):
             s.copy_(t)
 
