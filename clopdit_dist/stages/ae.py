@@ -14,16 +14,13 @@ import torch
 from ..data.loader import CellLoader, LoaderConfig
 from ..evaluate.reconstruction import reconstruction_metrics
 from ..models.autoencoder import AEConfig, CountAutoencoder
-from ..train.config import DataConfig, OptimConfig, TrainConfig
+from ..train.config import StageConfig
 from ..train.run import RunDir
 from ..train.trainer import Stage
 
 
 @dataclass
-class AEStageConfig:
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class AEStageConfig(StageConfig):
     model: AEConfig = field(default_factory=AEConfig)
 
 

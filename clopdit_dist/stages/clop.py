@@ -23,7 +23,7 @@ from ..data.captions import CAPTION_FIELDS, CaptionBuilder, condition_ids
 from ..evaluate.clop_metrics import knn_study_entropy, text_to_cell_recall, zero_shot_classification
 from ..models.clop import CLOP
 from ..models.text import TextTower
-from ..train.config import DataConfig, OptimConfig, TrainConfig
+from ..train.config import StageConfig
 from ..train.run import RunDir
 from ..train.trainer import Stage
 from .ae import autoencoder_genes, iter_heldout, load_autoencoder
@@ -47,10 +47,7 @@ class ClopModelConfig:
 
 
 @dataclass
-class ClopStageConfig:
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class ClopStageConfig(StageConfig):
     model: ClopModelConfig = field(default_factory=ClopModelConfig)
 
 

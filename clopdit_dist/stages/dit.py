@@ -26,7 +26,7 @@ from ..data.loader import CellLoader, LoaderConfig
 from ..data.stats import LIBRARY_KEYS
 from ..models.dit import DiT, DiTConfig
 from ..models.flow import FlowConfig, SamplerConfig, flow_matching_loss
-from ..train.config import DataConfig, OptimConfig, TrainConfig
+from ..train.config import StageConfig
 from ..train.run import RunDir
 from ..train.trainer import Stage
 from .ae import autoencoder_genes, load_autoencoder
@@ -35,10 +35,7 @@ from .clop import CaptionBank, ClopStageConfig, load_condition_encoder, shared_c
 
 
 @dataclass
-class DiTStageConfig:
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class DiTStageConfig(StageConfig):
     model: DiTConfig = field(default_factory=lambda: DiTConfig(preset="DiT-S"))
     flow: FlowConfig = field(default_factory=FlowConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)

@@ -52,3 +52,12 @@ class TrainConfig:
     seed: int = 0
     resume: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class StageConfig:
+    """The sections every stage config has; a stage adds its ``model`` section."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
