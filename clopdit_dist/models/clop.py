@@ -223,7 +223,7 @@ class CLOP(nn.Module):
         floats over this rank's rows against all gathered captions (NaN when a batch has no
         positive / no negative pair).
         """
-        cell, text = self.encode_cell(z), self.encode_text(text_features)
+        cell, text = self.encode_cell(z).float(), self.encode_text(text_features).float()  # loss in fp32
         (cell_all, text_all), keys_all = gather_features((cell, text), keys)
         loss = self.loss_fn.local_loss(cell, text, cell_all, text_all, keys, keys_all, self.logit_scale,
                                        self.logit_bias)

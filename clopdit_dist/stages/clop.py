@@ -61,7 +61,8 @@ class ClopTrainModule(torch.nn.Module):
 
     def forward(self, z, text, keys):
         feats = self.tower(text) if self.tower is not None else text
-        return self.clop(z, feats, keys)
+        dtype = self.clop.logit_scale.dtype  # bf16 engines do not cast inputs
+        return self.clop(z.to(dtype), feats.to(dtype), keys)
 
 
 def train_conditions(manifest) -> list[dict]:

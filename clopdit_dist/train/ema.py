@@ -1,17 +1,17 @@
 """Exponential moving average of weights, correct under every ZeRO stage.
 
 Under ZeRO-3 a rank holds only its partition of each parameter (``param.ds_tensor``), so
-each rank averages its own partition; gathering for export swaps the average in, gathers
-with ``GatheredParameters`` and swaps the live weights back. Under ZeRO 0-2 every rank holds
-full parameters and the average is of those. The average is kept in float32 whatever the
+each rank averages its own partition, and export gathers the averaged partitions. (Swapping
+the average into the partitions and using ``GatheredParameters`` is not enough: parameters
+below ZeRO-3's persistence threshold stay gathered and would export their live values.)
+Under ZeRO 0-2 every rank holds full parameters and the average is of those. The average is kept in float32 whatever the
 training precision.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
+import torch.distributed as dist
 
 
 def _is_partitioned(p: torch.nn.Parameter) -> bool:
@@ -51,16 +51,19 @@ class EMA:
         for s, t in zip(self.shadow, state["shadow"]):
             s.copy_(t)
 
-    @contextmanager
-    def applied(self):
-        """Temporarily load the averaged weights into the model (each rank its part)."""
-        saved = [_local(p).detach().clone() for p in self.params]
-        with torch.no_grad():
-            for s, p in zip(self.shadow, self.params):
-                _local(p).copy_(s.to(_local(p).dtype))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for t, p in zip(saved, self.params):
-                    _local(p).copy_(t)
+    @torch.no_grad()
+    def gathered(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Full averaged weights by parameter name. Under ZeRO-3 this is a collective (every
+        rank calls it): partition r of a parameter is the r-th contiguous chunk of its
+        flattened, padded values, so the partitions are gathered and concatenated."""
+        names = {id(p): n for n, p in module.named_parameters()}
+        out = {}
+        for s, p in zip(self.shadow, self.params):
+            if _is_partitioned(p):
+                parts = [torch.empty_like(s) for _ in range(dist.get_world_size())]
+                dist.all_gather(parts, s)
+                full = torch.cat(parts)[: p.ds_numel].view(p.ds_shape)
+            else:
+                full = s
+            out[names[id(p)]] = full.clone()
+        return out

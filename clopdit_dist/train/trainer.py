@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import nullcontext
 import shutil
 import signal
 import time
@@ -258,10 +257,12 @@ def _gather_state(engine, ema: EMA | None) -> dict:
     import deepspeed
 
     module = engine.module
-    with ema.applied() if ema is not None else nullcontext():
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
-            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    zero3 = engine.zero_optimization_stage() == 3
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None, enabled=zero3):
+        state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    if ema is not None:
+        state.update({k: v.float().cpu() for k, v in ema.gathered(module).items()})
+    return state
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
