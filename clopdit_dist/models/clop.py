@@ -223,7 +223,10 @@ class CLOP(nn.Module):
         floats over this rank's rows against all gathered captions (NaN when a batch has no
         positive / no negative pair).
         """
-        cell, text = self.encode_cell(z).float(), self.encode_text(text_features).float()  # loss in fp32
+        # the loss runs in at least fp32 (bf16 engines), float64 stays float64
+        cell, text = self.encode_cell(z), self.encode_text(text_features)
+        wide = torch.promote_types(cell.dtype, torch.float32)
+        cell, text = cell.to(wide), text.to(wide)
         (cell_all, text_all), keys_all = gather_features((cell, text), keys)
         loss = self.loss_fn.local_loss(cell, text, cell_all, text_all, keys, keys_all, self.logit_scale,
                                        self.logit_bias)
