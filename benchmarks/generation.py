@@ -14,16 +14,20 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import torch
 
-from clopdit_dist.models.autoencoder import AEConfig, CountAutoencoder
-from clopdit_dist.models.dit import DiTConfig
-from clopdit_dist.models.flow import SamplerConfig, sample
+# benchmarks/kernels.py would shadow the kernels package: put the repository first
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from clopdit_dist.models.autoencoder import AEConfig, CountAutoencoder  # noqa: E402
+from clopdit_dist.models.dit import DiTConfig  # noqa: E402
+from clopdit_dist.models.flow import SamplerConfig, sample  # noqa: E402
 
 CASES = {
-    "demo (hidden 128, depth 4)": dict(preset="DiT-XS", hidden_size=128, depth=4, num_heads=4),
+    "demo-h128-d4": dict(preset="DiT-XS", hidden_size=128, depth=4, num_heads=4),
     "DiT-XS": dict(preset="DiT-XS"),
     "DiT-S": dict(preset="DiT-S"),
 }

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import scipy.sparse as sp
 import tiledbsoma as soma
 
@@ -52,14 +51,6 @@ def open_census(source: str, tiledb_config: dict | None = None) -> soma.Collecti
     if os.sep in source or source.startswith("."):
         raise FileNotFoundError(f"{source} does not exist")
     return cellxgene_census.open_soma(census_version=source, tiledb_config=tiledb_config)
-
-
-def _ranges(sorted_ids: np.ndarray, max_gap: int = 64) -> list[tuple[int, int]]:
-    """Inclusive (start, stop) ranges covering ``sorted_ids``, merging gaps up to ``max_gap``."""
-    breaks = np.flatnonzero(np.diff(sorted_ids) > max_gap)
-    starts = np.concatenate([[0], breaks + 1])
-    stops = np.concatenate([breaks, [len(sorted_ids) - 1]])
-    return [(int(sorted_ids[a]), int(sorted_ids[b])) for a, b in zip(starts, stops)]
 
 
 class CellSource:
@@ -116,25 +107,17 @@ class CellSource:
         unique_ids, inverse = np.unique(joinids, return_inverse=True)
         if len(unique_ids) == 0:
             return pd.DataFrame(columns=list(columns)), sp.csr_matrix((0, len(self.var)), dtype=np.float32)
-        # TileDB reads a few row ranges much faster than thousands of single points, so
-        # nearby ids are read as one inclusive range and rows that were not asked for dropped.
         lo = int(unique_ids[0])
-        pos = np.full(int(unique_ids[-1]) - lo + 1, -1, np.int64)
+        pos = np.full(int(unique_ids[-1]) - lo + 1, -1, np.int64)  # joinid -> row, without a search
         pos[unique_ids - lo] = np.arange(len(unique_ids))
         cols = [c for c in columns if c in self.obs_columns]
+        obs = self.exp.obs.read(coords=(unique_ids,), column_names=cols).concat().to_pandas()
+        obs = obs.set_index("soma_joinid").loc[unique_ids].reset_index()
         var_coords = None if not self.query.genes else self.var["soma_joinid"].to_numpy()
-        obs_parts, rows, gene_cols, data = [], [], [], []
-        for start, stop in _ranges(unique_ids):
-            obs_parts.append(self.exp.obs.read(coords=(slice(start, stop),), column_names=cols).concat())
-            for t in self._X.read(coords=(slice(start, stop), var_coords)).tables():
-                rows.append(pos[t["soma_dim_0"].to_numpy() - lo])
-                gene_cols.append(self._var_col[t["soma_dim_1"].to_numpy()])
-                data.append(t["soma_data"].to_numpy())
-        obs = pa.concat_tables(obs_parts).to_pandas()
-        obs = obs[pos[obs["soma_joinid"].to_numpy() - lo] >= 0].set_index("soma_joinid").loc[unique_ids].reset_index()
-        rows, gene_cols, data = np.concatenate(rows), np.concatenate(gene_cols), np.concatenate(data)
-        keep = rows >= 0
-        X = sp.csr_matrix((data[keep], (rows[keep], gene_cols[keep])), shape=(len(unique_ids), len(self.var)))
+        table = self._X.read(coords=(unique_ids, var_coords)).tables().concat()
+        rows = pos[table["soma_dim_0"].to_numpy() - lo]
+        gene_cols = self._var_col[table["soma_dim_1"].to_numpy()]
+        X = sp.csr_matrix((table["soma_data"].to_numpy(), (rows, gene_cols)), shape=(len(unique_ids), len(self.var)))
         return obs.iloc[inverse].reset_index(drop=True), X[inverse]
 
     def close(self) -> None:
