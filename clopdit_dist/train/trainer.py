@@ -224,7 +224,7 @@ def train(stage: Stage) -> dict:
             if peak and flops:
                 row["mfu"] = flops * cells_per_s / (peak * world)
             tracker.log(step, row)
-        if stop["flag"] or _agree(stop["flag"], device):
+        if _agree(stop["flag"], device):  # every rank joins the collective, whatever its flag
             save(step)
             tracker.close()
             signal.signal(signal.SIGTERM, previous)
