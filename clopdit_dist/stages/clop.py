@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ..data.captions import CAPTION_FIELDS, CaptionBuilder, condition_ids
 from ..evaluate.clop_metrics import knn_study_entropy, text_to_cell_recall, zero_shot_classification
 from ..models.clop import CLOP
-from ..models.text import TextTower
+from ..models.text import TextEmbeddingCache, TextTower
 from ..train.config import StageConfig
 from ..train.run import RunDir
 from ..train.trainer import Stage
@@ -141,6 +141,7 @@ class ConditionEncoder:
                  bank: CaptionBank | None = None, anchor_k: int = 0, anchor_tau: float = 0.02):
         self.tower, self.clop, self.builder, self.mode = tower, clop, builder, mode
         self.anchor_k, self.anchor_tau = anchor_k, anchor_tau
+        self._cache = TextEmbeddingCache(tower) if tower.frozen else None  # prompts repeat across calls
         self._bank_raw = self._bank_proj = None
         if bank is not None and anchor_k > 0:
             self._bank_raw = torch.nn.functional.normalize(bank.features.float(), dim=-1)
@@ -158,7 +159,7 @@ class ConditionEncoder:
     @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """(N, embed_dim) projected (and, with a bank, anchored) text embeddings."""
-        feats = self.tower.embed(texts).float().cpu()
+        feats = (self._cache.encode(texts) if self._cache is not None else self.tower.embed(texts)).float().cpu()
         direct = self.project(feats).cpu()
         if self._bank_raw is None:
             return direct
