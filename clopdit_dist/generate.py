@@ -32,8 +32,10 @@ from .train.run import RunDir
 class CellGenerator:
     """The three frozen stages of a run, ready to generate."""
 
-    def __init__(self, run: RunDir, ae, cond, dit_module, library: dict, device="cpu"):
+    def __init__(self, run: RunDir, ae, cond, dit_module, library: dict, device="cpu",
+                 sampler: SamplerConfig | None = None):
         self.run, self.ae, self.cond, self.dit, self.device = run, ae, cond, dit_module, torch.device(device)
+        self.default_sampler = sampler or SamplerConfig()  # the DiT config's sampler, unless a call says otherwise
         self.dit.eval()
         self.library = library
         manifest = run.manifest()
@@ -62,9 +64,7 @@ class CellGenerator:
         module.load_state_dict(run.load_weights("dit"))
         with open(os.path.join(run.stage_dir("dit"), "latent_stats.json")) as f:
             library = json.load(f)["library"]
-        gen = cls(run, ae, cond, module.to(device), library, device)
-        gen.default_sampler = cfg.sampler
-        return gen
+        return cls(run, ae, cond, module.to(device), library, device, cfg.sampler)
 
     # ------------------------------------------------------------------ pieces
     def match_library(self, prompt_emb: torch.Tensor) -> list[dict]:
@@ -98,7 +98,7 @@ class CellGenerator:
     # ------------------------------------------------------------------ API
     def generate(self, prompts: list[str], n: int = 100, sampler: SamplerConfig | None = None, seed: int = 0,
                  batch_size: int = 2048) -> ad.AnnData:
-        sampler = sampler or getattr(self, "default_sampler", SamplerConfig())
+        sampler = sampler or self.default_sampler
         cond = self.cond.encode_prompts(prompts)
         missing = self.cond.missing_fields(prompts) if self.cond.mode == "fields" else None
         groups = self.match_library(cond)
@@ -117,7 +117,7 @@ class CellGenerator:
                     seed: int = 0) -> ad.AnnData:
         """Cells along a path between two prompts: conditions slerped in CLOP's text space
         (the role of scDiffusion's gradient interpolation)."""
-        sampler = sampler or getattr(self, "default_sampler", SamplerConfig())
+        sampler = sampler or self.default_sampler
         ca, cb = self.cond.encode_prompts([a, b])
         parts = []
         for j, alpha in enumerate(np.linspace(0, 1, points)):

@@ -172,7 +172,7 @@ class DiTStage(Stage):
         from ..evaluate.generation import heldout_generation_report
         from ..generate import CellGenerator
 
-        gen = CellGenerator(run, self.ae, self.cond, model, self.stats["library"], device)
+        gen = CellGenerator(run, self.ae, self.cond, model, self.stats["library"], device, self.cfg.sampler)
         return heldout_generation_report(gen, run, self.cfg, split=self.cfg.data.eval_split)
 
     def export(self, state_dict, run: RunDir) -> None:
