@@ -49,12 +49,14 @@ def test_from_manifest_takes_the_top_markers(shards_dir):
 
 def test_tables_cover_the_atlas_and_are_disjoint():
     for kind, labels in (("cell_type", LEAVES), ("tissue", TISSUES), ("disease", DISEASES)):
-        train, held = C._TRAIN_TABLES[kind], C._HELDOUT_TABLES[kind]
-        assert set(labels) <= set(train) and set(labels) <= set(held), kind
+        train = C._TRAIN_TABLES[kind]
         every_train = [n for lab in train for n in C.train_names(kind, lab)]
-        for lab in held:
-            for h in held[lab]:
-                assert not any(_contains(t, h) for t in every_train), (kind, h)
+        for tier, tables in C.HELDOUT_TIERS.items():
+            held = tables[kind]
+            assert set(labels) <= set(train) and set(labels) <= set(held), (kind, tier)
+            for lab in held:
+                for h in held[lab]:
+                    assert not any(_contains(t, h) for t in every_train), (kind, tier, h)
 
 
 def test_augment_is_deterministic_and_varied():
@@ -80,7 +82,8 @@ def test_training_never_emits_heldout_wording():
     b = CaptionBuilder(MARKERS)
     rng = np.random.default_rng(1)
     train = [b.augment(m, rng) for m in _metas() for _ in range(3)]
-    held = {h for tables in C._HELDOUT_TABLES.values() for names in tables.values() for h in names}
+    held = {h for tiers in C.HELDOUT_TIERS.values() for tables in tiers.values() for names in tables.values()
+            for h in names}
     for h in held:
         hits = [t for t in train if _contains(t, h)]
         assert not hits, (h, hits[:3])
@@ -104,6 +107,11 @@ def test_paraphrase_keeps_the_condition_in_other_words():
     assert any(_contains(p, h) for h in C.DISEASE_HELDOUT["lung adenocarcinoma"])
     assert "CD8A" in p
     assert not _contains(p, META["cell_type"])
+    rare = b.paraphrase(META, np.random.default_rng(0), tier="rare")
+    assert any(_contains(rare, h) for h in C.CELL_TYPE_RARE[META["cell_type"]])
+    assert any(_contains(rare, h) for h in C.TISSUE_RARE["lung"])
+    with pytest.raises(ValueError, match="tier"):
+        b.paraphrase(META, np.random.default_rng(0), tier="obscure")
 
 
 def test_unknown_labels_fall_back():
@@ -138,7 +146,10 @@ def test_zero_shot_captions():
     assert b.zero_shot_captions(["hepatocyte", "Mueller cell"]) == ["cell type: hepatocyte", "cell type: Mueller cell"]
     para = b.zero_shot_captions(LEAVES, "paraphrase")
     assert len(set(para)) == len(LEAVES)
-    for ct, p in zip(LEAVES, para):
+    # reworded: single-word labels ("macrophage") keep their word in new phrasing, most
+    # others do not; rare names never contain the label
+    assert np.mean([not _contains(p, ct) for ct, p in zip(LEAVES, para)]) > 0.5
+    for ct, p in zip(LEAVES, b.zero_shot_captions(LEAVES, "rare")):
         assert not _contains(p, ct), (ct, p)
     rng_para = b.zero_shot_captions(LEAVES, "paraphrase", rng=np.random.default_rng(0))
     assert rng_para != para

@@ -292,7 +292,7 @@ class ClopStage(Stage):
             encoders["_anchored"] = ConditionEncoder(tower, clop, self.builder, "caption", self.bank,
                                                      self.cfg.model.prompt_anchor_k, self.cfg.model.prompt_anchor_tau)
         for suffix, enc in encoders.items():
-            for style in ("canonical", "paraphrase"):
+            for style in ("canonical", "paraphrase", "rare"):
                 captions = self.builder.zero_shot_captions(classes, style, np.random.default_rng(0))
                 zs = zero_shot_classification(cell_emb, enc.encode_texts(captions), types, classes)
                 out[f"zero_shot_{style}{suffix}"] = {"accuracy": zs["accuracy"], "macro_f1": zs["macro_f1"]}
