@@ -109,7 +109,7 @@ def cmd_train(args) -> None:
 def cmd_generate(args) -> None:
     from .generate import CellGenerator, sampler_from
 
-    gen = CellGenerator.from_run(args.run, device=args.device)
+    gen = CellGenerator.from_run(args.run, device=args.device, precision=args.precision, compile=args.compile)
     sampler = sampler_from(gen.default_sampler, guidance=args.guidance, steps=args.steps, method=args.sampler,
                            noise=args.noise,
                            field_weights=tuple(float(w) for w in args.field_weights.split(",")) if args.field_weights
@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--field-weights", default=None, help="compositional guidance weights, e.g. 2,1,1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: the DiT's matmuls in bf16 (CPUs with AVX512-BF16/AMX, GPUs); ~1.4x on CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the DiT (one-time compile, then ~1.5-2x on CPU)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_generate)
 

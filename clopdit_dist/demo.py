@@ -103,11 +103,12 @@ def run_demo(out: str, n_cells: int = 20_000, workers: int = 2, nproc: int = 2) 
     dit = json.load(open(os.path.join(run, "dit", "metrics.json")))
     print(f"autoencoder ({ae['split']} studies, {ae['cells']} cells): per-gene mean Pearson "
           f"{ae['gene_mean_pearson']:.3f}, per-cell Pearson {ae['cell_pearson']:.3f}, NLL/cell {ae['nll']:.1f}")
-    print(f"CLOP zero-shot cell type ({clop['classes']} classes, {clop['cells']} cells): canonical accuracy "
-          f"{clop['zero_shot_canonical']['accuracy']:.3f} (macro-F1 {clop['zero_shot_canonical']['macro_f1']:.3f}), "
-          f"paraphrased {clop['zero_shot_paraphrase']['accuracy']:.3f} "
-          f"(anchored to training captions: {clop.get('zero_shot_paraphrase_anchored', {}).get('accuracy', float('nan')):.3f}); "
-          f"text->cell R@1/5/10 "
+    acc = lambda key: f"{clop.get(key, {}).get('accuracy', float('nan')):.3f}"  # noqa: E731
+    print(f"CLOP zero-shot cell type ({clop['classes']} classes, {clop['cells']} cells; anchored = the prompt "
+          "encoder `clopdit generate` uses):")
+    print(_table([[style, acc(f"zero_shot_{style}"), acc(f"zero_shot_{style}_anchored")]
+                  for style in ("canonical", "paraphrase", "rare")], ["captions", "direct", "anchored"]))
+    print(f"text->cell R@1/5/10 "
           f"{clop['retrieval']['recall@1']:.2f}/{clop['retrieval']['recall@5']:.2f}/{clop['retrieval']['recall@10']:.2f}")
     rows = [[r["cell_type"], r["tissue_general"], r["disease"], f"{r['canonical_matched_fraction']:.2f}",
              f"{r['reworded_matched_fraction']:.2f}", f"{r['canonical_diversity_ratio']:.2f}"]

@@ -130,8 +130,10 @@ def test_presets_and_config():
     assert set(DiT_models) == {"DiT-XS", "DiT-S", "DiT-B", "DiT-L"}
     with pytest.raises(ValueError, match="valid presets: DiT-XS"):
         build_dit("DiT-XXL")
-    model = DiTConfig(preset="DiT-XS", num_fields=3, depth=2, backend="torch").build()
-    assert (model.hidden_size, model.depth, model.num_heads, model.num_fields) == (192, 2, 3, 3)
+    cfg = DiTConfig(preset="DiT-XS", num_fields=3, depth=2, backend="torch")
+    cfg.split_latent(256, 16)
+    model = cfg.build()
+    assert (model.hidden_size, model.depth, model.num_heads, model.num_fields) == (64, 2, 2, 3)
     assert model.latent_dim == 256 and model.backend == "torch"
     assert all(b.attn.backend == "torch" for b in model.blocks)
     # The FLOP count is about 6 × (parameters touched per token) × tokens.
@@ -139,3 +141,17 @@ def test_presets_and_config():
     assert 6 * n_block * model.tokens <= model.train_flops_per_sample() <= 6 * 1.5 * n_block * model.tokens
     with pytest.raises(ValueError, match="not divisible"):
         DiT(hidden_size=100, num_heads=3)
+
+
+def test_token_split_of_the_latent():
+    """Presets take the autoencoder's token view unless the config sets a token width; a
+    width that does not divide the latent is named."""
+    s = DiTConfig(preset="DiT-S")
+    s.split_latent(256, 16)
+    assert (s.tokens, s.token_dim) == (16, 16)
+    wide = DiTConfig(preset="DiT-S", token_dim=32)
+    wide.split_latent(256, 16)
+    assert (wide.tokens, wide.token_dim) == (8, 32) and wide.build().pos_embed.shape[1] == 8
+    bad = DiTConfig(preset="DiT-S", token_dim=24)
+    with pytest.raises(ValueError, match="token_dim=24 does not divide.*256"):
+        bad.split_latent(256, 16)

@@ -61,8 +61,8 @@ def _launch(shards, run, stages, overrides, nproc=2, port=29561):
 
 
 CLOP_SMALL = ["model.embed_dim=16", "model.hidden=32", "model.captions_per_condition=4"]
-DIT_SMALL = ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "eval_conditions=2",
-             "eval_cells_per_condition=20", "stats_cells=500", "sampler.steps=4"]
+DIT_SMALL = ["model.hidden_size=32", "model.depth=2", "model.num_heads=2",
+             "eval_conditions=2", "eval_cells_per_condition=20", "stats_cells=500", "sampler.steps=4"]
 RUNS = {}
 
 

@@ -292,14 +292,23 @@ class DiT(nn.Module):
 #                                DiT size presets                               #
 #################################################################################
 
-def _preset(hidden_size: int, depth: int, num_heads: int):
+def _preset(hidden_size: int, depth: int, num_heads: int, token_dim: int | None = None):
     def make(**kwargs) -> DiT:
-        return DiT(**{"hidden_size": hidden_size, "depth": depth, "num_heads": num_heads, **kwargs})
+        sizes = {"hidden_size": hidden_size, "depth": depth, "num_heads": num_heads}
+        if token_dim is not None:
+            sizes["token_dim"] = token_dim
+        return DiT(**{**sizes, **kwargs})
+    make.token_dim = token_dim
     return make
 
 
-DiT_XS = _preset(192, 6, 3)     # CPU tests and the demo
-DiT_S = _preset(384, 12, 6)
+# A cell latent is 256 numbers, not a 32x32x4 image latent: the CPU presets are sized for it
+# (DiT-S is what the demo trains). Like DiT's patch size, a preset may fix the token width;
+# these take the autoencoder's token view (16 x 16) unless the config sets model.token_dim
+# (8 x 32 halves the FLOPs; at the demo's 1,200 steps it matched fewer cells: README).
+# B and L are DiT's image sizes, for GPUs.
+DiT_XS = _preset(64, 2, 2)      # unit tests
+DiT_S = _preset(128, 4, 4)      # CPU: the demo
 DiT_B = _preset(768, 12, 12)
 DiT_L = _preset(1024, 24, 16)
 
@@ -319,7 +328,7 @@ class DiTConfig:
 
     preset: str = "DiT-B"
     tokens: int = 16
-    token_dim: int = 16
+    token_dim: int | None = None  # None: the preset's token width, else the autoencoder's
     cond_dim: int = 256
     num_fields: int = 1
     mlp_ratio: float = 4.0
@@ -329,9 +338,20 @@ class DiTConfig:
     backend: str = "auto"
     grad_checkpointing: bool = False
 
+    def split_latent(self, latent_dim: int, default_token_dim: int) -> None:
+        """Set ``tokens × token_dim = latent_dim``: the configured token width, else the
+        preset's, else ``default_token_dim`` (the autoencoder's token view)."""
+        if self.preset not in DiT_models:
+            raise ValueError(f"unknown DiT preset {self.preset!r}; valid presets: {', '.join(DiT_models)}")
+        width = self.token_dim or DiT_models[self.preset].token_dim or default_token_dim
+        if latent_dim % width:
+            raise ValueError(f"model.token_dim={width} does not divide the autoencoder latent ({latent_dim}); "
+                             f"choose a divisor of {latent_dim}")
+        self.token_dim, self.tokens = width, latent_dim // width
+
     def build(self) -> DiT:
-        sizes = {k: v for k, v in dict(hidden_size=self.hidden_size, depth=self.depth,
-                                       num_heads=self.num_heads).items() if v is not None}
-        return build_dit(self.preset, tokens=self.tokens, token_dim=self.token_dim, cond_dim=self.cond_dim,
+        sizes = {k: v for k, v in dict(hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads,
+                                       token_dim=self.token_dim).items() if v is not None}
+        return build_dit(self.preset, tokens=self.tokens, cond_dim=self.cond_dim,
                          num_fields=self.num_fields, mlp_ratio=self.mlp_ratio, backend=self.backend,
                          grad_checkpointing=self.grad_checkpointing, **sizes)

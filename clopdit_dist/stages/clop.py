@@ -40,7 +40,12 @@ class ClopModelConfig:
     text_head: str = "linear"  # linear or mlp projection of text features
     normalize_text: bool = True  # L2-normalise pooled text-tower features
     captions_per_condition: int = 48  # size of the caption bank per training condition (frozen tower)
-    text_noise: float = 0.0  # std of Gaussian noise on text features in training (robustness to rewording)
+    # std of Gaussian noise added to text features in training, so the text head stays smooth
+    # around the bank's captions and unseen wordings land with their synonyms (CapDec's
+    # noise injection: Nukrai et al., 2022, "Text-Only Training for Image Captioning using
+    # Noise-Injected CLIP", EMNLP Findings). 0.02 per dimension of unit-norm MiniLM features
+    # raised held-out reworded zero-shot from 0.56 to 0.83 (direct) in the demo; see README.
+    text_noise: float = 0.02
     prompt_anchor_k: int = 8  # at inference, blend in the k nearest bank captions (0: off); see ConditionEncoder
     prompt_anchor_tau: float = 0.02
     n_markers: int = 3

@@ -80,8 +80,7 @@ class DiTStage(Stage):
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.ae, _ = load_autoencoder(run, device)
         self.cond = load_condition_encoder(run, self.cfg.conditioning, device)
-        self.cfg.model.tokens = self.ae.cfg.latent_tokens
-        self.cfg.model.token_dim = self.ae.cfg.token_dim
+        self.cfg.model.split_latent(self.ae.cfg.latent_dim, self.ae.cfg.token_dim)
         self.cfg.model.cond_dim = self.cond.clop.text_proj[-1].out_features
         self.cfg.model.num_fields = self.cond.num_fields
         stage_dir = run.stage_dir(self.name)
