@@ -6,7 +6,7 @@ decoder, one JSON line per case.
 
 Weights are random (speed does not depend on them); the latent is the autoencoder's 256
 numbers and the decoder has 2,000 genes. Cases: the DiT-S preset (the demo's DiT: hidden 128,
-depth 4, 16 tokens of 16), DiT-S on 8 tokens of 32, DiT-B; run with ``--dtype bf16`` and
+depth 4, 8 tokens of 32), DiT-S on the autoencoder's 16 tokens of 16, DiT-B; run with ``--dtype bf16`` and
 ``--compile`` (as ``clopdit generate``; the compile time is part of the total) to compare
 with the fp32 eager baseline.
 """
@@ -33,7 +33,7 @@ from clopdit_dist.stages.dit import DiTTrainModule  # noqa: E402
 
 CASES = {
     "DiT-S": dict(preset="DiT-S"),
-    "DiT-S-8x32": dict(preset="DiT-S", token_dim=32),
+    "DiT-S-16x16": dict(preset="DiT-S", token_dim=16),
     "DiT-B": dict(preset="DiT-B"),
 }
 

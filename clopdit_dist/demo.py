@@ -30,7 +30,7 @@ from .train.distributed import REPO_ROOT
 DEMO_OVERRIDES = {
     "ae": ["train.steps=500"],
     "clop": ["train.steps=1500"],
-    "dit": ["train.steps=1200", "data.batch_size=128"],
+    "dit": ["train.steps=1700", "data.batch_size=128"],
 }
 DEMO_PROMPTS = [
     "cell type: CD8-positive, alpha-beta T cell; tissue: lung; disease: lung adenocarcinoma; markers: CD8A, GZMK",

@@ -144,14 +144,17 @@ def test_presets_and_config():
 
 
 def test_token_split_of_the_latent():
-    """Presets take the autoencoder's token view unless the config sets a token width; a
-    width that does not divide the latent is named."""
+    """DiT-S reads a 256-d latent as 8 tokens of 32, B takes the autoencoder's view, a config
+    overrides either; a width that does not divide the latent is named."""
     s = DiTConfig(preset="DiT-S")
     s.split_latent(256, 16)
-    assert (s.tokens, s.token_dim) == (16, 16)
-    wide = DiTConfig(preset="DiT-S", token_dim=32)
-    wide.split_latent(256, 16)
-    assert (wide.tokens, wide.token_dim) == (8, 32) and wide.build().pos_embed.shape[1] == 8
+    assert (s.tokens, s.token_dim) == (8, 32) and s.build().pos_embed.shape[1] == 8
+    b = DiTConfig(preset="DiT-B")
+    b.split_latent(256, 16)
+    assert (b.tokens, b.token_dim) == (16, 16)
+    narrow = DiTConfig(preset="DiT-S", token_dim=16)
+    narrow.split_latent(256, 16)
+    assert (narrow.tokens, narrow.token_dim) == (16, 16)
     bad = DiTConfig(preset="DiT-S", token_dim=24)
     with pytest.raises(ValueError, match="token_dim=24 does not divide.*256"):
         bad.split_latent(256, 16)

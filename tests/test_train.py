@@ -61,7 +61,7 @@ def _launch(shards, run, stages, overrides, nproc=2, port=29561):
 
 
 CLOP_SMALL = ["model.embed_dim=16", "model.hidden=32", "model.captions_per_condition=4"]
-DIT_SMALL = ["model.hidden_size=32", "model.depth=2", "model.num_heads=2",
+DIT_SMALL = ["model.hidden_size=32", "model.token_dim=8", "model.depth=2", "model.num_heads=2",
              "eval_conditions=2", "eval_cells_per_condition=20", "stats_cells=500", "sampler.steps=4"]
 RUNS = {}
 
@@ -236,3 +236,24 @@ def test_generate_from_a_trained_run(tmp_path):
           "--steps", "2", "--sampler", "sde", "--noise", "0.5", "--out", traj])
     t = ad.read_h5ad(traj)
     assert sorted(t.obs["interpolation_alpha"].unique()) == [0.0, 0.5, 1.0] and (t.obs["sampler"] == "sde").all()
+
+
+def test_fast_generation_paths_agree(tmp_path):
+    """`--compile` gives the eager latents (fp32) and `--precision bf16` stays near them."""
+    if 1 not in RUNS:
+        pytest.skip("needs the zero1 run of this module")
+    from clopdit_dist.generate import CellGenerator
+    from clopdit_dist.models.flow import SamplerConfig
+
+    sampler = SamplerConfig(steps=4, guidance=2.0)
+    cond = CellGenerator.from_run(RUNS[1]).cond.encode_prompts(["cell type: naive B cell"])
+    latents = {}
+    for precision, compile in (("fp32", False), ("fp32", True), ("bf16", False)):
+        gen = CellGenerator.from_run(RUNS[1], precision=precision, compile=compile)
+        latents[precision, compile] = gen.latents(cond, 64, sampler, seed=5, batch_size=32)
+    ref = latents["fp32", False]
+    rel = lambda z: float((z - ref).norm() / ref.norm())  # noqa: E731
+    assert rel(latents["fp32", True]) < 1e-4
+    assert 0 < rel(latents["bf16", False]) < 0.05
+    with pytest.raises(ValueError, match="precision"):
+        CellGenerator.from_run(RUNS[1], precision="fp16")

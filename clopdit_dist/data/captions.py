@@ -166,9 +166,9 @@ TISSUE_TRAIN: dict[str, tuple[str, ...]] = {
 }
 
 TISSUE_HELDOUT: dict[str, tuple[str, ...]] = {
-    "lung": ("pulmonary parenchyma", "lung parenchyma"),
+    "lung": ("lung specimen", "whole lung"),
     "blood": ("peripheral circulation", "circulating blood"),
-    "liver": ("liver parenchyma", "hepatic parenchyma"),
+    "liver": ("liver specimen", "whole liver"),
     "large intestine": ("colonic mucosa", "large-intestine mucosa"),
     "skin of body": ("skin tissue of the body", "dermal-epidermal tissue"),
     "lymph node": ("lymph gland", "nodal lymphoid tissue"),

@@ -303,12 +303,13 @@ def _preset(hidden_size: int, depth: int, num_heads: int, token_dim: int | None 
 
 
 # A cell latent is 256 numbers, not a 32x32x4 image latent: the CPU presets are sized for it
-# (DiT-S is what the demo trains). Like DiT's patch size, a preset may fix the token width;
-# these take the autoencoder's token view (16 x 16) unless the config sets model.token_dim
-# (8 x 32 halves the FLOPs; at the demo's 1,200 steps it matched fewer cells: README).
-# B and L are DiT's image sizes, for GPUs.
-DiT_XS = _preset(64, 2, 2)      # unit tests
-DiT_S = _preset(128, 4, 4)      # CPU: the demo
+# (DiT-S is what the demo trains). Like DiT's patch size, a preset may fix the token width:
+# DiT-S reads the latent as 8 tokens of 32, half the FLOPs of the autoencoder's 16 x 16 view,
+# which makes 10k cells x 20 guided steps in under a minute on 2 CPU cores
+# (benchmarks/generation.py). B and L are DiT's image sizes, for GPUs, on the autoencoder's
+# token view. ``model.token_dim`` in a config overrides either.
+DiT_XS = _preset(64, 2, 2)                  # unit tests
+DiT_S = _preset(128, 4, 4, token_dim=32)    # CPU: the demo
 DiT_B = _preset(768, 12, 12)
 DiT_L = _preset(1024, 24, 16)
 

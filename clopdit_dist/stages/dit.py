@@ -30,7 +30,7 @@ from ..train.config import StageConfig
 from ..train.run import RunDir
 from ..train.trainer import Stage
 from .ae import autoencoder_genes, load_autoencoder
-from .clop import CaptionBank, ClopStageConfig, load_condition_encoder, shared_caption_bank, train_conditions
+from .clop import ClopStageConfig, load_condition_encoder, shared_caption_bank, train_conditions
 
 
 
@@ -43,6 +43,10 @@ class DiTStageConfig(StageConfig):
     stats_cells: int = 20_000  # training cells used for latent and library-size statistics
     eval_conditions: int = 12  # held-out conditions generated at the end of training
     eval_cells_per_condition: int = 200
+    # std of Gaussian noise on the text-tower features of training captions before CLOP's
+    # projection (as CLOP's model.text_noise): the DiT learns the neighbourhood of each
+    # caption, not only the bank's points, so reworded prompts land where it was trained
+    cond_noise: float = 0.02
 
 
 class DiTTrainModule(torch.nn.Module):
@@ -97,9 +101,7 @@ class DiTStage(Stage):
                 field_conditions = list({c[f]: {f: c[f]} for c in conditions}.values())
                 banks[f] = shared_caption_bank(os.path.join(stage_dir, f"field_bank_{f}.pt"), self.cond.builder,
                                                field_conditions, 8, self.cond.tower, self.cfg.train.seed, self.rank)
-        # project the bank features once: the condition of a cell is a row of these
-        self.banks = {k: CaptionBank(b.keys, b.captions, self.cond.project(b.features).cpu(), b.owner)
-                      for k, b in banks.items()}
+        self.banks = banks  # text-tower features; projected (with cond_noise) per batch
         stats_path = os.path.join(stage_dir, "latent_stats.json")
         if self.rank == 0 and not os.path.exists(stats_path):
             with open(stats_path + ".tmp", "w") as f:
@@ -143,15 +145,17 @@ class DiTStage(Stage):
         return module
 
     def conditions_of(self, batch: dict, rng: np.random.Generator) -> torch.Tensor:
-        """(B, K, C) training conditions: a random bank caption per cell (per field)."""
+        """(B, K, C) training conditions: a random bank caption per cell (per field), its
+        text features jittered by ``cond_noise`` and projected by the frozen CLOP head."""
         if self.cfg.conditioning == "caption":
-            keys = self.cond.builder.batch_keys(batch)
-            return self.banks["caption"].sample(keys, rng)[0][:, None]
-        per_field = []
-        for f in CAPTION_FIELDS:
-            keys = [self.cond.builder.condition_key({f: v}) for v in batch[f]]
-            per_field.append(self.banks[f].sample(keys, rng)[0])
-        return torch.stack(per_field, dim=1)
+            feats = [self.banks["caption"].sample(self.cond.builder.batch_keys(batch), rng)[0]]
+        else:
+            feats = [self.banks[f].sample([self.cond.builder.condition_key({f: v}) for v in batch[f]], rng)[0]
+                     for f in CAPTION_FIELDS]
+        feats = torch.stack(feats, dim=1).float()
+        if self.cfg.cond_noise > 0:
+            feats = feats + self.cfg.cond_noise * torch.from_numpy(rng.standard_normal(feats.shape, np.float32))
+        return self.cond.project(feats.flatten(0, 1)).view(*feats.shape[:2], -1)
 
     def loss(self, model, batch, generator):
         module = model.module if hasattr(model, "module") else model
