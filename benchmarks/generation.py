@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clopdit_dist.models.autoencoder import AEConfig, CountAutoencoder  # noqa: E402
 from clopdit_dist.models.dit import DiTConfig  # noqa: E402
-from clopdit_dist.generate import _Compiled  # noqa: E402
+from clopdit_dist.generate import Compiled, equal_batches  # noqa: E402
 from clopdit_dist.models.flow import SamplerConfig, sample  # noqa: E402
 from clopdit_dist.stages.dit import DiTTrainModule  # noqa: E402
 
@@ -59,14 +59,13 @@ def main() -> None:
         cfg.split_latent(256, 16)
         module = DiTTrainModule(cfg.build(), 256).to(device).eval()
         shape = (cfg.tokens, cfg.token_dim)
-        model = _Compiled(module) if args.compile else module
+        model = Compiled(module) if args.compile else module
         cond = torch.nn.functional.normalize(torch.randn(1, 1, 256, device=device), dim=-1)
         g = torch.Generator(device=device).manual_seed(0)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-        sizes = [int(b) for b in torch.linspace(0, args.cells, -(-args.cells // args.batch_size) + 1).round().diff()]
         t_dit = t_dec = t_first = 0.0
         with torch.no_grad(), autocast:
-            for i, b in enumerate(sizes):
+            for i, b in enumerate(equal_batches(args.cells, args.batch_size)):
                 t0 = time.perf_counter()
                 if i == 0:  # the first guided evaluation: compiles when --compile
                     sample(model, cond.expand(b, -1, -1), shape, SamplerConfig(steps=1), g)

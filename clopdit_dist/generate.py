@@ -41,7 +41,7 @@ class CellGenerator:
             raise ValueError(f"precision={precision!r}: choose 'fp32' or 'bf16'")
         # bf16 runs the DiT's matmuls in bf16 (autocast); the ODE state stays fp32
         self._autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-        self._velocity = _Compiled(self.dit) if compile else self.dit
+        self._velocity = Compiled(self.dit) if compile else self.dit
         self.library = library
         manifest = run.manifest()
         ids = json.loads(run.load_weights_metadata("ae")["genes"])
@@ -51,7 +51,7 @@ class CellGenerator:
         groups = library["groups"]
         captions = [cond.builder.canonical({k: g[k] for k in ("cell_type", "tissue_general", "disease")})
                     for g in groups]
-        self._group_text = cond.project(cond.tower.embed(captions)) if groups else None
+        self._group_text = cond.project(cond.features(captions)) if groups else None
 
     @classmethod
     def from_run(cls, run_dir: str, device="cpu", precision: str = "fp32", compile: bool = False) -> "CellGenerator":
@@ -85,10 +85,9 @@ class CellGenerator:
         out = []
         shape = (self.dit.dit.tokens, self.dit.dit.token_dim)
         model = self._velocity if drop is None else _WithMissingFields(self._velocity, drop.to(self.device))
-        # equal batches: one input shape, so a compiled DiT compiles once
-        for b in np.diff(np.linspace(0, n, -(-n // batch_size) + 1).round().astype(int)):
+        for b in equal_batches(n, batch_size):
             with self._autocast:
-                x = sample(model, cond.expand(int(b), -1, -1).to(self.device), shape, sampler, g)
+                x = sample(model, cond.expand(b, -1, -1).to(self.device), shape, sampler, g)
             out.append(self.dit.unstandardize(x))
         return torch.cat(out)
 
@@ -167,7 +166,13 @@ class _WithMissingFields(torch.nn.Module):
         return self.module(x, t, cond, drop | self.missing.expand_as(drop))
 
 
-class _Compiled(torch.nn.Module):
+def equal_batches(n: int, batch_size: int) -> list[int]:
+    """Sizes of the fewest batches of at most ``batch_size`` that hold ``n``, as equal as
+    possible: one input shape (two at most), so a compiled DiT compiles once."""
+    return [int(b) for b in np.diff(np.linspace(0, n, -(-n // batch_size) + 1).round().astype(int))]
+
+
+class Compiled(torch.nn.Module):
     """``torch.compile`` of a module (Inductor fuses the DiT's LayerNorm/modulate/GELU/residual
     chains, which dominate on CPU at hidden 128). Where this machine cannot compile (no C++
     compiler, unsupported platform) the first call warns and the module runs eagerly."""

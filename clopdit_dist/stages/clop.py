@@ -50,6 +50,11 @@ class ClopModelConfig:
     prompt_anchor_tau: float = 0.02
     n_markers: int = 3
 
+    def text_tower(self) -> TextTower:
+        """The text tower this config names (frozen unless ``trainable_layers``)."""
+        return TextTower(self.text_model, trainable_layers=self.trainable_layers, max_length=self.max_length,
+                         normalize=self.normalize_text)
+
 
 @dataclass
 class ClopStageConfig(StageConfig):
@@ -162,9 +167,14 @@ class ConditionEncoder:
         return self.clop.encode_text(features.to(dev).float()).float()
 
     @torch.no_grad()
+    def features(self, texts: list[str]) -> torch.Tensor:
+        """(N, tower.dim) text-tower features on the CPU, memoised when the tower is frozen."""
+        return (self._cache.encode(texts) if self._cache is not None else self.tower.embed(texts)).float().cpu()
+
+    @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """(N, embed_dim) projected (and, with a bank, anchored) text embeddings."""
-        feats = (self._cache.encode(texts) if self._cache is not None else self.tower.embed(texts)).float().cpu()
+        feats = self.features(texts)
         direct = self.project(feats).cpu()
         if self._bank_raw is None:
             return direct
@@ -182,7 +192,7 @@ class ConditionEncoder:
             return self.encode_texts(prompts)[:, None]
         parsed = [parse_fields(p) for p in prompts]
         texts = [f"{FIELD_NAMES[f]}: {p.get(f, '')}" for p in parsed for f in CAPTION_FIELDS]
-        emb = self.project(self.tower.embed(texts))
+        emb = self.project(self.features(texts))
         return emb.view(len(prompts), len(CAPTION_FIELDS), -1)
 
     @staticmethod
@@ -210,8 +220,7 @@ def load_condition_encoder(run: RunDir, mode: str, device) -> ConditionEncoder:
 
     ccfg = load_config(ClopStageConfig, run.config_path("clop"))
     m = ccfg.model
-    tower = TextTower(m.text_model, trainable_layers=m.trainable_layers, max_length=m.max_length,
-                          normalize=m.normalize_text)
+    tower = m.text_tower()
     state = run.load_weights("clop")
     ae_dim = next(v for k, v in state.items() if k.startswith("clop.cell_proj.0.weight")).shape[1]
     clop = CLOP(tower.dim, ae_dim, embed_dim=m.embed_dim, hidden=m.hidden, loss=m.loss, text_head=m.text_head)
@@ -242,8 +251,7 @@ class ClopStage(Stage):
         self.device = device
         self.ae, _ = load_autoencoder(run, device)
         self.builder = CaptionBuilder.from_manifest(run.manifest(), n_markers=m.n_markers)
-        self.tower = TextTower(m.text_model, trainable_layers=m.trainable_layers, max_length=m.max_length,
-                          normalize=m.normalize_text)
+        self.tower = m.text_tower()
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.bank = None
         if self.tower.frozen:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..config import load_config
 from ..data.captions import CAPTION_FIELDS
 from ..data.loader import CellLoader, LoaderConfig
 from ..data.stats import LIBRARY_KEYS
@@ -91,11 +92,12 @@ class DiTStage(Stage):
         stage_dir = run.stage_dir(self.name)
         os.makedirs(stage_dir, exist_ok=True)
         conditions = train_conditions(run.manifest())
-        per = ClopStageConfig().model.captions_per_condition
-        if self.cfg.conditioning == "caption":
+        if self.cfg.conditioning == "caption":  # CLOP's own bank (rebuilt as CLOP built it, if deleted)
+            clop_cfg = load_config(ClopStageConfig, run.config_path("clop"))
             banks = {"caption": shared_caption_bank(os.path.join(run.stage_dir("clop"), "caption_bank.pt"),
-                                                    self.cond.builder, conditions, per, self.cond.tower,
-                                                    self.cfg.train.seed, self.rank)}
+                                                    self.cond.builder, conditions,
+                                                    clop_cfg.model.captions_per_condition, self.cond.tower,
+                                                    clop_cfg.train.seed, self.rank)}
         else:  # one bank per field, of captions that mention only that field
             banks = {}
             for f in CAPTION_FIELDS:
