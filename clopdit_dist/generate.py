@@ -26,7 +26,7 @@ import scipy.sparse as sp
 import torch
 
 from .models.flow import SamplerConfig, sample
-from .train.run import RunDir
+from .run import RunDir
 
 
 class CellGenerator:

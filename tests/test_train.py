@@ -14,7 +14,7 @@ import torch
 
 from clopdit_dist.config import ConfigError, load_config
 from clopdit_dist.stages.ae import AEStageConfig
-from clopdit_dist.train.run import RunDir, RunDirError
+from clopdit_dist.run import RunDir, RunDirError
 from clopdit_dist.train.trainer import lr_lambda
 
 HERE = os.path.dirname(__file__)

@@ -15,8 +15,8 @@ from ..data.loader import CellLoader, LoaderConfig
 from ..evaluate.reconstruction import reconstruction_metrics
 from ..models.autoencoder import AEConfig, CountAutoencoder
 from ..train.config import StageConfig
-from ..train.run import RunDir
-from ..train.trainer import Stage
+from ..run import RunDir
+from ..train.stage import Stage
 
 
 @dataclass

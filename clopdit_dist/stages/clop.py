@@ -24,8 +24,8 @@ from ..evaluate.clop_metrics import knn_study_entropy, text_to_cell_recall, zero
 from ..models.clop import CLOP
 from ..models.text import TextEmbeddingCache, TextTower
 from ..train.config import StageConfig
-from ..train.run import RunDir
-from ..train.trainer import Stage
+from ..run import RunDir
+from ..train.stage import Stage
 from .ae import autoencoder_genes, iter_heldout, load_autoencoder
 
 

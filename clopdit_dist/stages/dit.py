@@ -28,8 +28,8 @@ from ..data.stats import LIBRARY_KEYS
 from ..models.dit import DiT, DiTConfig
 from ..models.flow import FlowConfig, SamplerConfig, flow_matching_loss
 from ..train.config import StageConfig
-from ..train.run import RunDir
-from ..train.trainer import Stage
+from ..run import RunDir
+from ..train.stage import Stage
 from .ae import autoencoder_genes, load_autoencoder
 from .clop import ClopStageConfig, load_condition_encoder, shared_caption_bank, train_conditions
 

@@ -26,55 +26,15 @@ import torch.distributed as dist
 
 from ..config import save_config
 from ..data.loader import CellLoader
+from ..run import RunDir
 from .distributed import deepspeed_config, init_distributed
 from .ema import EMA
-from .run import RunDir
+from .stage import Stage
 from .tracking import Tracker, peak_flops
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-class Stage:
-    """What a stage provides. ``cfg`` has ``train``, ``optim``, ``data`` and ``model`` sections."""
-
-    name: str = "stage"
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    def fields(self) -> tuple[str, ...]:
-        """Metadata fields the stage needs in its batches."""
-        from ..data.loader import DEFAULT_FIELDS
-
-        return DEFAULT_FIELDS
-
-    def genes(self, run: RunDir):
-        """The genes of the stage's batches: ``data.genes``, or (for stages on top of the
-        autoencoder) exactly the autoencoder's genes."""
-        return self.cfg.data.genes
-
-    def setup(self, run: RunDir, loader: CellLoader, device: torch.device) -> None:
-        """Called once before the model is built (load frozen parts, caches...)."""
-
-    def build_model(self) -> torch.nn.Module:
-        raise NotImplementedError
-
-    def loss(self, model: torch.nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        raise NotImplementedError
-
-    def flops_per_cell(self, model: torch.nn.Module) -> float | None:
-        """Training FLOPs per cell (forward + backward) for MFU; None if unknown."""
-        return None
-
-    def evaluate(self, model: torch.nn.Module, run: RunDir, device: torch.device) -> dict:
-        """Held-out evaluation on rank 0 with the final (EMA) weights."""
-        return {}
-
-    def export(self, state_dict: dict, run: RunDir) -> None:
-        """Write inference weights (rank 0)."""
-        run.save_weights(self.name, state_dict)
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:

@@ -19,8 +19,8 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import __version__
-from ..data.manifest import Manifest, write_json_atomic
+from . import __version__
+from .data.manifest import Manifest, write_json_atomic
 
 RUN_SCHEMA_VERSION = 1
 

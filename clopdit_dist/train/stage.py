@@ -1,0 +1,48 @@
+"""The contract between a stage (autoencoder, CLOP, DiT) and the one training loop
+(:func:`clopdit_dist.train.trainer.train`): a model, a loss, an evaluation, an export."""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.loader import DEFAULT_FIELDS, CellLoader
+from ..run import RunDir
+
+
+class Stage:
+    """What a stage provides. ``cfg`` has ``train``, ``optim``, ``data`` and ``model`` sections."""
+
+    name: str = "stage"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def fields(self) -> tuple[str, ...]:
+        """Metadata fields the stage needs in its batches."""
+        return DEFAULT_FIELDS
+
+    def genes(self, run: RunDir):
+        """The genes of the stage's batches: ``data.genes``, or (for stages on top of the
+        autoencoder) exactly the autoencoder's genes."""
+        return self.cfg.data.genes
+
+    def setup(self, run: RunDir, loader: CellLoader, device: torch.device) -> None:
+        """Called once before the model is built (load frozen parts, caches...)."""
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def flops_per_cell(self, model: torch.nn.Module) -> float | None:
+        """Training FLOPs per cell (forward + backward) for MFU; None if unknown."""
+        return None
+
+    def evaluate(self, model: torch.nn.Module, run: RunDir, device: torch.device) -> dict:
+        """Held-out evaluation on rank 0 with the final (EMA) weights."""
+        return {}
+
+    def export(self, state_dict: dict, run: RunDir) -> None:
+        """Write inference weights (rank 0)."""
+        run.save_weights(self.name, state_dict)
