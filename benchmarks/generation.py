@@ -25,11 +25,13 @@ import torch
 # benchmarks/kernels.py would shadow the kernels package: put the repository first
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clopdit_dist.models.autoencoder import AEConfig, CountAutoencoder  # noqa: E402
-from clopdit_dist.models.dit import DiTConfig  # noqa: E402
 from clopdit_dist.generate import Compiled, equal_batches  # noqa: E402
+from clopdit_dist.models.autoencoder import AEConfig, CountAutoencoder  # noqa: E402
+from clopdit_dist.models.dit import (
+    DiTConfig,  # noqa: E402
+    LatentDiT,  # noqa: E402
+)
 from clopdit_dist.models.flow import SamplerConfig, sample  # noqa: E402
-from clopdit_dist.stages.dit import DiTTrainModule  # noqa: E402
 
 CASES = {
     "DiT-S": dict(preset="DiT-S"),
@@ -57,7 +59,7 @@ def main() -> None:
     for name in args.cases.split(","):
         cfg = DiTConfig(cond_dim=256, **CASES[name])
         cfg.split_latent(256, 16)
-        module = DiTTrainModule(cfg.build(), 256).to(device).eval()
+        module = LatentDiT(cfg.build(), 256).to(device).eval()
         shape = (cfg.tokens, cfg.token_dim)
         model = Compiled(module) if args.compile else module
         cond = torch.nn.functional.normalize(torch.randn(1, 1, 256, device=device), dim=-1)

@@ -14,6 +14,8 @@ import argparse
 import json
 import sys
 
+from .errors import ClopditError, IngestError, PromptError, ShardError
+
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
@@ -65,7 +67,7 @@ def cmd_ingest(args) -> None:
     mapping = {}
     for item in args.map:
         if "=" not in item:
-            raise SystemExit(f"--map {item!r}: write CENSUS_COLUMN=SOURCE_COLUMN, e.g. cell_type=louvain")
+            raise IngestError(f"--map {item!r}: write CENSUS_COLUMN=SOURCE_COLUMN, e.g. cell_type=louvain")
         k, v = item.split("=", 1)
         mapping[k.strip()] = v.strip()
     n = ingest_h5ad(args.file, args.out, organism=args.organism, mapping=mapping, layer=args.layer,
@@ -80,7 +82,7 @@ def cmd_verify(args) -> None:
     bad = m.verify()
     print(json.dumps({"shards": len(m.data["shards"]), "bad": bad}))
     if bad:
-        raise SystemExit(f"{len(bad)} shard(s) are missing or differ from the manifest: {bad}. Delete them and "
+        raise ShardError(f"{len(bad)} shard(s) are missing or differ from the manifest: {bad}. Delete them and "
                          "rerun build_shards.py with the same arguments; it rebuilds only missing shards.")
 
 
@@ -108,7 +110,15 @@ def cmd_train(args) -> None:
 
 def cmd_generate(args) -> None:
     from .generate import CellGenerator, sampler_from
+    from .models.condition import check_prompts
 
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            prompts += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    if not prompts and not args.interpolate:
+        raise PromptError("give at least one --prompt, a --prompts-file, or --interpolate A B")
+    check_prompts(prompts + list(args.interpolate or []))  # before minutes of model loading
     gen = CellGenerator.from_run(args.run, device=args.device, precision=args.precision, compile=args.compile)
     sampler = sampler_from(gen.default_sampler, guidance=args.guidance, steps=args.steps, method=args.sampler,
                            noise=args.noise,
@@ -117,12 +127,6 @@ def cmd_generate(args) -> None:
     if args.interpolate:
         adata = gen.interpolate(*args.interpolate, points=args.points, n=args.n, sampler=sampler, seed=args.seed)
     else:
-        prompts = list(args.prompt)
-        if args.prompts_file:
-            with open(args.prompts_file) as f:
-                prompts += [line.strip() for line in f if line.strip() and not line.startswith("#")]
-        if not prompts:
-            raise SystemExit("give at least one --prompt, a --prompts-file, or --interpolate A B")
         adata = gen.generate(prompts, n=args.n, sampler=sampler, seed=args.seed)
     adata.write_h5ad(args.out)
     print(f"wrote {adata.n_obs} cells x {adata.n_vars} genes to {args.out}")
@@ -217,7 +221,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     if overrides:
         args.overrides = list(args.overrides) + overrides
-    args.func(args)
+    try:
+        args.func(args)
+    except ClopditError as exc:  # a user's mistake: one line that says what to do, exit 2
+        print(f"clopdit {args.verb}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

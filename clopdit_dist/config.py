@@ -15,11 +15,9 @@ from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 
+from .errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the config's dataclass."""
 
 
 def _check_keys(cls: type, data: Any, where: str) -> None:
@@ -40,7 +38,7 @@ def load_config(cls: type[T], path: str | None = None, overrides: list[str] | No
     layers = []
     if path:
         if not os.path.exists(path):
-            raise FileNotFoundError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} does not exist; pass an existing YAML, e.g. configs/dit.yaml")
         file_cfg = OmegaConf.load(path)
         _check_keys(cls, OmegaConf.to_container(file_cfg), "")
         layers.append(file_cfg)
@@ -55,6 +53,16 @@ def load_config(cls: type[T], path: str | None = None, overrides: list[str] | No
         return OmegaConf.to_object(merged)
     except Exception as exc:  # OmegaConf's validation errors: wrong types, missing values
         raise ConfigError(f"config {path or ''} {overrides or ''}: {exc}".strip()) from exc
+
+
+def load_config_section(cls: type[T], path: str, section: str) -> T:
+    """One section of a saved stage config (e.g. ``model`` of ``RUN/dit/config.yaml``) as
+    ``cls``: how library code reads what a stage resolved without importing the stage."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML, e.g. configs/dit.yaml")
+    data = OmegaConf.to_container(OmegaConf.load(path)).get(section, {})
+    _check_keys(cls, data, f"{section}.")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), data))
 
 
 def to_yaml(cfg) -> str:

@@ -25,6 +25,11 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from .config import load_config_section
+from .data.conditions import parse_fields
+from .models.codec import LatentCodec, load_codec
+from .models.condition import load_condition_encoder
+from .models.dit import DiTConfig, LatentDiT
 from .models.flow import SamplerConfig, sample
 from .run import RunDir
 
@@ -32,9 +37,9 @@ from .run import RunDir
 class CellGenerator:
     """The three frozen stages of a run, ready to generate."""
 
-    def __init__(self, run: RunDir, ae, cond, dit_module, library: dict, device="cpu",
+    def __init__(self, run: RunDir, codec: LatentCodec, cond, dit_module: LatentDiT, library: dict, device="cpu",
                  sampler: SamplerConfig | None = None, precision: str = "fp32", compile: bool = False):
-        self.run, self.ae, self.cond, self.dit, self.device = run, ae, cond, dit_module, torch.device(device)
+        self.run, self.codec, self.cond, self.dit, self.device = run, codec, cond, dit_module, torch.device(device)
         self.default_sampler = sampler or SamplerConfig()  # the DiT config's sampler, unless a call says otherwise
         self.dit.eval()
         if precision not in ("fp32", "bf16"):
@@ -44,7 +49,7 @@ class CellGenerator:
         self._velocity = Compiled(self.dit) if compile else self.dit
         self.library = library
         manifest = run.manifest()
-        ids = json.loads(run.load_weights_metadata("ae")["genes"])
+        ids = codec.genes
         index = {f: i for i, f in enumerate(manifest.feature_ids)}
         self.var = pd.DataFrame({"feature_id": ids, "feature_name": [manifest.feature_names[index[f]] for f in ids]},
                                 index=ids)  # feature_id: unique, unlike symbols
@@ -55,21 +60,19 @@ class CellGenerator:
 
     @classmethod
     def from_run(cls, run_dir: str, device="cpu", precision: str = "fp32", compile: bool = False) -> "CellGenerator":
-        from .config import load_config
-        from .stages.ae import load_autoencoder
-        from .stages.clop import load_condition_encoder
-        from .stages.dit import DiTStageConfig, DiTTrainModule
-
         run = RunDir(run_dir)
         run.info()  # schema check with a clear message
-        ae, _ = load_autoencoder(run, device)
-        cfg = load_config(DiTStageConfig, run.config_path("dit"))
-        cond = load_condition_encoder(run, cfg.conditioning, device)
-        module = DiTTrainModule(cfg.model.build(), ae.cfg.latent_dim)
-        module.load_state_dict(run.load_weights("dit"))
+        codec = load_codec(run, device)
+        state = run.load_weights("dit")  # names the missing stage
+        conditioning = run.load_weights_metadata("dit").get("conditioning", "caption")
+        cond = load_condition_encoder(run, conditioning, codec.latent_dim, device)
+        model_cfg = load_config_section(DiTConfig, run.config_path("dit"), "model")
+        module = LatentDiT(model_cfg.build(), codec.latent_dim)
+        module.load_state_dict(state)
         with open(os.path.join(run.stage_dir("dit"), "latent_stats.json")) as f:
             library = json.load(f)["library"]
-        return cls(run, ae, cond, module.to(device), library, device, cfg.sampler, precision, compile)
+        sampler = load_config_section(SamplerConfig, run.config_path("dit"), "sampler")
+        return cls(run, codec, cond, module.to(device), library, device, sampler, precision, compile)
 
     # ------------------------------------------------------------------ pieces
     def match_library(self, prompt_emb: torch.Tensor) -> list[dict]:
@@ -97,7 +100,7 @@ class CellGenerator:
         mean = torch.tensor([gr["mean_log"] for gr in groups], device=self.device)
         sd = torch.tensor([gr["sd_log"] for gr in groups], device=self.device)
         lib = torch.exp(mean + sd * torch.randn(len(groups), generator=g, device=self.device)).round().clamp_min(1)
-        counts = self.ae.sample(z, lib, generator=g)
+        counts = self.codec.sample(z, lib, generator=g)
         return counts.cpu().numpy(), lib.cpu().numpy()
 
     # ------------------------------------------------------------------ API
@@ -139,8 +142,6 @@ class CellGenerator:
         return out
 
     def _anndata(self, counts, z, prompt, group, sampler, seed, lib) -> ad.AnnData:
-        from .stages.clop import parse_fields
-
         n = counts.shape[0]
         fields = parse_fields(prompt)
         obs = pd.DataFrame({

@@ -21,12 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .data.manifest import Manifest, write_json_atomic
+from .errors import RunDirError
 
 RUN_SCHEMA_VERSION = 1
-
-
-class RunDirError(ValueError):
-    pass
 
 
 class RunDir:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from clopdit_dist.config import ConfigError, load_config
-from clopdit_dist.stages.ae import AEStageConfig
 from clopdit_dist.run import RunDir, RunDirError
+from clopdit_dist.stages.ae import AEStageConfig
 from clopdit_dist.train.trainer import lr_lambda
 
 HERE = os.path.dirname(__file__)
@@ -99,10 +99,11 @@ def test_two_process_training_of_every_stage_under_each_zero_stage(shards_dir, t
     assert 0 <= clop["zero_shot_canonical"]["accuracy"] <= 1 and clop["classes"] >= 25
     dit = RunDir(run).metrics("dit")
     assert dit["conditions"] == 2 and 0 <= dit["matched_fraction"] <= 1
-    from clopdit_dist.stages.ae import load_autoencoder
+    from clopdit_dist.models.codec import LatentCodec, load_codec
 
-    model, _ = load_autoencoder(RunDir(run))
-    assert model.cfg.latent_dim == 32 and model.cfg.n_genes == 200
+    codec = load_codec(RunDir(run))
+    assert isinstance(codec, LatentCodec) and codec.name == "autoencoder"
+    assert codec.latent_dim == 32 and codec.model.cfg.n_genes == 200 and len(codec.genes) == 200
     RUNS[zero] = run
 
 
@@ -157,6 +158,7 @@ def test_run_dir_refuses_other_shards_and_other_schema(shards_dir, tmp_path, atl
     run.init(shards_dir)
     run.init(shards_dir)  # same shards: fine
     from conftest import shard_config
+
     from clopdit_dist.data.shards import build_shards
 
     other = str(tmp_path / "other")

@@ -19,13 +19,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..errors import IngestError
 from .census_layout import OBS_STRING_COLUMNS, CensusWriter, experiment_uri
 
 
 def _counts_matrix(adata: ad.AnnData, layer: str | None):
     if layer:
         if layer not in adata.layers:
-            raise KeyError(f"layer {layer!r} is not in the file; layers: {list(adata.layers)}")
+            raise IngestError(f"layer {layer!r} is not in the file; layers: {list(adata.layers)}")
         return adata.layers[layer], f"layers[{layer!r}]", adata.var
     if "counts" in adata.layers:
         return adata.layers["counts"], "layers['counts']", adata.var
@@ -39,12 +40,12 @@ def _check_integer(M, where: str, path: str) -> None:
     values = sample.data if sp.issparse(sample) else np.asarray(sample).ravel()
     if values.size and not np.all(np.mod(values, 1) == 0):
         bad = values[np.mod(values, 1) != 0][0]
-        raise ValueError(
+        raise IngestError(
             f"{where} of {path} holds non-integer values (e.g. {bad:.4g}), so it is not raw counts. "
             "clopdit needs raw counts: pass --layer NAME for a layer with counts, or ingest the file "
             "that has them (normalised or log data cannot be turned back into counts).")
     if values.size and values.min() < 0:
-        raise ValueError(f"{where} of {path} holds negative values; raw counts are non-negative")
+        raise IngestError(f"{where} of {path} holds negative values; raw counts are non-negative")
 
 
 def _var_table(var: pd.DataFrame) -> pd.DataFrame:
@@ -67,10 +68,10 @@ def ingest_h5ad(path: str, out: str, organism: str = "homo_sapiens", mapping: di
     genes = _var_table(var)
     unknown = [src for src in mapping.values() if src not in adata.obs]
     if unknown:
-        raise KeyError(f"--map names obs columns {unknown} that {path} does not have; it has {list(adata.obs)}")
+        raise IngestError(f"--map names obs columns {unknown} that {path} does not have; it has {list(adata.obs)}")
     bad_targets = [c for c in mapping if c not in OBS_STRING_COLUMNS and c != "is_primary_data"]
     if bad_targets:
-        raise KeyError(f"--map targets {bad_targets} are not Census obs columns: {list(OBS_STRING_COLUMNS)}")
+        raise IngestError(f"--map targets {bad_targets} are not Census obs columns: {list(OBS_STRING_COLUMNS)}")
 
     obs = pd.DataFrame(index=adata.obs.index)
     for col in (*OBS_STRING_COLUMNS, "is_primary_data"):
@@ -87,7 +88,7 @@ def ingest_h5ad(path: str, out: str, organism: str = "homo_sapiens", mapping: di
     genes = _match(genes, out, organism, match_by)
     dup = genes["feature_id"][genes["feature_id"].duplicated()].unique()
     if len(dup):
-        raise ValueError(f"{path}: {len(dup)} genes share a feature_id after matching by {match_by} "
+        raise IngestError(f"{path}: {len(dup)} genes share a feature_id after matching by {match_by} "
                          f"(e.g. {list(dup[:5])}); make var unique first")
     with CensusWriter(out, organism, expected_cells=adata.n_obs, var=genes) as w:
         ids = genes["feature_id"].tolist()
@@ -107,7 +108,7 @@ def _match(genes: pd.DataFrame, out: str, organism: str, match_by: str) -> pd.Da
     if match_by == "feature_id":
         return genes
     if match_by != "feature_name":
-        raise ValueError(f"match_by={match_by!r}: use 'feature_id' or 'feature_name'")
+        raise IngestError(f"match_by={match_by!r}: use 'feature_id' or 'feature_name'")
     import tiledbsoma as soma
 
     if not os.path.exists(experiment_uri(out, organism)):

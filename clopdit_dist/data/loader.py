@@ -29,15 +29,12 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..errors import CorruptShardError, GeneVocabularyError, ShardError
 from .blocks import BLOCK_EXT, Block, decode_block
 from .manifest import Manifest
 
 DEFAULT_FIELDS = ("cell_type", "tissue_general", "tissue", "disease", "assay", "dataset_id", "donor_id", "sex",
                   "development_stage", "suspension_type")
-
-
-class CorruptShardError(RuntimeError):
-    """A shard that cannot be read: missing, truncated or with a failed checksum."""
 
 
 @dataclass
@@ -96,7 +93,7 @@ class CellDataset(IterableDataset):
 
     def _resampled_urls(self, rng):
         if not self.urls:
-            raise ValueError(f"split {self.cfg.split!r} of {self.manifest.path} has no shards")
+            raise ShardError(f"split {self.cfg.split!r} of {self.manifest.path} has no shards")
         while True:  # passes over all shards, each in a fresh order: no repeats within a pass
             for i in rng.permutation(len(self.urls)):
                 yield self.urls[i]
@@ -170,7 +167,7 @@ class CellDataset(IterableDataset):
 
 def _column(obs: dict, name: str) -> np.ndarray:
     if name not in obs:
-        raise KeyError(f"metadata field {name!r} is not in the shards; they carry {sorted(obs)}")
+        raise GeneVocabularyError(f"metadata field {name!r} is not in the shards; they carry {sorted(obs)}")
     return obs[name]
 
 
@@ -261,3 +258,17 @@ class CellLoader:
                                  f"{getattr(self.cfg, key, getattr(self, key, None))}. Exact resume needs the same "
                                  "seed, world size and number of workers.")
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+
+
+def iter_split(shards: str, split: str, genes, max_cells: int, batch_size: int = 512, fields=("cell_type",)):
+    """Batches of one or more splits joined by "+" ("val", "test", "val+test"), every cell
+    once, in a fixed order, up to ``max_cells`` cells per split: how held-out cells are read."""
+    for name in split.split("+"):
+        loader = CellLoader(shards, LoaderConfig(split=name, genes=genes, batch_size=batch_size, num_workers=0,
+                                                 resampled=False, fields=tuple(fields)), rank=0, world_size=1)
+        seen = 0
+        for batch in loader:
+            if seen >= max_cells:
+                break
+            yield batch
+            seen += batch["counts"].shape[0]

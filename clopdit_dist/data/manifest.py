@@ -18,6 +18,8 @@ from functools import cached_property
 
 import numpy as np
 
+from ..errors import GeneVocabularyError, ShardError
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val", "test")
@@ -52,13 +54,13 @@ class Manifest:
         if os.path.isdir(path):
             path = os.path.join(path, MANIFEST_NAME)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"no shard manifest at {path}; build shards with "
+            raise ShardError(f"no shard manifest at {path}; build shards with "
                                     "`python launchers/build_shards.py --source ATLAS --out DIR`")
         with open(path) as f:
             data = json.load(f)
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ValueError(f"{path} has manifest schema version {version}; this clopdit-dist reads version "
+            raise ShardError(f"{path} has manifest schema version {version}; this clopdit-dist reads version "
                              f"{SCHEMA_VERSION}. Rebuild the shards with this version.")
         return cls(data, os.path.dirname(os.path.abspath(path)))
 
@@ -86,7 +88,7 @@ class Manifest:
         """Indices of the top ``k`` highly variable genes, in vocabulary order."""
         ranking = self.data["hvg"]["ranking"]
         if k > len(ranking):
-            raise ValueError(f"asked for {k} HVGs but the vocabulary has {len(ranking)} genes")
+            raise ShardError(f"asked for {k} HVGs but the vocabulary has {len(ranking)} genes")
         return np.sort(np.array(ranking[:k], dtype=np.int64))
 
     def gene_indices(self, genes) -> np.ndarray:
@@ -97,19 +99,19 @@ class Manifest:
                 return np.arange(self.n_genes)
             if genes.startswith("hvg:"):
                 return self.hvg(int(genes.split(":", 1)[1]))
-            raise ValueError(f"genes={genes!r}: use 'all', 'hvg:K' or a list of gene ids/names")
+            raise ShardError(f"genes={genes!r}: use 'all', 'hvg:K' or a list of gene ids/names")
         lookup = {n: i for i, n in enumerate(self.feature_names)}
         lookup.update({f: i for i, f in enumerate(self.feature_ids)})
         missing = [g for g in genes if g not in lookup]
         if missing:
-            raise KeyError(f"{len(missing)} of {len(genes)} requested genes are not in the vocabulary of "
+            raise GeneVocabularyError(f"{len(missing)} of {len(genes)} requested genes are not in the vocabulary of "
                            f"{self.path}: {missing[:20]}{' ...' if len(missing) > 20 else ''}")
         return np.array([lookup[g] for g in genes], dtype=np.int64)
 
     # ------------------------------------------------------------------ shards
     def shards(self, split: str) -> list[dict]:
         if split not in SPLITS:
-            raise ValueError(f"split {split!r}: choose one of {SPLITS}")
+            raise ShardError(f"split {split!r}: choose one of {SPLITS}")
         return [s for s in self.data["shards"] if s["split"] == split]
 
     def shard_paths(self, split: str) -> list[str]:

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..errors import FilterError, ShardError
 from .blocks import BLOCK_EXT, encode_block
 from .manifest import MANIFEST_NAME, SCHEMA_VERSION, SPLITS, sha256_file, write_json_atomic
 from .source import CELL_COLUMNS, CellSource, Query
@@ -75,7 +76,7 @@ def assign_splits(obs: pd.DataFrame, cfg: ShardConfig) -> dict[str, str]:
     names = sorted(sizes.index)
     unknown = [s for s in cfg.val_studies + cfg.test_studies if s not in sizes.index]
     if unknown:
-        raise ValueError(f"held-out studies {unknown} match no cell of the query; "
+        raise FilterError(f"held-out studies {unknown} match no cell of the query; "
                          f"studies in the query: {names}")
     split = {s: "train" for s in names}
     if cfg.val_studies or cfg.test_studies:
@@ -232,7 +233,7 @@ def build_shards(cfg: ShardConfig, dry_run: bool = False, progress: bool = True,
         obs = src.obs(("soma_joinid", "dataset_id", "tissue_general") if "tissue_general" in src.obs_columns
                       else ("soma_joinid", "dataset_id"))
         if obs.empty:
-            raise ValueError(f"obs filter {cfg.obs_filter!r} matches no cell in {cfg.source} ({cfg.organism})")
+            raise FilterError(f"obs filter {cfg.obs_filter!r} matches no cell in {cfg.source} ({cfg.organism})")
         var = src.var
     plan = make_plan(obs, cfg)
     if dry_run:
@@ -247,7 +248,7 @@ def build_shards(cfg: ShardConfig, dry_run: bool = False, progress: bool = True,
     existing = load_plan(build_dir)
     if existing is not None and existing.key != plan.key:
         diff = sorted(k for k in plan.key if existing.key.get(k) != plan.key[k])
-        raise ValueError(f"{cfg.out} holds a shard build with other settings ({', '.join(diff)} differ); "
+        raise ShardError(f"{cfg.out} holds a shard build with other settings ({', '.join(diff)} differ); "
                          "use a new --out, or delete it to rebuild")
     if existing is None:
         save_plan(plan, build_dir)

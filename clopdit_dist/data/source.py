@@ -15,6 +15,8 @@ import pandas as pd
 import scipy.sparse as sp
 import tiledbsoma as soma
 
+from ..errors import FilterError, GeneVocabularyError, SourceError
+
 # Columns carried with every cell from the source into shards and batches.
 CELL_COLUMNS = (
     "soma_joinid", "dataset_id", "cell_type", "cell_type_ontology_term_id", "tissue_general", "tissue",
@@ -44,12 +46,12 @@ def open_census(source: str, tiledb_config: dict | None = None) -> soma.Collecti
 
     if "://" in source or os.path.exists(source):
         if "://" not in source and not os.path.exists(os.path.join(source, "census_data")):
-            raise FileNotFoundError(
+            raise SourceError(
                 f"{source} is not a Census-shaped collection (no census_data/ inside); "
                 "create one with `clopdit data synth --out DIR` or `clopdit data ingest FILE.h5ad --out DIR`")
         return cellxgene_census.open_soma(uri=source, tiledb_config=tiledb_config)
     if os.sep in source or source.startswith("."):
-        raise FileNotFoundError(f"{source} does not exist")
+        raise SourceError(f"{source} does not exist")
     return cellxgene_census.open_soma(census_version=source, tiledb_config=tiledb_config)
 
 
@@ -62,7 +64,7 @@ class CellSource:
         data = self.census["census_data"]
         if query.organism not in data:
             self.close()
-            raise KeyError(f"organism {query.organism!r} is not in {query.source}; it has {sorted(data.keys())}")
+            raise FilterError(f"organism {query.organism!r} is not in {query.source}; it has {sorted(data.keys())}")
         self.exp = data[query.organism]
         self.var = self._read_var()
         var_ids = self.var["soma_joinid"].to_numpy()
@@ -79,7 +81,7 @@ class CellSource:
             found = set(var.loc[hit, "feature_id"]) | set(var.loc[hit, "feature_name"])
             missing = [g for g in wanted if g not in found]
             if missing:
-                raise KeyError(f"{len(missing)} requested genes are not in {self.query.source}: {missing[:20]}")
+                raise GeneVocabularyError(f"{len(missing)} requested genes are not in {self.query.source}: {missing[:20]}")
             var = var[hit].reset_index(drop=True)
         return var
 
@@ -94,7 +96,7 @@ class CellSource:
             tables = self.exp.obs.read(value_filter=flt or None, column_names=list(columns)).concat()
         except Exception as exc:  # tiledbsoma raises several types for a bad filter
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ValueError(
+            raise FilterError(
                 f"obs filter {flt!r} could not be applied to {self.query.source} ({reason}). "
                 f"Write it in TileDB-SOMA value_filter syntax, e.g. \"is_primary_data == True and "
                 f"tissue_general == 'lung'\"; obs columns are: {', '.join(self.obs_columns)}") from exc

@@ -69,10 +69,10 @@ def choose_conditions(types, tissues, diseases, max_conditions: int, min_cells: 
 
 def heldout_generation_report(gen, run, cfg, split: str = "val+test", seed: int = 0) -> dict:
     """Generate for held-out conditions with canonical and reworded prompts; judge them."""
-    from ..stages.ae import autoencoder_genes, iter_heldout
+    from ..data.loader import iter_split
 
     counts, types, tissues, diseases = [], [], [], []
-    for batch in iter_heldout(cfg.data.shards, split, autoencoder_genes(run), cfg.data.eval_cells * 2,
+    for batch in iter_split(cfg.data.shards, split, gen.codec.genes, cfg.data.eval_cells * 2,
                               fields=("cell_type", "tissue_general", "disease")):
         counts.append(batch["counts"].numpy())
         types += batch["cell_type"]

@@ -43,7 +43,6 @@ from torch.utils.checkpoint import checkpoint
 from kernels.attention import attention
 from kernels.modulate import gated_residual, layernorm_modulate
 
-
 #################################################################################
 #               Embedding layers for timesteps and conditions                   #
 #################################################################################
@@ -356,3 +355,24 @@ class DiTConfig:
         return build_dit(self.preset, tokens=self.tokens, cond_dim=self.cond_dim,
                          num_fields=self.num_fields, mlp_ratio=self.mlp_ratio, backend=self.backend,
                          grad_checkpointing=self.grad_checkpointing, **sizes)
+
+
+class LatentDiT(nn.Module):
+    """The DiT plus the latent standardisation it was trained with (saved with the weights)."""
+
+    def __init__(self, dit: DiT, latent_dim: int):
+        super().__init__()
+        self.dit = dit
+        self.register_buffer("latent_mean", torch.zeros(latent_dim))
+        self.register_buffer("latent_std", torch.ones(latent_dim))
+
+    def standardize(self, z: torch.Tensor) -> torch.Tensor:
+        x = (z.float() - self.latent_mean.float()) / self.latent_std.float()
+        return x.view(z.shape[0], self.dit.tokens, self.dit.token_dim)
+
+    def unstandardize(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1).float() * self.latent_std.float() + self.latent_mean.float()
+
+    def forward(self, x, t, cond, drop=None):
+        dtype = self.dit.pos_embed.dtype  # bf16 engines do not cast inputs
+        return self.dit(x.to(dtype), t, cond.to(dtype), drop)

@@ -11,47 +11,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..data.loader import CellLoader, LoaderConfig
+from ..data.loader import CellLoader, iter_split
 from ..evaluate.reconstruction import reconstruction_metrics
 from ..models.autoencoder import AEConfig, CountAutoencoder
-from ..train.config import StageConfig
+from ..models.codec import record_codec
 from ..run import RunDir
+from ..train.config import StageConfig
 from ..train.stage import Stage
 
 
 @dataclass
 class AEStageConfig(StageConfig):
     model: AEConfig = field(default_factory=AEConfig)
-
-
-def iter_heldout(shards: str, split: str, genes, max_cells: int, batch_size: int = 512, fields=("cell_type",)):
-    """Batches of held-out splits ("val", "test" or "val+test"), every cell once, up to
-    ``max_cells`` cells per split."""
-    for name in split.split("+"):
-        loader = CellLoader(shards, LoaderConfig(split=name, genes=genes, batch_size=batch_size, num_workers=0,
-                                                 resampled=False, fields=tuple(fields)), rank=0, world_size=1)
-        seen = 0
-        for batch in loader:
-            if seen >= max_cells:
-                break
-            yield batch
-            seen += batch["counts"].shape[0]
-
-
-def autoencoder_genes(run: RunDir) -> list[str]:
-    """feature_ids the autoencoder was trained on (later stages read exactly these)."""
-    return json.loads(run.load_weights_metadata("ae")["genes"])
-
-
-def load_autoencoder(run: RunDir, device: torch.device | str = "cpu") -> tuple[CountAutoencoder, AEStageConfig]:
-    """The trained, frozen stage-0 model of a run directory."""
-    from ..config import load_config
-
-    cfg = load_config(AEStageConfig, run.config_path("ae"))
-    model = CountAutoencoder(cfg.model)
-    model.load_state_dict(run.load_weights("ae"))
-    model.eval().requires_grad_(False)
-    return model.to(device), cfg
 
 
 class AEStage(Stage):
@@ -81,7 +52,7 @@ class AEStage(Stage):
     def evaluate(self, model, run: RunDir, device) -> dict:
         d = self.cfg.data
         counts, means, nll = [], [], []
-        for batch in iter_heldout(d.shards, d.eval_split, d.genes, d.eval_cells):
+        for batch in iter_split(d.shards, d.eval_split, d.genes, d.eval_cells):
             x = batch["counts"].to(device)
             params = model.decode(model.encode(x), x.sum(-1))
             counts.append(x.cpu().numpy())
@@ -94,3 +65,4 @@ class AEStage(Stage):
 
     def export(self, state_dict, run: RunDir) -> None:
         run.save_weights(self.name, state_dict, {"genes": json.dumps(self.gene_ids)})
+        record_codec(run, "autoencoder")

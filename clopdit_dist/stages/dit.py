@@ -22,17 +22,17 @@ import torch
 import torch.distributed as dist
 
 from ..config import load_config
-from ..data.captions import CAPTION_FIELDS
+from ..data.conditions import CONDITION_FIELDS, train_conditions
 from ..data.loader import CellLoader, LoaderConfig
 from ..data.stats import LIBRARY_KEYS
-from ..models.dit import DiT, DiTConfig
+from ..models.codec import load_codec
+from ..models.condition import load_condition_encoder, shared_caption_bank
+from ..models.dit import DiTConfig, LatentDiT
 from ..models.flow import FlowConfig, SamplerConfig, flow_matching_loss
-from ..train.config import StageConfig
 from ..run import RunDir
+from ..train.config import StageConfig
 from ..train.stage import Stage
-from .ae import autoencoder_genes, load_autoencoder
-from .clop import ClopStageConfig, load_condition_encoder, shared_caption_bank, train_conditions
-
+from .clop import ClopStageConfig
 
 
 @dataclass
@@ -51,27 +51,6 @@ class DiTStageConfig(StageConfig):
     cond_noise: float = 0.02
 
 
-class DiTTrainModule(torch.nn.Module):
-    """The DiT plus the latent standardisation it was trained with (saved with the weights)."""
-
-    def __init__(self, dit: DiT, latent_dim: int):
-        super().__init__()
-        self.dit = dit
-        self.register_buffer("latent_mean", torch.zeros(latent_dim))
-        self.register_buffer("latent_std", torch.ones(latent_dim))
-
-    def standardize(self, z: torch.Tensor) -> torch.Tensor:
-        x = (z.float() - self.latent_mean.float()) / self.latent_std.float()
-        return x.view(z.shape[0], self.dit.tokens, self.dit.token_dim)
-
-    def unstandardize(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], -1).float() * self.latent_std.float() + self.latent_mean.float()
-
-    def forward(self, x, t, cond, drop=None):
-        dtype = self.dit.pos_embed.dtype  # bf16 engines do not cast inputs
-        return self.dit(x.to(dtype), t, cond.to(dtype), drop)
-
-
 class DiTStage(Stage):
     name = "dit"
 
@@ -79,14 +58,15 @@ class DiTStage(Stage):
         return ("cell_type", "tissue_general", "disease", "assay")
 
     def genes(self, run: RunDir):
-        return autoencoder_genes(run)
+        self.codec = load_codec(run)
+        return self.codec.genes
 
     def setup(self, run: RunDir, loader, device) -> None:
         self.device = device
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.ae, _ = load_autoencoder(run, device)
-        self.cond = load_condition_encoder(run, self.cfg.conditioning, device)
-        self.cfg.model.split_latent(self.ae.cfg.latent_dim, self.ae.cfg.token_dim)
+        self.codec = self.codec.to(device)
+        self.cond = load_condition_encoder(run, self.cfg.conditioning, self.codec.latent_dim, device)
+        self.cfg.model.split_latent(self.codec.latent_dim, self.codec.token_dim)
         self.cfg.model.cond_dim = self.cond.clop.text_proj[-1].out_features
         self.cfg.model.num_fields = self.cond.num_fields
         stage_dir = run.stage_dir(self.name)
@@ -100,7 +80,7 @@ class DiTStage(Stage):
                                                     clop_cfg.train.seed, self.rank)}
         else:  # one bank per field, of captions that mention only that field
             banks = {}
-            for f in CAPTION_FIELDS:
+            for f in CONDITION_FIELDS:
                 field_conditions = list({c[f]: {f: c[f]} for c in conditions}.values())
                 banks[f] = shared_caption_bank(os.path.join(stage_dir, f"field_bank_{f}.pt"), self.cond.builder,
                                                field_conditions, 8, self.cond.tower, self.cfg.train.seed, self.rank)
@@ -120,12 +100,12 @@ class DiTStage(Stage):
         """Per-dimension latent mean/std and log library size (over the autoencoder's genes)
         per (cell_type, tissue_general, disease, assay), from up to ``stats_cells`` cells."""
         loader = CellLoader(self.cfg.data.shards, LoaderConfig(
-            split="train", genes=self.genes(run), batch_size=1024, num_workers=0, resampled=False,
+            split="train", genes=self.codec.genes, batch_size=1024, num_workers=0, resampled=False,
             fields=LIBRARY_KEYS), rank=0, world_size=1)
         zs, libs, keys = [], [], []
         for batch in loader:
             x = batch["counts"].to(self.device)
-            zs.append(self.ae.encode(x).float().cpu())
+            zs.append(self.codec.encode(x).float().cpu())
             libs.append(torch.log(x.sum(-1).clamp_min(1)).cpu())
             keys += ["\x1f".join(v) for v in zip(*(batch[k] for k in LIBRARY_KEYS))]
             if sum(len(z) for z in zs) >= self.cfg.stats_cells:
@@ -142,7 +122,7 @@ class DiTStage(Stage):
                             "groups": groups}}
 
     def build_model(self) -> torch.nn.Module:
-        module = DiTTrainModule(self.cfg.model.build(), self.ae.cfg.latent_dim)
+        module = LatentDiT(self.cfg.model.build(), self.codec.latent_dim)
         module.latent_mean.copy_(torch.tensor(self.stats["latent_mean"]))
         module.latent_std.copy_(torch.tensor(self.stats["latent_std"]))
         return module
@@ -154,7 +134,7 @@ class DiTStage(Stage):
             feats = [self.banks["caption"].sample(self.cond.builder.batch_keys(batch), rng)[0]]
         else:
             feats = [self.banks[f].sample([self.cond.builder.condition_key({f: v}) for v in batch[f]], rng)[0]
-                     for f in CAPTION_FIELDS]
+                     for f in CONDITION_FIELDS]
         feats = torch.stack(feats, dim=1).float()
         if self.cfg.cond_noise > 0:
             feats = feats + self.cfg.cond_noise * torch.from_numpy(rng.standard_normal(feats.shape, np.float32))
@@ -163,7 +143,7 @@ class DiTStage(Stage):
     def loss(self, model, batch, generator):
         module = model.module if hasattr(model, "module") else model
         with torch.no_grad():
-            x1 = module.standardize(self.ae.encode(batch["counts"].to(self.device)))
+            x1 = module.standardize(self.codec.encode(batch["counts"].to(self.device)))
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
         cond = self.conditions_of(batch, rng).to(self.device)
         loss = flow_matching_loss(model, x1, cond, self.cfg.flow, generator)
@@ -178,7 +158,7 @@ class DiTStage(Stage):
         from ..evaluate.generation import heldout_generation_report
         from ..generate import CellGenerator
 
-        gen = CellGenerator(run, self.ae, self.cond, model, self.stats["library"], device, self.cfg.sampler)
+        gen = CellGenerator(run, self.codec, self.cond, model, self.stats["library"], device, self.cfg.sampler)
         return heldout_generation_report(gen, run, self.cfg, split=self.cfg.data.eval_split)
 
     def export(self, state_dict, run: RunDir) -> None:

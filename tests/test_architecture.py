@@ -1,0 +1,106 @@
+"""Structure the project promises: library code never imports training glue, no import
+cycles, and known user errors reach the user as one line with exit code 2."""
+
+import ast
+import os
+import subprocess
+import sys
+
+import clopdit_dist
+
+PKG = os.path.dirname(clopdit_dist.__file__)
+LIBRARY = ("clopdit_dist.data", "clopdit_dist.models", "clopdit_dist.evaluate", "clopdit_dist.generate",
+           "clopdit_dist.run", "clopdit_dist.config", "clopdit_dist.errors")
+TRAINING_GLUE = ("clopdit_dist.stages", "clopdit_dist.train")
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Every clopdit_dist module and the clopdit_dist modules it imports (anywhere in it)."""
+    graph = {}
+    for root, _, files in os.walk(PKG):
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(root, f)
+            rel = os.path.relpath(path, os.path.dirname(PKG))[:-3].replace(os.sep, ".")
+            name = rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
+            package = name if f == "__init__.py" else name.rsplit(".", 1)[0]
+            deps = set()
+            for node in ast.walk(ast.parse(open(path).read())):
+                if isinstance(node, ast.ImportFrom):
+                    base = node.module or ""
+                    if node.level:
+                        parts = package.split(".")
+                        base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+                    if base.startswith("clopdit_dist"):
+                        deps.add(base)
+                        deps.update(f"{base}.{a.name}" for a in node.names)
+                elif isinstance(node, ast.Import):
+                    deps.update(a.name for a in node.names if a.name.startswith("clopdit_dist"))
+            graph[name] = deps
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def test_library_modules_never_import_training_glue():
+    graph = _module_imports()
+    bad = sorted((m, d) for m, deps in graph.items() if m.startswith(LIBRARY) for d in deps
+                 if d.startswith(TRAINING_GLUE))
+    assert not bad, f"library modules importing stages/ or train/: {bad}"
+
+
+def test_no_import_cycles_between_packages():
+    graph = _module_imports()
+
+    def pkg(m):  # clopdit_dist.data.loader -> clopdit_dist.data; top-level modules stand alone
+        parts = m.split(".")
+        return ".".join(parts[:2])
+
+    pkgs: dict[str, set[str]] = {}
+    for m, deps in graph.items():
+        pkgs.setdefault(pkg(m), set()).update(pkg(d) for d in deps if pkg(d) != pkg(m))
+    state, cycle = {}, []
+
+    def visit(p, path):
+        state[p] = "open"
+        for q in sorted(pkgs.get(p, ())):
+            if state.get(q) == "open":
+                cycle.append(path + [q])
+            elif q not in state:
+                visit(q, path + [q])
+        state[p] = "done"
+
+    for p in sorted(pkgs):
+        if p not in state:
+            visit(p, [p])
+    assert not cycle, f"import cycles between packages: {cycle}"
+
+
+def _cli(*argv):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "clopdit_dist.cli", *argv], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_user_errors_print_one_line_and_exit_2(tmp_path, atlas_dir, shards_dir):
+    bad_h5ad = tmp_path / "bad.h5ad"
+    import anndata as ad
+    import numpy as np
+
+    ad.AnnData(X=np.full((3, 4), 0.5, np.float32)).write_h5ad(bad_h5ad)
+    cases = [
+        (["train", "ae", "--config", str(tmp_path / "missing.yaml")], "does not exist"),  # config
+        (["train", "ae", "--shards", shards_dir, "--run", str(tmp_path / "r"), "model.laten_dim=3"],
+         "unknown config key 'model.laten_dim'"),
+        (["data", "ingest", str(bad_h5ad), "--out", str(tmp_path / "atlas")], "non-integer"),  # ingest
+        (["generate", "--run", str(tmp_path / "nope"), "--prompt", "B cell", "--out", str(tmp_path / "x.h5ad")],
+         "not a clopdit run directory"),  # run directory
+        (["data", "verify", str(tmp_path / "no_shards")], "no shard manifest"),  # shards
+        (["data", "shards", "--source", atlas_dir, "--out", str(tmp_path / "s"), "--obs-filter", "tissue_genral == 'x'"],
+         "obs filter"),  # filter
+        (["data", "shards", "--source", str(tmp_path / "no_atlas"), "--out", str(tmp_path / "s2")], "does not exist"),
+    ]
+    for argv, expect in cases:
+        r = _cli(*argv)
+        assert r.returncode == 2, (argv, r.stdout[-1000:], r.stderr[-3000:])
+        lines = r.stderr.strip().splitlines()
+        assert "Traceback" not in r.stderr and len(lines) == 1 and expect in lines[0], (argv, r.stderr[-3000:])

@@ -1,0 +1,116 @@
+"""The latent codec contract: both codecs satisfy it, and a run on the PCA codec trains
+CLOP and the DiT and generates, with no code change (``codec.name=pca``)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from clopdit_dist.data.loader import CellLoader, LoaderConfig
+from clopdit_dist.models.autoencoder import AEConfig, CountAutoencoder
+from clopdit_dist.models.codec import AutoencoderCodec, LatentCodec, PCACodec
+from clopdit_dist.evaluate.reconstruction import pearson
+
+HERE = os.path.dirname(__file__)
+
+
+@pytest.fixture(scope="module")
+def train_cells(shards_dir):
+    loader = CellLoader(shards_dir, LoaderConfig(split="train", genes="hvg:200", batch_size=2000, num_workers=0,
+                                                 resampled=False), rank=0, world_size=1)
+    return next(iter(loader))["counts"], loader.gene_ids
+
+
+def _check_contract(codec, counts):
+    assert isinstance(codec, LatentCodec)
+    assert len(codec.genes) == counts.shape[1] and codec.latent_dim % codec.token_dim == 0
+    z = codec.encode(counts)
+    assert z.shape == (counts.shape[0], codec.latent_dim) and torch.isfinite(z).all()
+    lib = counts.sum(-1)
+    params = codec.decode(z, lib)
+    assert params["mu"].shape == counts.shape and (params["mu"] >= 0).all() and (params["theta"] > 0).all()
+    assert torch.allclose(params["mu"].sum(-1), lib.float(), rtol=1e-3)  # decoded means keep the library size
+    x = codec.sample(z, lib, generator=torch.Generator().manual_seed(0))
+    assert x.shape == counts.shape and (x >= 0).all() and torch.equal(x, x.round())
+    return params["mu"]
+
+
+def test_pca_codec_satisfies_the_contract_and_reconstructs_training_cells(train_cells):
+    counts, genes = train_cells
+    codec = PCACodec.fit(counts.numpy(), genes, n_components=32)
+    mu = _check_contract(codec, counts)
+    assert pearson(counts.mean(0).numpy(), mu.mean(0).numpy()) > 0.99
+    # a 32-component projection keeps most of each cell's log profile; a type-free mean would not
+    cell_r = [pearson(np.log1p(a), np.log1p(b)) for a, b in zip(counts.numpy()[:200], mu.numpy()[:200])]
+    mean_r = [pearson(np.log1p(a), np.log1p(counts.numpy().mean(0))) for a in counts.numpy()[:200]]
+    assert np.mean(cell_r) > np.mean(mean_r) + 0.05
+    # NB dispersion fitted on residuals: sampled counts have the real per-gene variance, roughly
+    x = codec.sample(codec.encode(counts), counts.sum(-1), generator=torch.Generator().manual_seed(1))
+    ratio = (x.var(0) + 1e-3) / (counts.float().var(0) + 1e-3)
+    assert 0.5 < float(ratio.median()) < 2.0
+
+
+def test_autoencoder_codec_satisfies_the_contract_and_decodes_near_the_input(train_cells):
+    counts, genes = train_cells
+    torch.manual_seed(0)
+    model = CountAutoencoder(AEConfig(n_genes=counts.shape[1], latent_tokens=4, token_dim=8, hidden=(128,)))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(200):
+        batch = counts[torch.randint(0, len(counts), (256,))]
+        loss = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    codec = AutoencoderCodec(model.eval(), genes)
+    assert codec.latent_dim == 32 and codec.token_dim == 8
+    with torch.no_grad():
+        mu = _check_contract(codec, counts)
+    assert pearson(counts.mean(0).numpy(), mu.mean(0).numpy()) > 0.95
+
+
+def test_a_run_on_the_pca_codec_trains_clop_and_the_dit_and_generates(shards_dir, tmp_path, tiny_text_model):
+    from omegaconf import OmegaConf
+
+    from clopdit_dist.cli import main
+    from clopdit_dist.generate import CellGenerator
+    from clopdit_dist.models.codec import load_codec
+    from clopdit_dist.run import RunDir
+
+    run, cfgdir = str(tmp_path / "run"), tmp_path / "cfg"
+    cfgdir.mkdir()
+    common = ["train.steps=4", "train.log_every=1", "data.batch_size=32", "data.num_workers=0",
+              "optim.warmup_steps=1", "train.wandb.mode=disabled", "data.eval_cells=200"]
+    OmegaConf.save(OmegaConf.from_dotlist([*common, f"model.text_model={tiny_text_model}", "model.embed_dim=16",
+                                           "model.hidden=32", "model.captions_per_condition=4", "codec.name=pca",
+                                           "codec.genes=hvg:200", "codec.n_components=16", "codec.fit_cells=1500"]),
+                   cfgdir / "clop.yaml")
+    OmegaConf.save(OmegaConf.from_dotlist([*common, "model.hidden_size=32", "model.token_dim=8", "model.depth=2",
+                                           "model.num_heads=2", "eval_conditions=2", "eval_cells_per_condition=20",
+                                           "stats_cells=500", "sampler.steps=4"]), cfgdir / "dit.yaml")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29581",
+           os.path.join(HERE, "scripts", "train_stages.py"), shards_dir, run, "clop,dit", f"--config-dir={cfgdir}"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+    codec = load_codec(RunDir(run))
+    assert codec.name == "pca" and codec.latent_dim == 16 and not os.path.exists(os.path.join(run, "ae"))
+    gen = CellGenerator.from_run(run)
+    adata = gen.generate(["cell type: B cell; tissue: blood"], n=8, seed=0)
+    assert adata.shape == (8, 200) and list(adata.var["feature_id"]) == codec.genes
+    x = adata.X.toarray()
+    assert (x >= 0).all() and np.array_equal(x, np.round(x)) and x.sum() > 0
+
+    # user errors on this run: one line, exit code 2, no traceback
+    out = str(tmp_path / "g.h5ad")
+    for argv, expect in ((["generate", "--run", run, "--prompt", "  ;  ", "--out", out], "names no cells"),
+                         (["train", "dit", "--run", run, "--shards", shards_dir, "train.stepz=3"], "train.stepz"),
+                         (["train", "clop", "--run", run, "--shards", shards_dir, "codec.name=autoencoder"],
+                          "already uses codec 'pca'")):
+        r = subprocess.run([sys.executable, "-m", "clopdit_dist.cli", *argv], env=env, capture_output=True, text=True)
+        assert r.returncode == 2, (argv, r.stderr[-2000:])
+        assert expect in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, \
+            r.stderr[-2000:]
