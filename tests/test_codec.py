@@ -74,7 +74,6 @@ def test_autoencoder_codec_satisfies_the_contract_and_decodes_near_the_input(tra
 def test_a_run_on_the_pca_codec_trains_clop_and_the_dit_and_generates(shards_dir, tmp_path, tiny_text_model):
     from omegaconf import OmegaConf
 
-    from clopdit_dist.cli import main
     from clopdit_dist.generate import CellGenerator
     from clopdit_dist.models.codec import load_codec
     from clopdit_dist.run import RunDir
