@@ -5,6 +5,8 @@
     clopdit data shards --source ATLAS --out SHARDS --workers 2
     clopdit data verify SHARDS
     clopdit train ae --config configs/ae.yaml --shards SHARDS --run RUN train.steps=500
+    clopdit plan --params 1.3B --gpus 8 --nodes 2 --gpu-mem 80
+    clopdit sweep --config configs/sweeps/dit.yaml --trials 8 --shards SHARDS --run-root R --base-run RUN
     clopdit demo --out runs/demo
 """
 
@@ -132,6 +134,20 @@ def cmd_generate(args) -> None:
     print(f"wrote {adata.n_obs} cells x {adata.n_vars} genes to {args.out}")
 
 
+def cmd_plan(args) -> None:
+    from .train.plan import format_plan, plan
+
+    result = plan(args.params, args.gpus, args.nodes, args.gpu_mem, args.headroom, args.largest_layer, args.cpu_mem)
+    print(json.dumps(result) if args.json else format_plan(result))
+
+
+def cmd_sweep(args) -> None:
+    from .train.sweep import run_sweep
+
+    run_sweep(args.config, trials=args.trials, shards=args.shards, run_root=args.run_root,
+              base_config=args.base_config, base_run=args.base_run, overrides=list(args.overrides))
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -202,6 +218,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the DiT (one-time compile, then ~1.5-2x on CPU)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("plan", help="per-GPU memory under ZeRO 1/2/3 (+offload) and the config to use")
+    p.add_argument("--params", required=True, help="parameter count, e.g. 350M, 1.3B")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs per node")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("--cpu-mem", type=float, default=None, help="GiB of CPU memory per node (checked if given)")
+    p.add_argument("--headroom", type=float, default=0.3, help="share of GPU memory kept for activations")
+    p.add_argument("--largest-layer", type=int, default=None, help="parameters of the largest layer (ZeRO-3)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    p = verbs.add_parser("sweep", help="run a W&B sweep YAML offline (the sweeps package proposes trials)")
+    p.add_argument("--config", required=True, help="sweep YAML, e.g. configs/sweeps/dit.yaml")
+    p.add_argument("--trials", type=int, default=4)
+    p.add_argument("--shards", required=True)
+    p.add_argument("--run-root", required=True, help="one run directory per trial under it")
+    p.add_argument("--base-config", default=None, help="stage YAML the trials start from (default: the sweep's)")
+    p.add_argument("--base-run", default=None, help="run with the trained stages a trial needs (dit: ae, clop)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="fixed overrides for every trial")
+    p.set_defaults(func=cmd_sweep)
 
     p = verbs.add_parser("demo", help="the whole path on the embedded atlas")
     p.add_argument("--out", default="runs/demo")

@@ -21,4 +21,10 @@ python -m pip install -q --upgrade pip wheel setuptools
 python -m pip install -q "torch==2.13.0"
 python -c "import deepspeed" 2>/dev/null || python -m pip install -q --no-build-isolation "deepspeed==0.19.8"
 python -m pip install -q -e ".[dev]"
+# `clopdit sweep` uses W&B's search code, the `sweeps` package. It pins numpy<2 (this project
+# runs numpy 2), so it cannot be a pyproject dependency: install it without its dependencies,
+# plus the two it imports that the environment lacks (neither pins numpy). Its numpy/scipy/
+# scikit-learn/pydantic/PyYAML needs are met by the versions already installed.
+python -m pip install -q --no-deps "sweeps==0.3.0"
+python -m pip install -q "jsonschema>=3.2" "jsonref>=1.0"
 echo "$want" > "$stamp"

@@ -259,3 +259,25 @@ def test_fast_generation_paths_agree(tmp_path):
     assert 0 < rel(latents["bf16", False]) < 0.05
     with pytest.raises(ValueError, match="precision"):
         CellGenerator.from_run(RUNS[1], precision="fp16")
+
+
+def test_eval_every_logs_held_out_metrics_during_training(shards_dir, tmp_path, monkeypatch):
+    """``train.eval_every=2``: the stage's evaluation runs at steps 2 and 4 (not at the last
+    step, which the end-of-run evaluation covers) and is logged as eval/<key>."""
+    import torch.distributed as dist
+
+    from clopdit_dist.stages.ae import AEStage
+    from clopdit_dist.train.trainer import train
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    try:
+        cfg = load_config(AEStageConfig, None, [*SMALL, "train.steps=5", "train.eval_every=2", "data.eval_cells=64",
+                                                f"train.run_dir={tmp_path / 'r'}", f"data.shards={shards_dir}"])
+        train(AEStage(cfg))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    rows = log_rows(str(tmp_path / "r"))
+    evals = [r for r in rows if "eval/gene_mean_pearson" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(r["eval/cells"] > 0 for r in evals)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5]

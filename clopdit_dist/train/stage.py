@@ -33,6 +33,10 @@ class Stage:
         raise NotImplementedError
 
     def loss(self, model: torch.nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """The loss of one micro-batch and extra metrics to log. ``model`` is the module
+        ``build_model`` returned, unwrapped (its own methods and submodules), except that
+        calling it runs DeepSpeed's forward (:class:`~.engine.StageModel`): call it for every
+        forward whose output the loss depends on. ``generator`` is the micro-step's seeded RNG."""
         raise NotImplementedError
 
     def flops_per_cell(self, model: torch.nn.Module) -> float | None:
@@ -40,7 +44,8 @@ class Stage:
         return None
 
     def evaluate(self, model: torch.nn.Module, run: RunDir, device: torch.device) -> dict:
-        """Held-out evaluation on rank 0 with the final (EMA) weights."""
+        """Held-out evaluation on rank 0 with the final (EMA) weights, and every
+        ``train.eval_every`` steps with the current ones (logged as ``eval/<key>``)."""
         return {}
 
     def export(self, state_dict: dict, run: RunDir) -> None:

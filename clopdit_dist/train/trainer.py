@@ -1,11 +1,20 @@
 """The training loop. Every stage (autoencoder, CLOP, DiT) runs through :func:`train`.
 
-A stage supplies a model, a loss and an evaluation (see :class:`Stage`); this file owns the
-rest, once: DeepSpeed setup (ZeRO 0-3, bf16/fp32, gradient accumulation), warmup + cosine
-LR, gradient clipping, EMA, checkpoints (every N steps, at the end, on SIGTERM), exact
-resume (step, optimizer, schedule, loader position; all randomness is a function of
-(seed, step, rank)), a non-finite-loss guard, rank-0 logging to W&B and a progress bar, and
-the export of inference weights as safetensors.
+A stage supplies a model, a loss and an evaluation (:class:`~.stage.Stage`); the pieces
+around the loop each live in their own file:
+
+- ``engine.py``: DeepSpeed setup (ZeRO 0-3, bf16/fp32, gradient accumulation, warmup +
+  cosine LR, clipping) and :class:`~.engine.StageModel`, the unwrapped-module view a stage's
+  ``loss`` receives (calls still go through the engine);
+- ``checkpoint.py``: :class:`~.checkpoint.Checkpointer` (save with a tag, keep the newest N,
+  resume engine + EMA + loader position + step);
+- ``metrics.py``: :class:`~.metrics.MetricsLogger` (rank-0 W&B, ``log.jsonl``, progress bar);
+- ``ema.py``: the weight average, correct under ZeRO-3.
+
+This file is the loop: micro-steps with the non-finite-loss guard, EMA, logging, periodic
+evaluation (``train.eval_every``), checkpoints (every N steps, at the end, on SIGTERM), and
+the export of inference weights as safetensors. All randomness is a function of (seed, step,
+rank), so a resumed run draws what the uninterrupted run drew.
 
     deepspeed --num_gpus 2 launchers/train_ae.py --config configs/ae.yaml train.steps=500
     torchrun --nproc_per_node 2 launchers/train_ae.py --config configs/ae.yaml
@@ -14,35 +23,25 @@ the export of inference weights as safetensors.
 
 from __future__ import annotations
 
-import math
 import os
-import shutil
 import signal
-import time
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
 from ..config import save_config
-from ..data.loader import CellLoader
+from ..data.loader import CellLoader, LoaderConfig
 from ..run import RunDir
-from .distributed import deepspeed_config, init_distributed
+from .checkpoint import Checkpointer
+from .distributed import init_distributed
 from .ema import EMA
+from .engine import StageModel, build_engine, full_state, lr_lambda  # noqa: F401  (lr_lambda: public here too)
+from .metrics import MetricsLogger, flat
 from .stage import Stage
-from .tracking import Tracker, peak_flops
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup, then cosine decay to ``min_ratio`` (Loshchilov & Hutter, 2017)."""
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -62,22 +61,25 @@ def _agree(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def _evaluate(stage: Stage, state: dict, run: RunDir, device) -> dict:
+    """The stage's held-out evaluation (rank 0) of the given full weights."""
+    model = stage.build_model().to(device)
+    model.load_state_dict(state)
+    model.eval()
+    return stage.evaluate(model, run, device)
+
+
 def train(stage: Stage) -> dict:
     """Train ``stage`` to ``cfg.train.steps``, resuming from its latest checkpoint."""
-    import deepspeed
-
     cfg = stage.cfg
     tcfg, ocfg = cfg.train, cfg.optim
     rank, world, device = init_distributed()
     run = RunDir(tcfg.run_dir)
     stage_dir = run.stage_dir(stage.name)
-    ckpt_dir = os.path.join(stage_dir, "checkpoints")
     if rank == 0:
         run.init(cfg.data.shards)
         os.makedirs(stage_dir, exist_ok=True)
     dist.barrier()
-
-    from ..data.loader import LoaderConfig
 
     loader = CellLoader(cfg.data.shards, LoaderConfig(
         split="train", genes=stage.genes(run), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
@@ -86,54 +88,24 @@ def train(stage: Stage) -> dict:
     if rank == 0:
         save_config(cfg, os.path.join(stage_dir, "config.yaml"))
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
-    model = stage.build_model()
-
-    ds_cfg = deepspeed_config(tcfg, ocfg, cfg.data.batch_size, world)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
-        opt, lambda s: lr_lambda(s, ocfg.warmup_steps, tcfg.steps, ocfg.min_lr_ratio))
-    if tcfg.offload:  # ZeRO-Offload runs DeepSpeed's own CPU Adam
-        ds_cfg["optimizer"] = {"type": "AdamW", "params": {"lr": ocfg.lr, "betas": list(ocfg.betas),
-                                                           "weight_decay": ocfg.weight_decay}}
-        optimizer = None
-    else:
-        optimizer = torch.optim.AdamW(trainable, lr=ocfg.lr, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=trainable,
-                                                   lr_scheduler=schedule, config=ds_cfg)
+    engine, scheduler = build_engine(stage.build_model(), tcfg, ocfg, cfg.data.batch_size, world)
+    model = StageModel(engine)
     ema = EMA(engine.module, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
+    ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), engine, loader, ema, rank, tcfg.keep_checkpoints)
 
     step = 0
-    if tcfg.resume and os.path.exists(os.path.join(ckpt_dir, "latest")):
-        _, client = engine.load_checkpoint(ckpt_dir, load_module_strict=True)
-        step = int(client["step"])
-        loader.load_state_dict(client["loader"])
-        if ema is not None:
-            tag = open(os.path.join(ckpt_dir, "latest")).read().strip()
-            ema.load_state_dict(torch.load(os.path.join(ckpt_dir, tag, f"ema_rank{rank}.pt"), weights_only=True))
-        if rank == 0:
-            print(f"[{stage.name}] resumed from {ckpt_dir} at step {step}", flush=True)
+    if tcfg.resume:
+        resumed = ckpt.resume()
+        if resumed is not None:
+            step = resumed
+            if rank == 0:
+                print(f"[{stage.name}] resumed from {ckpt.dir} at step {step}", flush=True)
 
     stop = {"flag": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
-
-    def save(step: int) -> None:
-        tag = f"step{step:08d}"
-        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"step": step, "loader": loader.state_dict()})
-        if ema is not None:
-            torch.save(ema.state_dict(), os.path.join(ckpt_dir, tag, f"ema_rank{rank}.pt"))
-        dist.barrier()
-        if rank == 0:  # keep the newest few
-            tags = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step"))
-            for old in tags[: -tcfg.keep_checkpoints]:
-                shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
-
-    tracker = Tracker(rank, stage_dir, f"{os.path.basename(os.path.abspath(tcfg.run_dir))}/{stage.name}",
-                      _flat(asdict(cfg)), tcfg.wandb, tcfg.steps, step)
-    peak = peak_flops(device)
-    flops = stage.flops_per_cell(engine.module)
+    logger = MetricsLogger(cfg, stage.name, stage_dir, rank, world, device, step, stage.flops_per_cell(engine.module))
     batches = iter(loader)
     bad = 0
-    t_last = time.perf_counter()
     while step < tcfg.steps:
         engine.train()
         losses, metrics_acc, cells = [], {}, 0
@@ -145,7 +117,7 @@ def train(stage: Stage) -> dict:
                 batches = iter(loader)
                 batch = next(batches)
             gen = _step_generator(tcfg.seed, step * tcfg.grad_accum + micro, rank, device)
-            loss, metrics = stage.loss(engine, batch, gen)
+            loss, metrics = stage.loss(model, batch, gen)
             if _agree(not torch.isfinite(loss).item(), device):
                 bad += 1
                 if rank == 0:
@@ -154,7 +126,7 @@ def train(stage: Stage) -> dict:
                     raise NonFiniteLossError(
                         f"{stage.name}: {bad} non-finite losses in a row at step {step}. Lower optim.lr "
                         f"(now {ocfg.lr}), use train.precision=fp32, or check the data; the last checkpoint is "
-                        f"in {ckpt_dir}.")
+                        f"in {ckpt.dir}.")
                 continue
             bad = 0
             engine.backward(loss)
@@ -167,69 +139,35 @@ def train(stage: Stage) -> dict:
         step += 1
         if ema is not None:
             ema.update()
-        tracker.advance()
+        logger.step(step, losses, metrics_acc, cells, engine, scheduler)
 
-        if step % tcfg.log_every == 0 or step == tcfg.steps:
-            loss_mean = torch.stack(losses).mean()
-            dist.all_reduce(loss_mean)
-            now = time.perf_counter()
-            dt = (now - t_last) / max(1, step % tcfg.log_every or tcfg.log_every)
-            t_last = now
-            cells_per_s = cells * world / dt
-            grad_norm = engine.get_global_grad_norm()
-            row = {"loss": loss_mean / world, "lr": scheduler.get_last_lr()[0], "step_time_s": dt,
-                   "cells_per_s": cells_per_s, **metrics_acc}
-            if grad_norm is not None:
-                row["grad_norm"] = float(grad_norm)
-            if peak and flops:
-                row["mfu"] = flops * cells_per_s / (peak * world)
-            tracker.log(step, row)
+        if tcfg.eval_every > 0 and step % tcfg.eval_every == 0 and step < tcfg.steps:
+            state = full_state(engine, ema)  # a collective under ZeRO-3
+            if rank == 0:
+                results = _evaluate(stage, state, run, device)
+                logger.log(step, {f"eval/{k}": v for k, v in flat(results).items()
+                                  if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            dist.barrier()
         if _agree(stop["flag"], device):  # every rank joins the collective, whatever its flag
-            save(step)
-            tracker.close()
+            ckpt.save(step)
+            logger.close()
             signal.signal(signal.SIGTERM, previous)
             if rank == 0:
                 print(f"[{stage.name}] SIGTERM: checkpoint saved at step {step}; rerun the same command to resume",
                       flush=True)
             raise SystemExit(143)
         if step % tcfg.ckpt_every == 0 and step < tcfg.steps:
-            save(step)
+            ckpt.save(step)
 
-    save(step)
+    ckpt.save(step)
     signal.signal(signal.SIGTERM, previous)
-    state = _gather_state(engine, ema)
+    state = full_state(engine, ema)
     results = {}
     if rank == 0:
         stage.export(state, run)
-        eval_model = stage.build_model().to(device)
-        eval_model.load_state_dict(state)
-        eval_model.eval()
-        results = stage.evaluate(eval_model, run, device)
+        results = _evaluate(stage, state, run, device)
         run.save_metrics(stage.name, results)
-        tracker.summary(results)
-    tracker.close()
+        logger.summary(results)
+    logger.close()
     dist.barrier()
     return results
-
-
-def _gather_state(engine, ema: EMA | None) -> dict:
-    """Full float32 weights (the EMA weights when EMA is on) on every rank."""
-    import deepspeed
-
-    module = engine.module
-    zero3 = engine.zero_optimization_stage() == 3
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None, enabled=zero3):
-        state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-    if ema is not None:
-        state.update({k: v.float().cpu() for k, v in ema.gathered(module).items()})
-    return state
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
