@@ -34,7 +34,7 @@ def test_sweep_yamls_pass_dotted_overrides_and_name_a_metrics_key():
 
 
 def test_offline_clop_sweep_runs_two_trials_on_a_base_run(shards_dir, tiny_text_model, tmp_path, monkeypatch, capsys):
-    sweeps = pytest.importorskip("sweeps")  # scripts/install.sh: pip install --no-deps sweeps
+    pytest.importorskip("sweeps")  # scripts/install.sh: pip install --no-deps sweeps
     import torch.distributed as dist
 
     from clopdit_dist.config import load_config
