@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data.captions import CAPTION_FIELDS, CaptionBuilder, condition_ids
+from ..data.captions import CAPTION_FIELDS, CaptionBuilder
+from ..data.conditions import FIELD_NAMES, condition_ids, parse_fields, train_conditions
 from ..evaluate.clop_metrics import knn_study_entropy, text_to_cell_recall, zero_shot_classification
 from ..models.clop import CLOP
 from ..models.text import TextEmbeddingCache, TextTower
@@ -75,15 +76,6 @@ class ClopTrainModule(torch.nn.Module):
         return self.clop(z.to(dtype), feats.to(dtype), keys)
 
 
-def train_conditions(manifest) -> list[dict]:
-    """The (cell_type, tissue_general, disease) conditions of the training split."""
-    seen = {}
-    for g in manifest.data["library_size"]["groups"]:
-        meta = {f: g[f] for f in CAPTION_FIELDS}
-        seen.setdefault(CaptionBuilder.condition_key(meta), meta)
-    return list(seen.values())
-
-
 class CaptionBank:
     """``per_condition`` augmented captions for every training condition, with their text
     features; ``sample`` picks one per cell."""
@@ -131,9 +123,6 @@ def shared_caption_bank(path: str, builder, conditions, per_condition, tower, se
     if dist.is_initialized():
         dist.barrier()
     return CaptionBank.load(path)
-
-
-FIELD_NAMES = {"cell_type": "cell type", "tissue_general": "tissue", "disease": "disease"}
 
 
 class ConditionEncoder:
@@ -199,19 +188,6 @@ class ConditionEncoder:
     def missing_fields(prompts: list[str]) -> torch.Tensor:
         """(P, K) True where a field-mode prompt leaves a field out."""
         return torch.tensor([[f not in parse_fields(p) for f in CAPTION_FIELDS] for p in prompts])
-
-
-def parse_fields(prompt: str) -> dict[str, str]:
-    """"cell type: B cell; tissue: lung" → {"cell_type": "B cell", "tissue_general": "lung"}."""
-    names = {v: k for k, v in FIELD_NAMES.items()} | {"tissue_general": "tissue_general", "cell_type": "cell_type"}
-    out = {}
-    for part in prompt.replace("\n", ";").split(";"):
-        if ":" in part:
-            key, value = part.split(":", 1)
-            key = key.strip().lower()
-            if key in names and value.strip():
-                out[names[key]] = value.strip()
-    return out
 
 
 def load_condition_encoder(run: RunDir, mode: str, device) -> ConditionEncoder:
