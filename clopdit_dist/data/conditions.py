@@ -288,15 +288,33 @@ def prompt_words(text: str) -> list[list[tuple[str, int, int]]]:
     return out
 
 
+@functools.cache
+def generic_words() -> frozenset[str]:
+    """Words that name no condition on their own: the function words above, and every word of
+    the TRAINING context prefixes/suffixes, field keys and template text (caption_style.yaml,
+    templates.yaml "train"), plus "cell(s)". A span made of these only is never a candidate
+    (MiniLM puts "cells" near "enterocyte" and "tissue" near "lung")."""
+    style = vocab_file("caption_style")
+    texts = list(style["context_prefixes"]) + list(style["context_suffixes"])
+    texts += [k for keys in style["field_keys"].values() for k in keys]
+    texts += [p for t in vocab_file("templates")["train"] for part in t for p in part[1:]]
+    words = {w.lower() for t in texts for w in re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", " ", t))}
+    return frozenset(words | EDGE_STOPWORDS | {"cell", "cells"})
+
+
 def candidate_spans(text: str, max_words: int = 6) -> list[Span]:
     """Every n-gram of 1..``max_words`` words within a segment, except those that begin or end
-    with a function word ("of", "from", "the", ...): a name never does."""
+    with a function word ("of", "from", the, ...; a name never does) and those made of
+    :func:`generic_words` only."""
     spans = []
+    generic = generic_words()
     for si, words in enumerate(prompt_words(text)):
+        lower = [w[0].lower() for w in words]
         for i in range(len(words)):
             for j in range(i + 1, min(len(words), i + max_words) + 1):
-                first, last = words[i][0].lower(), words[j - 1][0].lower()
-                if first in EDGE_STOPWORDS or last in EDGE_STOPWORDS:
+                if lower[i] in EDGE_STOPWORDS or lower[j - 1] in EDGE_STOPWORDS:
+                    continue
+                if all(w in generic for w in lower[i:j]):
                     continue
                 spans.append(Span(si, i, j, text[words[i][1]:words[j - 1][2]]))
     return spans
@@ -326,7 +344,8 @@ def select_matches(matches: list[Match], thresholds: dict[str, float]) -> dict[s
     """Per field, the best-scoring span at or above the field's threshold, no two fields on
     overlapping spans — greedily by score (ties: the longer span, then a leaf name over a
     group name). One exception: a tissue span may lie inside a strictly longer disease span
-    ("lung cancer" names lung and lung adenocarcinoma), since disease names carry their organ."""
+    that is an exact name ("lung cancer" names lung and lung adenocarcinoma), since disease
+    names carry their organ; a merely similar one ("human lung" ~ "lung cancer") may not."""
     order = sorted((m for m in matches if m.score >= thresholds[m.field]),
                    key=lambda m: (-m.score, -m.span.length, bool(m.entry.group), m.span.segment, m.span.start))
     chosen: dict[str, Match] = {}
@@ -344,7 +363,8 @@ def _nested_ok(a: Match, b: Match) -> bool:
     if set(pair) != {"tissue_general", "disease"}:
         return False
     d, t = pair["disease"], pair["tissue_general"]
-    return d.contains(t) and d.length > t.length
+    exact = (a if a.field == "disease" else b).score >= 1.0
+    return exact and d.contains(t) and d.length > t.length
 
 
 @dataclass
@@ -354,7 +374,7 @@ class ResolvedPrompt:
     ``fields``: per field a vocabulary label, or None where the prompt does not name the field
     (the generator marginalises over it). ``confidence``: the match score in [0, 1] (1: exact
     normalised match; else the cosine similarity of span and name; for a group, times
-    ``GROUP_DISCOUNT`` and the top candidate's weight); 0 where None. ``spans``: the prompt
+    ``GROUP_DISCOUNT`` and 1 / number of candidates); 0 where None. ``spans``: the prompt
     text each field was read from. ``candidates``: per field, labels with weights summing to
     1 — one label with weight 1 for a leaf match, the group's children in the vocabulary
     (equal weights: the prompt does not say which) for a parent name such as "T cells", empty
