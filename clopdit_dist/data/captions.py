@@ -19,7 +19,10 @@ descriptive names that probe the text tower's knowledge). Training and held-out 
 separate by construction and ``tests/test_captions.py`` checks that no held-out string
 leaks into training captions.
 
-Labels follow the CELLxGENE schema. The synonym tables cover the synthetic atlas's 31 leaf
+The tables are package data, ``clopdit_dist/data/vocab/*.yaml`` (loaded once by
+:mod:`clopdit_dist.data.conditions`, which owns the condition fields); this module is the
+grammar that assembles captions from them. Labels follow the CELLxGENE schema. The synonym
+tables cover the synthetic atlas's 31 leaf
 cell types, 6 tissues and 5 diseases; any other label (the Census has hundreds) falls back
 to the label itself plus generic rewrites (", alpha-beta" dropped, "-positive" -> "+").
 
