@@ -8,7 +8,8 @@ import pytest
 
 from clopdit_dist.data import biology
 from clopdit_dist.data import captions as C
-from clopdit_dist.data.captions import CaptionBuilder, condition_ids
+from clopdit_dist.data.captions import CaptionBuilder
+from clopdit_dist.data.conditions import condition_ids
 from clopdit_dist.data.manifest import Manifest
 
 LEAVES = [c.name for c in biology.LEAF_TYPES]

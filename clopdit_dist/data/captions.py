@@ -19,7 +19,10 @@ descriptive names that probe the text tower's knowledge). Training and held-out 
 separate by construction and ``tests/test_captions.py`` checks that no held-out string
 leaks into training captions.
 
-Labels follow the CELLxGENE schema. The synonym tables cover the synthetic atlas's 31 leaf
+The tables are package data, ``clopdit_dist/data/vocab/*.yaml`` (loaded once by
+:mod:`clopdit_dist.data.conditions`, which owns the condition fields); this module is the
+grammar that assembles captions from them. Labels follow the CELLxGENE schema. The synonym
+tables cover the synthetic atlas's 31 leaf
 cell types, 6 tissues and 5 diseases; any other label (the Census has hundreds) falls back
 to the label itself plus generic rewrites (", alpha-beta" dropped, "-positive" -> "+").
 
@@ -33,278 +36,64 @@ deliberate simplification (the key is an equivalence relation; field wildcards a
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 
 import numpy as np
 
-CAPTION_FIELDS = ("cell_type", "tissue_general", "disease")
+from .conditions import (CONDITION_FIELDS, condition_ids, condition_key, generic_rewrites, heldout_names,  # noqa: F401
+                         heldout_tables, train_names, train_tables, vocab_file)
+
+CAPTION_FIELDS = CONDITION_FIELDS  # the condition fields; defined in conditions.py
+
 ORGANISM = "Homo sapiens"
 MARKER_POOL = 8  # augmentation draws marker subsets from the top MARKER_POOL markers
 
 # ---------------------------------------------------------------------------------------
-# Synonym tables. TRAIN strings may appear in training captions; HELDOUT strings never do.
+# The wording tables are data: clopdit_dist/data/vocab/*.yaml (loaded once by
+# clopdit_dist.data.conditions). TRAIN strings may appear in training captions; HELDOUT
+# strings never do. The names below are kept for code that reads the tables directly.
 # ---------------------------------------------------------------------------------------
 
-CELL_TYPE_TRAIN: dict[str, tuple[str, ...]] = {
-    "CD8-positive, alpha-beta T cell": ("CD8 T cell", "CD8+ T cell", "cytotoxic T cell", "CD8-positive T cell",
-                                        "CD8 alpha-beta T cell", "CD8+ αβ T cell"),
-    "CD4-positive, alpha-beta T cell": ("CD4 T cell", "CD4+ T cell", "helper T cell", "CD4-positive T cell",
-                                        "T helper cell"),
-    "regulatory T cell": ("Treg", "Treg cell", "T regulatory cell", "FOXP3+ T cell"),
-    "natural killer cell": ("NK cell", "NK", "natural killer"),
-    "naive B cell": ("naive B", "naïve B cell", "B naive"),
-    "memory B cell": ("memory B", "B memory cell", "class-switched memory B cell"),
-    "plasma cell": ("plasmablast", "plasma B cell", "antibody-secreting cell"),
-    "classical monocyte": ("CD14 monocyte", "CD14+ monocyte", "classical mono", "CD14+ mono"),
-    "non-classical monocyte": ("CD16 monocyte", "CD16+ monocyte", "nonclassical monocyte", "FCGR3A+ monocyte"),
-    "macrophage": ("macrophages", "Mφ", "tissue macrophage"),
-    "alveolar macrophage": ("AM", "alveolar Mφ", "lung macrophage"),
-    "conventional dendritic cell": ("cDC", "classical dendritic cell", "myeloid dendritic cell", "cDC2"),
-    "plasmacytoid dendritic cell": ("pDC", "plasmacytoid DC", "interferon-producing cell"),
-    "mast cell": ("mastocyte", "mast"),
-    "neutrophil": ("neutrophils", "PMN", "neutrophilic granulocyte"),
-    "hematopoietic stem cell": ("HSC", "haematopoietic stem cell", "blood stem cell", "CD34+ HSC"),
-    "type II pneumocyte": ("AT2 cell", "AT2", "alveolar type 2 cell", "type 2 pneumocyte", "ATII cell"),
-    "type I pneumocyte": ("AT1 cell", "AT1", "alveolar type 1 cell", "type 1 pneumocyte"),
-    "ciliated cell": ("ciliated epithelial cell", "multiciliated cell", "ciliated"),
-    "club cell": ("Clara cell", "club", "secretory club cell"),
-    "basal cell": ("basal epithelial cell", "basal", "KRT5+ basal cell"),
-    "hepatocyte": ("hepatocytes", "liver parenchymal cell", "hep"),
-    "cholangiocyte": ("bile duct cell", "biliary epithelial cell", "cholangiocytes"),
-    "enterocyte": ("absorptive enterocyte", "colonocyte", "enterocytes", "absorptive cell"),
-    "goblet cell": ("goblet", "mucus-secreting cell", "goblet cells"),
-    "keratinocyte": ("keratinocytes", "KC", "epidermal keratinocyte"),
-    "melanocyte": ("melanocytes", "pigment cell", "MLANA+ melanocyte"),
-    "fibroblast": ("fibroblasts", "FB", "stromal fibroblast", "COL1A1+ fibroblast"),
-    "endothelial cell": ("EC", "endothelium", "vascular endothelial cell", "endothelial"),
-    "smooth muscle cell": ("SMC", "smooth muscle", "vascular smooth muscle cell"),
-    "pericyte": ("pericytes", "mural cell", "PDGFRB+ pericyte"),
-}
+_TRAIN_TABLES = train_tables()
+_HELDOUT_TABLES = heldout_tables("reworded")
+_RARE_TABLES = heldout_tables("rare")
+HELDOUT_TIERS = {"reworded": _HELDOUT_TABLES, "rare": _RARE_TABLES}
 
+CELL_TYPE_TRAIN, TISSUE_TRAIN, DISEASE_TRAIN, ORGANISM_TRAIN = (
+    _TRAIN_TABLES[k] for k in ("cell_type", "tissue", "disease", "organism"))
 # Held-out wording comes in two tiers. REWORDED: what a user types when not copying the
 # ontology label, a different surface form of the same name (the floor of issue 3 is
 # measured here). RARE: archaic or descriptive names ("labrocyte", "dust cell") that test the
 # text tower's world knowledge more than CLOP's training; frozen all-MiniLM-L6-v2 alone
 # names about half of them, so they are reported beside the floor, not in it.
-CELL_TYPE_HELDOUT: dict[str, tuple[str, ...]] = {
-    "CD8-positive, alpha-beta T cell": ("CD8-positive T lymphocyte", "T cell (CD8+, alpha/beta)"),
-    "CD4-positive, alpha-beta T cell": ("CD4-positive T lymphocyte", "T cell (CD4+, alpha/beta)"),
-    "regulatory T cell": ("regulatory T lymphocyte", "T-reg lymphocyte"),
-    "natural killer cell": ("NK lymphocyte", "natural-killer lymphocyte"),
-    "naive B cell": ("naive B lymphocyte", "B cell, naive"),
-    "memory B cell": ("memory B lymphocyte", "B cell, memory"),
-    "plasma cell": ("plasmacyte", "antibody secreting plasmacyte"),
-    "classical monocyte": ("CD14-high monocyte", "CD14-positive classical monocyte"),
-    "non-classical monocyte": ("CD16-high patrolling monocyte", "CD16-positive nonclassical monocyte"),
-    "macrophage": ("tissue-resident macrophage", "macrophage (tissue resident)"),
-    "alveolar macrophage": ("pulmonary alveolar macrophage", "macrophage of the alveoli"),
-    "conventional dendritic cell": ("conventional DC", "dendritic cell, conventional"),
-    "plasmacytoid dendritic cell": ("plasmacytoid dendritic leukocyte", "dendritic cell, plasmacytoid"),
-    "mast cell": ("tissue mast leukocyte", "mast cell (tissue-resident)"),
-    "neutrophil": ("polymorphonuclear neutrophil", "neutrophil granulocyte"),
-    "hematopoietic stem cell": ("hematopoietic progenitor", "hemopoietic stem cell"),
-    "type II pneumocyte": ("alveolar type II epithelial cell", "type-2 alveolar pneumocyte"),
-    "type I pneumocyte": ("membranous pneumocyte", "alveolar type I epithelial cell"),
-    "ciliated cell": ("airway ciliated epithelium cell", "ciliated airway cell"),
-    "club cell": ("bronchiolar club cell", "airway club cell"),
-    "basal cell": ("basal progenitor", "airway basal cell"),
-    "hepatocyte": ("hepatic parenchymal cell", "parenchymal liver cell"),
-    "cholangiocyte": ("intrahepatic bile duct epithelial cell", "biliary epithelium cell"),
-    "enterocyte": ("intestinal absorptive epithelial cell", "intestinal enterocyte"),
-    "goblet cell": ("intestinal goblet cell", "goblet epithelial cell"),
-    "keratinocyte": ("skin keratinocyte", "keratinocyte of the epidermis"),
-    "melanocyte": ("melanin-producing cell", "skin melanocyte"),
-    "fibroblast": ("fibroblast cell", "tissue fibroblast"),
-    "endothelial cell": ("endothelial lining cell", "blood vessel endothelial cell"),
-    "smooth muscle cell": ("smooth myocyte", "smooth muscle myocyte"),
-    "pericyte": ("perivascular pericyte", "capillary pericyte"),
-}
+CELL_TYPE_HELDOUT, TISSUE_HELDOUT, DISEASE_HELDOUT, ORGANISM_HELDOUT = (
+    _HELDOUT_TABLES[k] for k in ("cell_type", "tissue", "disease", "organism"))
+CELL_TYPE_RARE, TISSUE_RARE, DISEASE_RARE = (_RARE_TABLES[k] for k in ("cell_type", "tissue", "disease"))
 
-CELL_TYPE_RARE: dict[str, tuple[str, ...]] = {
-    "CD8-positive, alpha-beta T cell": ("killer T lymphocyte",),
-    "CD4-positive, alpha-beta T cell": ("helper T lymphocyte",),
-    "regulatory T cell": ("suppressor T lymphocyte",),
-    "natural killer cell": ("large granular lymphocyte",),
-    "naive B cell": ("antigen-inexperienced B lymphocyte",),
-    "memory B cell": ("antigen-experienced B lymphocyte",),
-    "plasma cell": ("immunoglobulin-secreting effector B lymphocyte",),
-    "classical monocyte": ("inflammatory blood monocyte",),
-    "non-classical monocyte": ("patrolling monocyte",),
-    "macrophage": ("histiocyte", "resident phagocyte"),
-    "alveolar macrophage": ("dust cell", "airspace phagocyte"),
-    "conventional dendritic cell": ("antigen-presenting dendritic leukocyte",),
-    "plasmacytoid dendritic cell": ("type I interferon-secreting DC",),
-    "mast cell": ("labrocyte",),
-    "neutrophil": ("polymorphonuclear leukocyte", "segmented granulocyte"),
-    "hematopoietic stem cell": ("CD34-positive stem/progenitor",),
-    "type II pneumocyte": ("great alveolar cell", "surfactant-producing alveolar epithelial cell"),
-    "type I pneumocyte": ("squamous alveolar epithelial cell",),
-    "ciliated cell": ("cilia-bearing cell",),
-    "club cell": ("bronchiolar exocrine cell", "non-ciliated bronchiolar secretory cell"),
-    "basal cell": ("epithelial stem-like basal progenitor",),
-    "hepatocyte": ("parenchymocyte of the liver",),
-    "cholangiocyte": ("ductal cell of the biliary tree",),
-    "enterocyte": ("brush border cell",),
-    "goblet cell": ("chalice cell", "mucin-producing epithelial cell"),
-    "keratinocyte": ("squamous epidermal cell", "corneocyte precursor"),
-    "melanocyte": ("epidermal pigment-producing cell",),
-    "fibroblast": ("collagen-producing mesenchymal cell", "connective tissue fibrocyte"),
-    "endothelial cell": ("vascular lining cell",),
-    "smooth muscle cell": ("non-striated muscle cell",),
-    "pericyte": ("Rouget cell", "perivascular contractile cell"),
-}
-
-TISSUE_TRAIN: dict[str, tuple[str, ...]] = {
-    "lung": ("lungs", "pulmonary", "lung tissue"),
-    "blood": ("PBMC", "PBMCs", "peripheral blood", "whole blood"),
-    "liver": ("hepatic tissue", "liver tissue", "hepatic"),
-    "large intestine": ("colon", "large bowel", "colonic tissue", "colorectum"),
-    "skin of body": ("skin", "epidermis", "cutaneous tissue"),
-    "lymph node": ("LN", "lymph nodes", "lymphatic node"),
-}
-
-TISSUE_HELDOUT: dict[str, tuple[str, ...]] = {
-    "lung": ("lung specimen", "whole lung"),
-    "blood": ("peripheral circulation", "circulating blood"),
-    "liver": ("liver specimen", "whole liver"),
-    "large intestine": ("colonic mucosa", "large-intestine mucosa"),
-    "skin of body": ("skin tissue of the body", "dermal-epidermal tissue"),
-    "lymph node": ("lymph gland", "nodal lymphoid tissue"),
-}
-
-TISSUE_RARE: dict[str, tuple[str, ...]] = {
-    "lung": ("respiratory organ",),
-    "blood": ("sanguis",),
-    "liver": ("hepar", "hepatic lobule"),
-    "large intestine": ("intestinum crassum",),
-    "skin of body": ("integument",),
-    "lymph node": ("lymphonodus",),
-}
-
-# "normal" synonyms are adjectives: templates write "of a {disease} donor" for them.
-DISEASE_TRAIN: dict[str, tuple[str, ...]] = {
-    "normal": ("healthy", "control", "non-diseased"),
-    "COVID-19": ("COVID", "COVID19", "SARS-CoV-2 infection", "coronavirus infection"),
-    "lung adenocarcinoma": ("LUAD", "lung cancer", "adenocarcinoma of lung", "NSCLC adenocarcinoma"),
-    "ulcerative colitis": ("UC", "colitis", "inflammatory bowel disease"),
-    "psoriasis": ("psoriatic skin", "plaque psoriasis", "psoriatic lesion"),
-}
-
-DISEASE_HELDOUT: dict[str, tuple[str, ...]] = {
-    "normal": ("disease-free", "unaffected"),
-    "COVID-19": ("coronavirus disease 2019", "COVID-19 infection"),
-    "lung adenocarcinoma": ("pulmonary adenocarcinoma", "adenocarcinoma of the lung"),
-    "ulcerative colitis": ("chronic ulcerating colitis", "ulcerative colitis (IBD)"),
-    "psoriasis": ("psoriasis vulgaris", "psoriatic disease"),
-}
-
-DISEASE_RARE: dict[str, tuple[str, ...]] = {
-    "normal": ("non-pathological",),
-    "COVID-19": ("severe acute respiratory syndrome coronavirus 2 disease",),
-    "lung adenocarcinoma": ("glandular lung carcinoma",),
-    "ulcerative colitis": ("IBD of the colon",),
-    "psoriasis": ("chronic scaly skin disease",),
-}
-
-ORGANISM_TRAIN: dict[str, tuple[str, ...]] = {
-    "Homo sapiens": ("human", "H. sapiens"),
-    "Mus musculus": ("mouse", "M. musculus"),
-}
-ORGANISM_HELDOUT: dict[str, tuple[str, ...]] = {
-    "Homo sapiens": ("human being",),
-    "Mus musculus": ("house mouse",),
-}
-
+_STYLE = vocab_file("caption_style")
 # Structured-caption keys and key/value separators (training only).
-FIELD_KEYS_TRAIN = {
-    "cell_type": ("cell type", "celltype", "cell_type", "type"),
-    "tissue": ("tissue", "organ"),
-    "organism": ("organism", "species"),
-    "disease": ("disease", "condition", "disease state"),
-    "markers": ("markers", "marker genes", "genes"),
-}
-CANONICAL_KEYS = {"cell_type": "cell type", "tissue": "tissue", "organism": "organism", "disease": "disease",
-                  "markers": "markers"}
-KV_SEPARATORS = (": ", "=", " : ")
-FIELD_SEPARATORS = ("; ", ", ", " | ", "\n")
+FIELD_KEYS_TRAIN: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in _STYLE["field_keys"].items()}
+CANONICAL_KEYS: dict[str, str] = dict(_STYLE["canonical_keys"])
+KV_SEPARATORS: tuple[str, ...] = tuple(_STYLE["kv_separators"])
+FIELD_SEPARATORS: tuple[str, ...] = tuple(_STYLE["field_separators"])
+DROP_PROB: dict[str, float] = {k: float(v) for k, v in _STYLE["drop_prob"].items()}
+# Context words a user may wrap around a description. Training sees them in random places so
+# the model learns to look past words that do not name the condition (none of them appears in
+# the held-out templates; a test checks).
+CONTEXT_PREFIXES: tuple[str, ...] = tuple(_STYLE["context_prefixes"])
+CONTEXT_SUFFIXES: tuple[str, ...] = tuple(_STYLE["context_suffixes"])
+
+
+def _templates(key: str) -> tuple[tuple[tuple[str, ...], ...], ...]:
+    return tuple(tuple(tuple(part) for part in t) for t in vocab_file("templates")[key])
+
 
 # Natural-language templates: a sequence of parts, each (slot, pattern[, pattern if the
 # disease is "normal"]). A dropped field drops its part. Slots: ct (cts: plural), tissue,
 # disease, markers, organism.
-TEMPLATES_TRAIN: tuple[tuple[tuple[str, ...], ...], ...] = (
-    (("ct", "a {ct}"), ("tissue", " from the {tissue}"),
-     ("disease", " of a patient with {disease}", " of a {disease} donor"), ("markers", ", expressing {markers}"),
-     ("organism", " ({organism})")),
-    (("cts", "{cts}"), ("tissue", ", {tissue}"), ("disease", ", {disease}"), ("markers", ", expressing {markers}")),
-    (("organism", "{organism} "), ("tissue", "{tissue} "), ("ct", "{ct}"), ("disease", " in {disease}", " ({disease})"),
-     ("markers", " with high {markers}")),
-    (("ct", "{ct}"), ("markers", " ({markers}+)"), ("tissue", " in {tissue}"), ("disease", ", {disease} sample")),
-    (("disease", "{disease} "), ("ct", "{ct}"), ("tissue", " from {tissue}"), ("markers", ", {markers} high"),
-     ("organism", ", {organism}")),
-    (("tissue", "{tissue}: "), ("ct", "{ct}"), ("markers", " [{markers}]"), ("disease", " / {disease}")),
-)
-
-TEMPLATES_HELDOUT: tuple[tuple[tuple[str, ...], ...], ...] = (
-    (("ct", "single-cell profile of {ct}"), ("tissue", " sampled from {tissue}"),
-     ("disease", " of an individual diagnosed with {disease}", " of a {disease} individual"),
-     ("markers", "; notable transcripts {markers}"), ("organism", " [{organism}]")),
-    (("ct", "transcriptome of one {ct}"), ("tissue", " isolated out of {tissue}"),
-     ("disease", " whose clinical status is {disease}"), ("markers", ", marked by {markers}")),
-    (("ct", "sequencing readout of a {ct}"), ("organism", " taken from a {organism}"),
-     ("tissue", " within the {tissue}"), ("disease", " suffering from {disease}", " judged {disease}"),
-     ("markers", " whose signature genes are {markers}")),
-)
-
-DROP_PROB = {"cell_type": 0.05, "tissue": 0.3, "organism": 0.5, "disease": 0.3, "markers": 0.3}
-
-# Context words a user may wrap around a description. Training sees them in random places so
-# the model learns to look past words that do not name the condition (none of them appears in
-# the held-out templates; a test checks).
-CONTEXT_PREFIXES = ("generate", "simulate", "show me", "give me", "I want", "these are", "annotated as",
-                    "population of", "cluster:", "example:", "query:", "many", "some", "typical", "human")
-CONTEXT_SUFFIXES = ("cells", "please", "dataset", "example", "population", "cluster", "in humans", "(scRNA-seq)")
-
-
-# ---------------------------------------------------------------------------------------
-# Name lookups with fallback
-# ---------------------------------------------------------------------------------------
-
-def generic_rewrites(label: str) -> list[str]:
-    """Rewrites that apply to any label: ", alpha-beta" dropped, "-positive" -> "+"."""
-    out = []
-    for s in (label.replace(", alpha-beta", ""), label.replace("-positive", "+"),
-              label.replace(", alpha-beta", "").replace("-positive", "+")):
-        if s != label and s not in out:
-            out.append(s)
-    return out
-
-
-def train_names(kind: str, label: str) -> list[str]:
-    """Every wording of ``label`` training may use: the label, the TRAIN synonyms, the
-    generic rewrites. ``kind`` is one of "cell_type", "tissue", "disease", "organism"."""
-    table = _TRAIN_TABLES[kind]
-    names = [label, *table.get(label, ()), *generic_rewrites(label)]
-    return list(dict.fromkeys(names))
-
-
-def heldout_names(kind: str, label: str, tier: str = "reworded") -> list[str]:
-    """Held-out wordings of ``label`` in ``tier`` ("reworded" or "rare"); an unknown label
-    has none but itself (its held-out caption then differs from training by its template
-    only)."""
-    if tier not in HELDOUT_TIERS:
-        raise ValueError(f"tier={tier!r}: choose one of {tuple(HELDOUT_TIERS)}")
-    return list(HELDOUT_TIERS[tier][kind].get(label, (label,)))
-
-
-_TRAIN_TABLES = {"cell_type": CELL_TYPE_TRAIN, "tissue": TISSUE_TRAIN, "disease": DISEASE_TRAIN,
-                 "organism": ORGANISM_TRAIN}
-_HELDOUT_TABLES = {"cell_type": CELL_TYPE_HELDOUT, "tissue": TISSUE_HELDOUT, "disease": DISEASE_HELDOUT,
-                   "organism": ORGANISM_HELDOUT}
-_RARE_TABLES = {"cell_type": CELL_TYPE_RARE, "tissue": TISSUE_RARE, "disease": DISEASE_RARE,
-                "organism": ORGANISM_HELDOUT}
-HELDOUT_TIERS = {"reworded": _HELDOUT_TABLES, "rare": _RARE_TABLES}
+TEMPLATES_TRAIN = _templates("train")
+TEMPLATES_HELDOUT = _templates("heldout")
 
 
 def _pick(seq, rng: np.random.Generator):
@@ -325,12 +114,6 @@ def _render(template, values: dict[str, str], normal: bool) -> str:
             pattern = part[2]
         out.append(pattern.format(**{slot: values[slot]}))
     return "".join(out).strip().lstrip(",;:/ ").strip()
-
-
-def condition_ids(keys) -> np.ndarray:
-    """int64 ids of condition keys, equal in every process (blake2b, not ``hash``)."""
-    return np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little", signed=True)
-                     for k in keys], dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------
@@ -388,7 +171,7 @@ class CaptionBuilder:
     @staticmethod
     def condition_key(meta: dict) -> str:
         """The identity of a caption's condition: ``cell_type|tissue_general|disease``."""
-        return "|".join(str(meta.get(f, "")) for f in CAPTION_FIELDS)
+        return condition_key(meta)
 
     # ----------------------------------------------------------------- captions
     def canonical(self, meta: dict) -> str:

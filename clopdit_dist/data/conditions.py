@@ -1,31 +1,405 @@
-"""The condition fields a user conditions on, the condition key, the training-condition
-table and prompt parsing."""
+"""Condition fields: what a generated cell is conditioned on, as data.
+
+This module owns
+
+* the condition fields (:data:`CONDITION_FIELDS`) and their human names (:data:`FIELD_NAMES`);
+* the condition key and its stable ids (:func:`condition_key`, :func:`condition_ids`) and
+  the training split's condition table (:func:`train_conditions`);
+* the vocabulary of names of condition labels, loaded from package data files
+  ``clopdit_dist/data/vocab/*.yaml`` (each states its sources): the TRAINING synonyms
+  (:func:`train_names`), the HELD-OUT evaluation wordings (:func:`heldout_names`, tiers
+  "reworded" and "rare"), the caption templates and style tables that
+  :mod:`clopdit_dist.data.captions` assembles captions from, and the parent groups
+  ("T cell", "monocyte", "cancer") of the prompt resolver;
+* prompt parsing: structured ``"key: value"`` prompts (:func:`parse_fields`) and the
+  pure-python half of the free-text prompt resolver (normalisation, exact matching, spans,
+  span selection); the half that embeds text is
+  :class:`clopdit_dist.models.prompt_resolver.PromptResolver`.
+
+Held-out wordings are evaluation data: training captions never contain them and the prompt
+resolver never reads them (:func:`resolver_names` builds its table from :func:`train_names`
+and ``parents.yaml`` only; ``tests/test_conditions.py`` checks the tables are disjoint).
+"""
 
 from __future__ import annotations
 
-from .captions import CAPTION_FIELDS, CaptionBuilder
+import functools
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from importlib import resources
 
-CONDITION_FIELDS = CAPTION_FIELDS
+import numpy as np
+
+from ..errors import PromptError
+
+CONDITION_FIELDS = ("cell_type", "tissue_general", "disease")
 FIELD_NAMES = {"cell_type": "cell type", "tissue_general": "tissue", "disease": "disease"}
+# condition field -> the "kind" of its name tables (the caption slot names)
+FIELD_KIND = {"cell_type": "cell_type", "tissue_general": "tissue", "disease": "disease"}
+
+EXAMPLE_PROMPT = "cell type: B cell; tissue: lung"
+
+
+# ---------------------------------------------------------------------------------------
+# Keys and ids
+# ---------------------------------------------------------------------------------------
+
+def condition_key(meta: dict) -> str:
+    """The identity of a condition: ``cell_type|tissue_general|disease`` (missing -> "")."""
+    return "|".join(str(meta.get(f, "")) for f in CONDITION_FIELDS)
+
+
+def condition_ids(keys) -> np.ndarray:
+    """int64 ids of condition keys, equal in every process (blake2b, not ``hash``)."""
+    return np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little", signed=True)
+                     for k in keys], dtype=np.int64)
 
 
 def train_conditions(manifest) -> list[dict]:
-    """The (cell_type, tissue_general, disease) conditions of the training split."""
+    """The (cell_type, tissue_general, disease) conditions of the training split, in the
+    manifest's order (from its ``library_size`` groups)."""
     seen = {}
     for g in manifest.data["library_size"]["groups"]:
         meta = {f: g[f] for f in CONDITION_FIELDS}
-        seen.setdefault(CaptionBuilder.condition_key(meta), meta)
+        seen.setdefault(condition_key(meta), meta)
     return list(seen.values())
 
 
+def vocab_from_conditions(conditions: list[dict]) -> dict[str, list[str]]:
+    """Field -> its distinct labels (first-seen order), e.g. of :func:`train_conditions`:
+    the vocabulary a :class:`~clopdit_dist.models.prompt_resolver.PromptResolver` resolves to."""
+    return {f: list(dict.fromkeys(str(c[f]) for c in conditions if c.get(f) not in (None, ""))) for f in CONDITION_FIELDS}
+
+
+# ---------------------------------------------------------------------------------------
+# Vocabulary files
+# ---------------------------------------------------------------------------------------
+
+VOCAB_FILES = ("train_names", "heldout_reworded", "heldout_rare", "templates", "caption_style", "parents")
+
+
+@functools.cache
+def vocab_file(name: str) -> dict:
+    """The parsed ``clopdit_dist/data/vocab/{name}.yaml`` (loaded once; do not mutate)."""
+    import yaml
+
+    if name not in VOCAB_FILES:
+        raise ValueError(f"vocab file {name!r}: choose one of {VOCAB_FILES}")
+    text = resources.files("clopdit_dist.data").joinpath(f"vocab/{name}.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text) or {}
+
+
+def _tuples(table: dict) -> dict[str, tuple[str, ...]]:
+    return {str(k): tuple(str(x) for x in v) for k, v in (table or {}).items()}
+
+
+@functools.cache
+def train_tables() -> dict[str, dict[str, tuple[str, ...]]]:
+    """kind ("cell_type", "tissue", "disease", "organism") -> label -> TRAINING synonyms."""
+    return {kind: _tuples(t) for kind, t in vocab_file("train_names").items()}
+
+
+@functools.cache
+def heldout_tables(tier: str) -> dict[str, dict[str, tuple[str, ...]]]:
+    """kind -> label -> HELD-OUT names of ``tier`` ("reworded" or "rare"); the rare tier has
+    no organism names of its own and reuses the reworded ones."""
+    if tier not in ("reworded", "rare"):
+        raise ValueError(f"tier={tier!r}: choose one of ('reworded', 'rare')")
+    out = {kind: _tuples(t) for kind, t in vocab_file(f"heldout_{tier}").items()}
+    if tier == "rare":
+        out.setdefault("organism", heldout_tables("reworded")["organism"])
+    return out
+
+
+def generic_rewrites(label: str) -> list[str]:
+    """Rewrites that apply to any label: ", alpha-beta" dropped, "-positive" -> "+"."""
+    out = []
+    for s in (label.replace(", alpha-beta", ""), label.replace("-positive", "+"),
+              label.replace(", alpha-beta", "").replace("-positive", "+")):
+        if s != label and s not in out:
+            out.append(s)
+    return out
+
+
+def train_names(kind: str, label: str) -> list[str]:
+    """Every wording of ``label`` training may use: the label, the TRAIN synonyms, the
+    generic rewrites. ``kind`` is one of "cell_type", "tissue", "disease", "organism"."""
+    table = train_tables()[kind]
+    names = [label, *table.get(label, ()), *generic_rewrites(label)]
+    return list(dict.fromkeys(names))
+
+
+def heldout_names(kind: str, label: str, tier: str = "reworded") -> list[str]:
+    """Held-out wordings of ``label`` in ``tier`` ("reworded" or "rare"); an unknown label
+    has none but itself (its held-out caption then differs from training by its template
+    only)."""
+    if tier not in ("reworded", "rare"):
+        raise ValueError(f"tier={tier!r}: choose one of ('reworded', 'rare')")
+    return list(heldout_tables(tier)[kind].get(label, (label,)))
+
+
+# ---------------------------------------------------------------------------------------
+# Structured prompts
+# ---------------------------------------------------------------------------------------
+
+def _field_by_key() -> dict[str, str]:
+    return {v: k for k, v in FIELD_NAMES.items()} | {"tissue_general": "tissue_general", "cell_type": "cell_type"}
+
+
 def parse_fields(prompt: str) -> dict[str, str]:
-    """"cell type: B cell; tissue: lung" → {"cell_type": "B cell", "tissue_general": "lung"}."""
-    names = {v: k for k, v in FIELD_NAMES.items()} | {"tissue_general": "tissue_general", "cell_type": "cell_type"}
-    out = {}
+    """"cell type: B cell; tissue: lung" → {"cell_type": "B cell", "tissue_general": "lung"}.
+
+    Keys are the human field names and the field names themselves; other pairs (and text
+    without a colon) are ignored here (:func:`split_structured` returns them)."""
+    return split_structured(prompt)[0]
+
+
+def split_structured(prompt: str) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """A prompt's parts: ``(fields, other_pairs, free_text)``.
+
+    ``fields``: recognised ``key: value`` pairs by condition field (as :func:`parse_fields`);
+    ``other_pairs``: pairs with any other key (lower-cased key -> value), e.g. "organism:
+    human" or "location: lung"; ``free_text``: the parts with no colon. Parts are separated
+    by ";" or newlines."""
+    names = _field_by_key()
+    fields, other, free = {}, {}, []
     for part in prompt.replace("\n", ";").split(";"):
         if ":" in part:
             key, value = part.split(":", 1)
             key = key.strip().lower()
             if key in names and value.strip():
-                out[names[key]] = value.strip()
+                fields[names[key]] = value.strip()
+            elif value.strip():
+                other[key] = value.strip()
+        elif part.strip():
+            free.append(part.strip())
+    return fields, other, free
+
+
+# ---------------------------------------------------------------------------------------
+# The pure-python half of prompt resolution
+# ---------------------------------------------------------------------------------------
+
+def _strip_accents(s: str) -> str:
+    return "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
+
+
+def _singular(w: str) -> str:
+    if len(w) > 3 and w.endswith("ies"):
+        return w[:-3] + "y"
+    if len(w) > 3 and w.endswith("s") and not w.endswith(("ss", "is", "us")):
+        return w[:-1]
+    return w
+
+
+def normalize_name(text: str) -> str:
+    """The form exact matching compares: case, accents, plurals, hyphens and punctuation
+    folded, "positive" written "+" ("CD8-positive T cells" == "cd8+ t cell")."""
+    s = _strip_accents(text).lower()
+    s = re.sub(r"[-\s]?positive\b", "+", s)
+    s = s.replace("-", " ")
+    s = re.sub(r"[^\w+ ]", " ", s)
+    return " ".join(_singular(w) for w in s.split())
+
+
+def is_acronym(name: str) -> bool:
+    """Short upper-case abbreviations ("AM", "EC", "NK", "DC") match case-sensitively only,
+    so that "I am" is not an alveolar macrophage (MiniLM is uncased: its cosine of "am" and
+    "AM" is 1)."""
+    return len(name) <= 2 and name.isupper()
+
+
+@dataclass(frozen=True)
+class NameEntry:
+    """One name of the resolver's table: a label's (or a parent group's) wording."""
+
+    field: str
+    label: str  # the vocabulary label, or the group's label for a parent name
+    name: str
+    norm: str
+    group: tuple[str, ...] = ()  # a parent name: its children in the vocabulary; () for a leaf name
+    acronym: bool = False
+
+
+def resolver_names(vocab: dict[str, list[str]]) -> list[NameEntry]:
+    """The names the prompt resolver matches spans against: per field, each vocabulary label,
+    its TRAINING synonyms and generic rewrites (:func:`train_names`), and the names of the
+    ``parents.yaml`` groups that have children in the vocabulary. Never a held-out name."""
+    out: list[NameEntry] = []
+    for f in CONDITION_FIELDS:
+        labels = [str(x) for x in vocab.get(f, ())]
+        seen = set()
+        for label in labels:
+            for name in train_names(FIELD_KIND[f], label):
+                if (label, name) not in seen:
+                    seen.add((label, name))
+                    out.append(NameEntry(f, label, name, normalize_name(name), (), is_acronym(name)))
+        present = set(labels)
+        for group, spec in (vocab_file("parents").get(f) or {}).items():
+            children = tuple(c for c in spec["children"] if c in present)
+            if not children or group in present:  # a group that is itself a label resolves as the label
+                continue
+            for name in spec["names"]:
+                out.append(NameEntry(f, group, name, normalize_name(name), children, is_acronym(name)))
     return out
+
+
+_WORD = re.compile(r"[^\s,;:|()\[\]{}\"]+")
+EDGE_STOPWORDS = frozenset("a an the of from in into with and or for to on at by as is are my me some any "
+                           "please generate simulate show give want i".split())
+
+
+@dataclass(frozen=True)
+class Span:
+    """Words ``start:end`` of segment ``segment``; ``text`` is the prompt's own substring."""
+
+    segment: int
+    start: int
+    end: int
+    text: str
+
+    def overlaps(self, other: "Span") -> bool:
+        return self.segment == other.segment and self.start < other.end and other.start < self.end
+
+    def contains(self, other: "Span") -> bool:
+        return self.segment == other.segment and self.start <= other.start and other.end <= self.end
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def prompt_words(text: str) -> list[list[tuple[str, int, int]]]:
+    """Per segment (split at ; | newlines and sentence ends), its words as (word, start, end)
+    character offsets into ``text``."""
+    out = []
+    for m in re.finditer(r"[^;|\n!?]+", text):
+        words = []
+        for w in _WORD.finditer(m.group()):
+            word = w.group().rstrip(".")
+            if word and re.search(r"\w", word):
+                words.append((word, m.start() + w.start(), m.start() + w.start() + len(word)))
+        if words:
+            out.append(words)
+    return out
+
+
+@functools.cache
+def generic_words() -> frozenset[str]:
+    """Words that name no condition on their own: the function words above, and every word of
+    the TRAINING context prefixes/suffixes, field keys and template text (caption_style.yaml,
+    templates.yaml "train"), plus "cell(s)". A span made of these only is never a candidate
+    (MiniLM puts "cells" near "enterocyte" and "tissue" near "lung")."""
+    style = vocab_file("caption_style")
+    texts = list(style["context_prefixes"]) + list(style["context_suffixes"])
+    texts += [k for keys in style["field_keys"].values() for k in keys]
+    texts += [p for t in vocab_file("templates")["train"] for part in t for p in part[1:]]
+    words = {w.lower() for t in texts for w in re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", " ", t))}
+    return frozenset(words | EDGE_STOPWORDS | {"cell", "cells"})
+
+
+def candidate_spans(text: str, max_words: int = 6) -> list[Span]:
+    """Every n-gram of 1..``max_words`` words within a segment, except those that begin or end
+    with a function word ("of", "from", the, ...; a name never does) and those made of
+    :func:`generic_words` only."""
+    spans = []
+    generic = generic_words()
+    for si, words in enumerate(prompt_words(text)):
+        lower = [w[0].lower() for w in words]
+        for i in range(len(words)):
+            for j in range(i + 1, min(len(words), i + max_words) + 1):
+                if lower[i] in EDGE_STOPWORDS or lower[j - 1] in EDGE_STOPWORDS:
+                    continue
+                if all(w in generic for w in lower[i:j]):
+                    continue
+                spans.append(Span(si, i, j, text[words[i][1]:words[j - 1][2]]))
+    return spans
+
+
+def has_words(text: str) -> bool:
+    return bool(re.search(r"\w", text or ""))
+
+
+def acronym_allowed(entry: NameEntry, span_text: str) -> bool:
+    """An acronym name takes part only when the span is that acronym in its own case (plural
+    "s" allowed)."""
+    return not entry.acronym or span_text in (entry.name, entry.name + "s")
+
+
+@dataclass
+class Match:
+    """The best label of one field for one span."""
+
+    field: str
+    span: Span
+    entry: NameEntry
+    score: float
+
+
+def select_matches(matches: list[Match], thresholds: dict[str, float]) -> dict[str, Match]:
+    """Per field, the best-scoring span at or above the field's threshold, no two fields on
+    overlapping spans — greedily by score (ties: the longer span, then a leaf name over a
+    group name). One exception: a tissue span may lie inside a strictly longer disease span
+    that is an exact name ("lung cancer" names lung and lung adenocarcinoma), since disease
+    names carry their organ; a merely similar one ("human lung" ~ "lung cancer") may not."""
+    order = sorted((m for m in matches if m.score >= thresholds[m.field]),
+                   key=lambda m: (-m.score, -m.span.length, bool(m.entry.group), m.span.segment, m.span.start))
+    chosen: dict[str, Match] = {}
+    for m in order:
+        if m.field in chosen:
+            continue
+        if any(m.span.overlaps(c.span) and not _nested_ok(m, c) for c in chosen.values()):
+            continue
+        chosen[m.field] = m
+    return chosen
+
+
+def _nested_ok(a: Match, b: Match) -> bool:
+    pair = {a.field: a.span, b.field: b.span}
+    if set(pair) != {"tissue_general", "disease"}:
+        return False
+    d, t = pair["disease"], pair["tissue_general"]
+    exact = (a if a.field == "disease" else b).score >= 1.0
+    return exact and d.contains(t) and d.length > t.length
+
+
+@dataclass
+class ResolvedPrompt:
+    """A prompt resolved to condition fields.
+
+    ``fields``: per field a vocabulary label, or None where the prompt does not name the field
+    (the generator marginalises over it). ``confidence``: the match score in [0, 1] (1: exact
+    normalised match; else the cosine similarity of span and name; for a group, times
+    ``GROUP_DISCOUNT`` and 1 / number of candidates); 0 where None. ``spans``: the prompt
+    text each field was read from. ``candidates``: per field, labels with weights summing to
+    1 — one label with weight 1 for a leaf match, the group's children in the vocabulary
+    (equal weights: the prompt does not say which) for a parent name such as "T cells", empty
+    where the field is None; ``fields`` then holds the child whose names are nearest the span.
+    ``groups``: the parent group named, if any. ``unresolved``: structured values that
+    matched no label above the threshold (the field is then None; the generator should
+    warn). ``structured``: whether the prompt had recognised "key: value" pairs.
+    """
+
+    fields: dict[str, str | None]
+    confidence: dict[str, float]
+    spans: dict[str, str | None]
+    candidates: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    groups: dict[str, str | None] = field(default_factory=dict)
+    unresolved: dict[str, str] = field(default_factory=dict)
+    structured: bool = False
+    prompt: str = ""
+
+    def condition(self) -> dict[str, str]:
+        """The named fields only (a partial condition meta)."""
+        return {f: v for f, v in self.fields.items() if v is not None}
+
+    def structured_prompt(self) -> str:
+        """The resolved fields as "cell type: X; tissue: Y" (what field-mode conditioning parses)."""
+        return "; ".join(f"{FIELD_NAMES[f]}: {v}" for f, v in self.fields.items() if v is not None)
+
+
+def prompt_error(prompt: str, why: str) -> PromptError:
+    return PromptError(f"prompt {prompt!r}: {why}. Name a cell type, a tissue and/or a disease, "
+                       f"e.g. {EXAMPLE_PROMPT!r}, 'CD8 T cells from a lung tumour' or just 'lung'.")

@@ -19,14 +19,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data.captions import CaptionBuilder, condition_ids
-from ..data.conditions import CONDITION_FIELDS, train_conditions
+from ..data.captions import CaptionBuilder
+from ..data.conditions import CONDITION_FIELDS, condition_ids, train_conditions
 from ..data.loader import iter_split
-from ..evaluate.clop_metrics import (
-    knn_study_entropy,
-    text_to_cell_recall,
-    zero_shot_classification,
-)
+from ..evaluate.clop_metrics import knn_study_entropy, text_to_cell_recall, zero_shot_classification
 from ..models.clop import CLOP, ClopModelConfig
 from ..models.codec import CodecConfig, load_codec, prepare_codec
 from ..models.condition import ConditionEncoder, shared_caption_bank

@@ -1,0 +1,366 @@
+"""Free-text prompt -> condition fields, with the frozen text tower.
+
+``PromptResolver(tower, vocab).resolve("CD8 T cells from a lung tumour")`` returns, per
+condition field (cell type, tissue, disease), a label of that field's vocabulary (the
+training labels) with a confidence, or None where the prompt does not name the field (the
+generator then marginalises over it).
+
+Method
+------
+1. Structured prompts: ``"key: value"`` pairs with a field key (:func:`parse_fields`:
+   "cell type", "tissue", "disease") are resolved each against its own field only (the
+   best span of the value). Other text (parts without a colon, pairs with another key such
+   as "location: lung") is then resolved as free text for the fields still unnamed; pairs
+   with an organism or marker key ("organism: human", "markers: CD8A") are ignored.
+2. Free text: every word n-gram (1-6 words, within a ";"-separated part, not beginning or
+   ending with a function word) is a candidate span. A span is scored against every name of
+   every field -- the label, its TRAINING synonyms and generic rewrites
+   (:func:`~clopdit_dist.data.conditions.train_names`) and the parent-group names of
+   ``vocab/parents.yaml`` -- as 1.0 for an exact normalised match (case, accents, plurals,
+   hyphens, "+"/"positive"; acronyms of <= 2 letters case-sensitively) and otherwise as the
+   cosine similarity of the frozen tower's embeddings of span and name (name embeddings
+   computed once). Per field, the best-scoring span at or above the field's threshold wins,
+   greedily by score over fields, no two fields on overlapping spans (a tissue inside a
+   longer disease span is allowed: "lung cancer").
+3. Parent names ("T cells", "B cell", "monocytes", "immune cells", "tumour") resolve to the
+   group's children in the vocabulary, as ``candidates`` with equal weights (the prompt
+   does not say which child; the generator can mix them, e.g. reweighted by the tissue's
+   composition). ``fields`` then holds the child nearest the span in the tower's space (for
+   code that wants one label) and ``confidence`` is ``GROUP_DISCOUNT * score / n_children``,
+   below any leaf match's. A longer span around the group name that matches a child better
+   than the group (e.g. "CD8-positive T lymphocyte" around "T lymphocyte") refines the group
+   to that child. Why candidates rather than one leaf: "T cells" is a mixture, and picking
+   the nearest leaf would silently generate CD4 T cells only.
+
+The held-out "reworded" and "rare" tables are never read: they are the evaluation's wording.
+
+Thresholds
+----------
+Chosen on the TRAINING side only by :func:`calibrate_thresholds` (never on held-out names):
+
+* positives: every training name of every label (:func:`train_names`), scored whole
+  against the field's names with every name of the same normalised form left out
+  (leave-one-synonym-out), so only the cosine path can find the label;
+* negatives: texts that do not name the field -- the other fields' training names and all
+  candidate spans of training captions (``CaptionBuilder.augment``) of random vocabulary
+  conditions with that field removed;
+* the threshold maximises (positives with the right label at or above it - positives with
+  a wrong label at or above it) / n_pos + (negatives below it) / n_neg, at the middle of
+  the best interval.
+
+On the synthetic atlas's vocabulary (31 cell types, 6 tissues, 5 diseases) with frozen
+all-MiniLM-L6-v2 this gives the :data:`DEFAULT_THRESHOLDS`; at those values:
+
+============  =====  =====  ======================  ======================  ==============
+field         thr.   n pos  LOO right label, pass   LOO wrong label, pass   negatives pass
+============  =====  =====  ======================  ======================  ==============
+cell_type     0.666  141    0.667                   0.121                   0.017 of 579
+tissue        0.600  26     0.808                   0.038                   0.034 of 1234
+disease       0.553  22     0.727                   0.000                   0.022 of 1127
+============  =====  =====  ======================  ======================  ==============
+
+Generic words (context words, field keys, training template words, "cells") are no
+candidate spans at all (:func:`~clopdit_dist.data.conditions.generic_words`): MiniLM puts
+"cells" at 0.69 from "enterocyte" and "tissue" at 0.78 from "lung".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..data.conditions import (
+    CONDITION_FIELDS,
+    FIELD_KIND,
+    Match,
+    NameEntry,
+    PromptError,
+    ResolvedPrompt,
+    Span,
+    acronym_allowed,
+    candidate_spans,
+    has_words,
+    normalize_name,
+    prompt_error,
+    resolver_names,
+    select_matches,
+    split_structured,
+    train_names,
+    train_tables,
+    vocab_from_conditions,
+)
+from .text import TextEmbeddingCache, TextTower
+
+# Per-field thresholds: calibrate_thresholds(TextTower("minilm", normalize=True), <the
+# synthetic atlas's vocabulary>) gave 0.6657, 0.5995, 0.5533 (training side only; see the
+# module docstring). Recalibrate for another text tower or vocabulary.
+DEFAULT_THRESHOLDS = {"cell_type": 0.666, "tissue_general": 0.600, "disease": 0.553}
+GROUP_DISCOUNT = 0.8  # confidence of a parent-group resolution relative to a leaf match
+# keys of "key: value" pairs that name no condition field: ignored
+IGNORED_KEYS = frozenset({"organism", "species", "markers", "marker genes", "genes", "organism_ontology_term_id"})
+
+
+class PromptResolver:
+    """Maps prompts to condition fields (see the module docstring).
+
+    Parameters
+    ----------
+    tower
+        A frozen :class:`~clopdit_dist.models.text.TextTower` (``TextTower("minilm")``).
+    vocab
+        Field -> its labels, e.g. ``{"cell_type": [...], "tissue_general": [...],
+        "disease": [...]}`` (:func:`vocab_from_conditions` of the manifest's training
+        conditions); a missing field has no labels and always resolves to None.
+    thresholds
+        Field -> minimum score (default :data:`DEFAULT_THRESHOLDS`).
+    max_words
+        Longest span, in words.
+    """
+
+    def __init__(self, tower: TextTower, vocab: dict[str, list[str]], thresholds: dict[str, float] | None = None,
+                 max_words: int = 6, *, _exclude: NameEntry | None = None):
+        self.tower = tower
+        self.vocab = {f: [str(x) for x in vocab.get(f, ())] for f in CONDITION_FIELDS}
+        self.thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+        self.max_words = max_words
+        self.entries: list[NameEntry] = resolver_names(self.vocab)
+        self._cache = TextEmbeddingCache(tower) if tower.frozen else None
+        self._field_of = np.array([e.field for e in self.entries])
+        self._norms = [e.norm for e in self.entries]
+        self._is_group = np.array([bool(e.group) for e in self.entries])
+        self._acronym = np.array([e.acronym for e in self.entries])
+        self._name_emb = self._embed([e.name for e in self.entries])
+
+    @classmethod
+    def from_manifest(cls, tower: TextTower, manifest, **kw) -> PromptResolver:
+        """A resolver over the labels of the manifest's training conditions."""
+        from ..data.conditions import train_conditions
+
+        return cls(tower, vocab_from_conditions(train_conditions(manifest)), **kw)
+
+    # ------------------------------------------------------------------ embeddings
+    @torch.no_grad()
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.tower.dim), dtype=np.float32)
+        e = self._cache.encode(texts) if self._cache is not None else self.tower.embed(texts)
+        return torch.nn.functional.normalize(e.float(), dim=-1).cpu().numpy()
+
+    # ------------------------------------------------------------------ scoring
+    def score_spans(self, spans: list[Span], fields=CONDITION_FIELDS,
+                    exclude_norms: frozenset[str] = frozenset()) -> np.ndarray:
+        """(len(spans), len(entries)) scores: 1 for an exact normalised match, else the cosine
+        similarity (capped at 0.999); -inf for names of other fields, excluded names, and
+        acronyms the span does not spell in their case."""
+        if not spans:
+            return np.zeros((0, len(self.entries)), dtype=np.float32)
+        sims = np.minimum(self._embed([s.text for s in spans]) @ self._name_emb.T, 0.999)
+        span_norms = [normalize_name(s.text) for s in spans]
+        norm_index: dict[str, list[int]] = {}
+        for j, n in enumerate(self._norms):
+            norm_index.setdefault(n, []).append(j)
+        for i, n in enumerate(span_norms):
+            for j in norm_index.get(n, ()):
+                sims[i, j] = 1.0
+        allowed = np.isin(self._field_of, list(fields))
+        if exclude_norms:
+            allowed &= ~np.isin(np.array(self._norms, dtype=object), list(exclude_norms))
+        sims[:, ~allowed] = -np.inf
+        for j in np.flatnonzero(self._acronym & allowed):
+            for i, s in enumerate(spans):
+                if not acronym_allowed(self.entries[j], s.text):
+                    sims[i, j] = -np.inf
+        return sims
+
+    def _matches(self, spans: list[Span], scores: np.ndarray, fields) -> list[Match]:
+        """Per span and field, the best leaf name and the best group name (two matches)."""
+        out = []
+        for f in fields:
+            for kind in (False, True):
+                cols = np.flatnonzero((self._field_of == f) & (self._is_group == kind))
+                if not len(cols) or not len(spans):
+                    continue
+                sub = scores[:, cols]
+                best = sub.argmax(1)
+                for i, s in enumerate(spans):
+                    v = float(sub[i, best[i]])
+                    if np.isfinite(v):
+                        out.append(Match(f, s, self.entries[cols[best[i]]], v))
+        return out
+
+    # ------------------------------------------------------------------ resolution
+    def resolve(self, prompt: str, allow_empty: bool = False) -> ResolvedPrompt:
+        """The fields ``prompt`` names (see the module docstring).
+
+        Raises :class:`PromptError` for an empty prompt, one without words, and (unless
+        ``allow_empty``) one that names no field at all."""
+        if prompt is None or not str(prompt).strip():
+            raise prompt_error(str(prompt or ""), "the prompt is empty")
+        prompt = str(prompt)
+        if not has_words(prompt):
+            raise prompt_error(prompt, "the prompt has no words")
+        known, other, free = split_structured(prompt)
+        known = {f: v for f, v in known.items() if f in CONDITION_FIELDS}
+        chosen: dict[str, Match] = {}
+        unresolved: dict[str, str] = {}
+        for f, value in known.items():
+            spans = candidate_spans(value, self.max_words)
+            m = select_matches(self._matches(spans, self.score_spans(spans, (f,)), (f,)), self.thresholds).get(f)
+            if m is None:
+                unresolved[f] = value
+            else:
+                chosen[f] = self._refine(m, spans, self.score_spans(spans, (f,)), [])
+        rest = [f for f in CONDITION_FIELDS if f not in known]
+        text = "; ".join(free + [v for k, v in other.items() if k not in IGNORED_KEYS]) if known or other \
+            else prompt
+        if rest and has_words(text):
+            spans = candidate_spans(text, self.max_words)
+            scores = self.score_spans(spans, rest)
+            picked = select_matches(self._matches(spans, scores, rest), self.thresholds)
+            for f, m in picked.items():
+                others = [c.span for g, c in picked.items() if g != f]
+                chosen[f] = self._refine(m, spans, scores, others)
+        out = self._result(prompt, chosen, unresolved, structured=bool(known))
+        if not allow_empty and all(v is None for v in out.fields.values()):
+            why = "it names no cell type, tissue or disease this model knows"
+            if unresolved:
+                why = "; ".join(f"{k} {v!r} matches no label of this model" for k, v in unresolved.items())
+            raise prompt_error(prompt, why)
+        return out
+
+    def resolve_many(self, prompts: list[str], allow_empty: bool = False) -> list[ResolvedPrompt]:
+        return [self.resolve(p, allow_empty) for p in prompts]
+
+    def _refine(self, m: Match, spans: list[Span], scores: np.ndarray, taken: list[Span]) -> Match:
+        """A group match refined to a child where a strictly longer span around it matches
+        that child at or above the threshold and better than it matches the group."""
+        if not m.entry.group:
+            return m
+        thr = self.thresholds[m.field]
+        child_cols = [j for j, e in enumerate(self.entries)
+                      if e.field == m.field and not e.group and e.label in m.entry.group]
+        group_cols = [j for j, e in enumerate(self.entries) if e.field == m.field and e.label == m.entry.label]
+        best = None
+        for i, s in enumerate(spans):
+            if not (s.contains(m.span) and s.length > m.span.length) or any(s.overlaps(t) for t in taken):
+                continue
+            j = child_cols[int(np.argmax(scores[i, child_cols]))]
+            leaf, grp = float(scores[i, j]), float(scores[i, group_cols].max())
+            if leaf >= thr and leaf > grp and (best is None or leaf > best.score):
+                best = Match(m.field, s, self.entries[j], leaf)
+        return best or m
+
+    def _result(self, prompt: str, chosen: dict[str, Match], unresolved: dict[str, str],
+                structured: bool) -> ResolvedPrompt:
+        fields, conf, spans, cands, groups = {}, {}, {}, {}, {}
+        for f in CONDITION_FIELDS:
+            m = chosen.get(f)
+            if m is None:
+                fields[f], conf[f], spans[f], cands[f], groups[f] = None, 0.0, None, [], None
+                continue
+            spans[f] = m.span.text
+            if not m.entry.group:
+                fields[f], conf[f], cands[f], groups[f] = m.entry.label, round(m.score, 4), [(m.entry.label, 1.0)], None
+                continue
+            children = list(m.entry.group)
+            w = 1.0 / len(children)
+            fields[f] = self._nearest_child(m.span.text, m.field, children)
+            conf[f] = round(GROUP_DISCOUNT * m.score * w, 4)
+            cands[f] = [(c, w) for c in children]
+            groups[f] = m.entry.label
+        return ResolvedPrompt(fields, conf, spans, cands, groups, unresolved, structured, prompt)
+
+    def _nearest_child(self, text: str, f: str, children: list[str]) -> str:
+        e = self._embed([text])[0]
+        best, best_s = children[0], -np.inf
+        for j, entry in enumerate(self.entries):
+            if entry.field == f and not entry.group and entry.label in children:
+                s = float(self._name_emb[j] @ e)
+                if s > best_s:
+                    best, best_s = entry.label, s
+        return best
+
+    # ------------------------------------------------------------------ calibration
+    def score_texts(self, texts: list[str], f: str) -> list[float]:
+        """Each text's best score against the leaf names of field ``f``, the text taken whole
+        as one span."""
+        spans = [Span(0, 0, max(len(t.split()), 1), t) for t in texts]
+        scores = self.score_spans(spans, (f,))[:, (self._field_of == f) & ~self._is_group]
+        return [float(v) for v in scores.max(1)] if len(spans) and scores.shape[1] else []
+
+    def best_label(self, text: str, f: str, exclude_norms: frozenset[str] = frozenset()) -> tuple[str | None, float]:
+        """The best leaf label of field ``f`` for ``text`` taken whole as one span, and its
+        score (no threshold; group names ignored): what a threshold is compared with."""
+        spans = [Span(0, 0, max(len(text.split()), 1), text)]
+        scores = self.score_spans(spans, (f,), exclude_norms)
+        cols = np.flatnonzero((self._field_of == f) & ~self._is_group)
+        if not spans or not len(cols):
+            return None, -np.inf
+        sub = scores[:, cols]
+        i, j = np.unravel_index(int(np.argmax(sub)), sub.shape)
+        v = float(sub[i, j])
+        return (self.entries[cols[j]].label if np.isfinite(v) else None), v
+
+
+def calibration_negatives(vocab: dict[str, list[str]], captions_per_field: int = 150,
+                          seed: int = 0) -> dict[str, list[str]]:
+    """Per field, TRAINING-side texts that do not name it: the other fields' training names,
+    and every candidate span of training captions (:meth:`CaptionBuilder.augment`, no
+    markers) of random vocabulary conditions with that field removed -- the words a real
+    prompt has around its names."""
+    from ..data.captions import CaptionBuilder
+
+    rng = np.random.default_rng(seed)
+    builder = CaptionBuilder({})
+    tables = train_tables()
+    labels = {f: vocab.get(f) or [""] for f in CONDITION_FIELDS}
+    out = {}
+    for f in CONDITION_FIELDS:
+        texts = [n for g in CONDITION_FIELDS if g != f for lab in tables[FIELD_KIND[g]]
+                 for n in train_names(FIELD_KIND[g], lab)]
+        for _ in range(captions_per_field):
+            meta = {g: labels[g][int(rng.integers(len(labels[g])))] for g in CONDITION_FIELDS if g != f}
+            texts += [sp.text for sp in candidate_spans(builder.augment(meta, rng))]
+        out[f] = list(dict.fromkeys(texts))
+    return out
+
+
+def calibrate_thresholds(tower: TextTower, vocab: dict[str, list[str]], return_scores: bool = False):
+    """Per-field thresholds chosen on the TRAINING tables only (leave-one-synonym-out
+    positives, other-field names and training context words as negatives; see the module
+    docstring). Returns ``{field: threshold}`` (and the raw scores if ``return_scores``)."""
+    r = PromptResolver(tower, vocab)
+    negs = calibration_negatives(r.vocab)
+    result, raw = {}, {}
+    for f in CONDITION_FIELDS:
+        pos = []
+        for label in r.vocab[f]:
+            for name in train_names(FIELD_KIND[f], label):
+                got, s = r.best_label(name, f, exclude_norms=frozenset({normalize_name(name)}))
+                if got is not None:
+                    pos.append((s, got == label))
+        neg = r.score_texts(negs[f], f)
+        cuts = sorted({round(s, 4) for s, _ in pos} | {round(s, 4) for s in neg} | {0.0, 1.0})
+        best, best_v = [], -1.0
+        for c in cuts:
+            right = sum(ok and s >= c for s, ok in pos) - sum((not ok) and s >= c for s, ok in pos)
+            v = right / max(len(pos), 1) + sum(s < c for s in neg) / max(len(neg), 1)
+            if v > best_v + 1e-9:
+                best, best_v = [c], v
+            elif abs(v - best_v) <= 1e-9:
+                best.append(c)
+        result[f] = round(_midpoint(cuts, best), 4)
+        raw[f] = {"positives": pos, "negatives": neg, "objective": best_v, "best_cuts": (best[0], best[-1])}
+    return (result, raw) if return_scores else result
+
+
+def _midpoint(cuts: list[float], best: list[float]) -> float:
+    """A cut c means "score >= c passes"; every c in (previous cut, best[0]] behaves as best[0],
+    so the best interval is (cut below best[0], best[-1]]; its middle."""
+    i = cuts.index(best[0])
+    below = cuts[i - 1] if i > 0 else best[0]
+    return (below + best[-1]) / 2
+
+
+__all__ = ["PromptResolver", "PromptError", "ResolvedPrompt", "DEFAULT_THRESHOLDS", "GROUP_DISCOUNT",
+           "calibrate_thresholds", "calibration_negatives"]

