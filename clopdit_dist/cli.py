@@ -148,6 +148,15 @@ def cmd_sweep(args) -> None:
               base_config=args.base_config, base_run=args.base_run, overrides=list(args.overrides))
 
 
+def cmd_evaluate(args) -> None:
+    from .evaluate.evaluator import EvalConfig, evaluate_run
+
+    cfg = EvalConfig(split=args.split, seeds=args.seeds, max_cells=args.cells, steps=args.steps,
+                     guidance=args.guidance, report=not args.no_report)
+    result = evaluate_run(args.run, args.shards, args.out, cfg, progress=not args.no_progress)
+    print(f"wrote {args.out}/metrics.json and {args.out}/report.md in {result['seconds']:.0f} s")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -239,6 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-run", default=None, help="run with the trained stages a trial needs (dit: ae, clop)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="fixed overrides for every trial")
     p.set_defaults(func=cmd_sweep)
+
+    p = verbs.add_parser("evaluate", help="generated vs held-out real cells, beside ceilings and baselines")
+    p.add_argument("--run", required=True, help="run directory with trained stages")
+    p.add_argument("--shards", required=True, help="the shards the run was trained on")
+    p.add_argument("--out", required=True, help="directory for metrics.json, report.md and the plots")
+    p.add_argument("--split", default="test", help="held-out studies (and <split>_cells) to report: test or val")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--cells", type=int, default=200, help="generated cells per condition (at most)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's)")
+    p.add_argument("--guidance", type=float, default=None, help="skip the val sweep and use this guidance")
+    p.add_argument("--no-report", action="store_true", help="metrics.json only, no report.md/plots")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
 
     p = verbs.add_parser("demo", help="the whole path on the embedded atlas")
     p.add_argument("--out", default="runs/demo")

@@ -26,9 +26,9 @@ import scipy.sparse as sp
 import torch
 
 from .config import load_config_section
-from .data.conditions import parse_fields
+from .data.conditions import CONDITION_FIELDS, parse_fields, vocab_from_conditions
 from .models.codec import LatentCodec, load_codec
-from .models.condition import load_condition_encoder
+from .models.condition import check_prompts, load_condition_encoder
 from .models.dit import DiTConfig, LatentDiT
 from .models.flow import SamplerConfig, sample
 from .run import RunDir
@@ -54,9 +54,18 @@ class CellGenerator:
         self.var = pd.DataFrame({"feature_id": ids, "feature_name": [manifest.feature_names[index[f]] for f in ids]},
                                 index=ids)  # feature_id: unique, unlike symbols
         groups = library["groups"]
-        captions = [cond.builder.canonical({k: g[k] for k in ("cell_type", "tissue_general", "disease")})
-                    for g in groups]
+        captions = [cond.builder.canonical({k: g[k] for k in CONDITION_FIELDS}) for g in groups]
         self._group_text = cond.project(cond.features(captions)) if groups else None
+        self.resolver = None
+        if cond.mode == "fields":  # prompts are resolved to field values, then completed from training conditions
+            from .models.prompt_resolver import PromptResolver
+
+            self.resolver = PromptResolver(cond.tower, vocab_from_conditions(groups))
+            weight: dict[tuple, float] = {}
+            for g in groups:
+                key = tuple(g[f] for f in CONDITION_FIELDS)
+                weight[key] = weight.get(key, 0.0) + g["n"]
+            self._train_conditions, self._train_weight = list(weight), np.array(list(weight.values()))
 
     @classmethod
     def from_run(cls, run_dir: str, device="cpu", precision: str = "fp32", compile: bool = False) -> "CellGenerator":
@@ -103,22 +112,78 @@ class CellGenerator:
         counts = self.codec.sample(z, lib, generator=g)
         return counts.cpu().numpy(), lib.cpu().numpy()
 
+    def library_groups(self, condition: dict, n: int, rng: np.random.Generator) -> list[dict]:
+        """``n`` library-size groups drawn ∝ cell count among the training groups of the most
+        specific match of ``condition`` (all its fields, else cell type and tissue, else cell
+        type, else any): library sizes come from the cells the prompt denotes."""
+        groups = self.library["groups"]
+        for fields in (CONDITION_FIELDS, ("cell_type", "tissue_general"), ("cell_type",), ()):
+            match = [g for g in groups if all(condition.get(f) in (None, g[f]) for f in fields)]
+            if match:
+                w = np.array([g["n"] for g in match], float)
+                return [match[i] for i in rng.choice(len(match), n, p=w / w.sum())]
+        raise ValueError("the run's latent_stats.json lists no library-size groups")
+
+    def plan(self, prompt: str, n: int, rng: np.random.Generator) -> list[tuple[dict, int]]:
+        """Field mode: the full (or, for combinations no training study has, partial)
+        conditions the ``n`` cells of ``prompt`` are generated under.
+
+        The prompt is resolved to field values (a field it does not name is None; a parent
+        name such as "T cells" gives its child types as candidates). Where training
+        conditions agree with every named field, each cell's missing fields are drawn from
+        them in proportion to their training cell counts: ancestral sampling of p(missing |
+        named), so "lung" yields lung's cell-type composition. Where none agrees (a new
+        combination), the named fields are used as given and the missing ones stay on the
+        DiT's learned null (compositional conditioning).
+        """
+        r = self.resolver.resolve(prompt)
+        allowed = {f: {v for v, _ in r.candidates.get(f) or []} or ({r.fields[f]} if r.fields[f] else None)
+                   for f in CONDITION_FIELDS}
+        ok = np.array([all(allowed[f] is None or c[i] in allowed[f] for i, f in enumerate(CONDITION_FIELDS))
+                       for c in self._train_conditions])
+        complete = all(v is not None for v in r.fields.values())
+        if not ok.any() or (complete and not any(len(r.candidates.get(f) or []) > 1 for f in CONDITION_FIELDS)):
+            return [({f: v for f, v in r.fields.items()}, n)]
+        idx = np.flatnonzero(ok)
+        w = self._train_weight[idx] / self._train_weight[idx].sum()
+        drawn = np.bincount(rng.choice(len(idx), n, p=w), minlength=len(idx))
+        return [(dict(zip(CONDITION_FIELDS, self._train_conditions[idx[j]])), int(drawn[j]))
+                for j in np.flatnonzero(drawn)]
+
     # ------------------------------------------------------------------ API
     def generate(self, prompts: list[str], n: int = 100, sampler: SamplerConfig | None = None, seed: int = 0,
                  batch_size: int = 2048) -> ad.AnnData:
         sampler = sampler or self.default_sampler
+        if self.cond.mode == "fields":
+            return self._generate_fields(prompts, n, sampler, seed, batch_size)
         cond = self.cond.encode_prompts(prompts)
-        missing = self.cond.missing_fields(prompts) if self.cond.mode == "fields" else None
         groups = self.match_library(cond)
         parts = []
         for i, prompt in enumerate(prompts):
-            drop = None if missing is None else missing[i:i + 1]
-            z = self.latents(cond[i:i + 1], n, sampler, seed + 1000 * i, batch_size, drop)
+            z = self.latents(cond[i:i + 1], n, sampler, seed + 1000 * i, batch_size)
             counts, lib = self.decode(z, [groups[i]] * n, seed + 1000 * i)
-            parts.append(self._anndata(counts, z, prompt, groups[i], sampler, seed + 1000 * i, lib))
+            parts.append(self._anndata(counts, z, prompt, [groups[i]] * n, sampler, seed + 1000 * i, lib))
+        return self._concat(parts, "gen")
+
+    def _generate_fields(self, prompts, n, sampler, seed, batch_size) -> ad.AnnData:
+        check_prompts(prompts)
+        parts = []
+        for i, prompt in enumerate(prompts):
+            rng = np.random.default_rng([seed, i, 7])
+            for j, (condition, m) in enumerate(self.plan(prompt, n, rng)):
+                s = seed + 1000 * i + 97 * j
+                cond = self.cond.encode_fields([condition])
+                drop = torch.tensor([[condition.get(f) is None for f in CONDITION_FIELDS]])
+                z = self.latents(cond, m, sampler, s, batch_size, drop if drop.any() else None)
+                groups = self.library_groups(condition, m, rng)
+                counts, lib = self.decode(z, groups, s)
+                parts.append(self._anndata(counts, z, prompt, groups, sampler, s, lib, condition))
+        return self._concat(parts, "gen")
+
+    def _concat(self, parts, prefix: str) -> ad.AnnData:
         out = ad.concat(parts, index_unique=None)
         out.var = self.var.copy()
-        out.obs_names = [f"gen{i}" for i in range(out.n_obs)]
+        out.obs_names = [f"{prefix}{i}" for i in range(out.n_obs)]
         return out
 
     def interpolate(self, a: str, b: str, points: int = 10, n: int = 100, sampler: SamplerConfig | None = None,
@@ -133,22 +198,21 @@ class CellGenerator:
             group = self.match_library(c)[0]
             z = self.latents(c, n, sampler, seed + j)
             counts, lib = self.decode(z, [group] * n, seed + j)
-            part = self._anndata(counts, z, f"{a} -> {b}", group, sampler, seed + j, lib)
+            part = self._anndata(counts, z, f"{a} -> {b}", [group] * n, sampler, seed + j, lib)
             part.obs["interpolation_alpha"] = float(alpha)
             parts.append(part)
-        out = ad.concat(parts, index_unique=None)
-        out.var = self.var.copy()
-        out.obs_names = [f"traj{i}" for i in range(out.n_obs)]
-        return out
+        return self._concat(parts, "traj")
 
-    def _anndata(self, counts, z, prompt, group, sampler, seed, lib) -> ad.AnnData:
+    def _anndata(self, counts, z, prompt, groups, sampler, seed, lib, condition: dict | None = None) -> ad.AnnData:
+        """Cells of one prompt: ``condition`` is what the cells were generated under (field
+        mode; its None fields were left to the null), else the fields parsed from the prompt;
+        ``matched_*`` is the training group each cell's library size was drawn from."""
         n = counts.shape[0]
-        fields = parse_fields(prompt)
+        fields = condition if condition is not None else parse_fields(prompt)
         obs = pd.DataFrame({
-            "prompt": prompt, "cell_type": fields.get("cell_type", ""), "tissue_general": fields.get("tissue_general", ""),
-            "disease": fields.get("disease", ""), "matched_cell_type": group["cell_type"],
-            "matched_tissue_general": group["tissue_general"], "matched_disease": group["disease"],
-            "matched_assay": group["assay"], "guidance": sampler.guidance, "steps": sampler.steps,
+            "prompt": prompt, **{f: fields.get(f) or "" for f in CONDITION_FIELDS},
+            **{f"matched_{k}": [g[k] for g in groups] for k in (*CONDITION_FIELDS, "assay")},
+            "guidance": sampler.guidance, "steps": sampler.steps,
             "sampler": sampler.method, "noise": sampler.noise, "seed": seed, "library_size": lib.astype(np.float32),
         }, index=[f"{seed}-{i}" for i in range(n)])
         a = ad.AnnData(X=sp.csr_matrix(counts.astype(np.int32)), obs=obs)

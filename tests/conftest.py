@@ -49,3 +49,32 @@ def tiny_text_model(tmp_path_factory):
     from clopdit_dist.models.text import build_tiny_text_model
 
     return build_tiny_text_model(str(tmp_path_factory.mktemp("text") / "tiny-bert"), caption_corpus())
+
+
+@pytest.fixture(scope="session")
+def pca_run(shards_dir, tiny_text_model, tmp_path_factory):
+    """CLOP and a field-conditioned DiT trained for a few steps on the PCA codec (no autoencoder
+    stage), in one torchrun process: the small run generation and evaluation tests share."""
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    run, cfgdir = str(tmp_path_factory.mktemp("pca_run") / "run"), tmp_path_factory.mktemp("pca_cfg")
+    common = ["train.steps=4", "train.log_every=1", "data.batch_size=32", "data.num_workers=0",
+              "optim.warmup_steps=1", "train.wandb.mode=disabled", "data.eval_cells=200"]
+    OmegaConf.save(OmegaConf.from_dotlist([*common, f"model.text_model={tiny_text_model}", "model.embed_dim=16",
+                                           "model.hidden=32", "model.captions_per_condition=4", "codec.name=pca",
+                                           "codec.genes=hvg:200", "codec.n_components=16", "codec.fit_cells=1500"]),
+                   cfgdir / "clop.yaml")
+    OmegaConf.save(OmegaConf.from_dotlist([*common, "model.hidden_size=32", "model.token_dim=8", "model.depth=2",
+                                           "model.num_heads=2", "eval_conditions=2", "eval_cells_per_condition=20",
+                                           "stats_cells=500", "sampler.steps=4", "conditioning=fields"]),
+                   cfgdir / "dit.yaml")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29581",
+           os.path.join(os.path.dirname(__file__), "scripts", "train_stages.py"), shards_dir, run, "clop,dit",
+           f"--config-dir={cfgdir}"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return run

@@ -71,30 +71,13 @@ def test_autoencoder_codec_satisfies_the_contract_and_decodes_near_the_input(tra
     assert pearson(counts.mean(0).numpy(), mu.mean(0).numpy()) > 0.95
 
 
-def test_a_run_on_the_pca_codec_trains_clop_and_the_dit_and_generates(shards_dir, tmp_path, tiny_text_model):
-    from omegaconf import OmegaConf
-
+def test_a_run_on_the_pca_codec_trains_clop_and_the_dit_and_generates(pca_run, shards_dir, tmp_path):
     from clopdit_dist.generate import CellGenerator
     from clopdit_dist.models.codec import load_codec
     from clopdit_dist.run import RunDir
 
-    run, cfgdir = str(tmp_path / "run"), tmp_path / "cfg"
-    cfgdir.mkdir()
-    common = ["train.steps=4", "train.log_every=1", "data.batch_size=32", "data.num_workers=0",
-              "optim.warmup_steps=1", "train.wandb.mode=disabled", "data.eval_cells=200"]
-    OmegaConf.save(OmegaConf.from_dotlist([*common, f"model.text_model={tiny_text_model}", "model.embed_dim=16",
-                                           "model.hidden=32", "model.captions_per_condition=4", "codec.name=pca",
-                                           "codec.genes=hvg:200", "codec.n_components=16", "codec.fit_cells=1500"]),
-                   cfgdir / "clop.yaml")
-    OmegaConf.save(OmegaConf.from_dotlist([*common, "model.hidden_size=32", "model.token_dim=8", "model.depth=2",
-                                           "model.num_heads=2", "eval_conditions=2", "eval_cells_per_condition=20",
-                                           "stats_cells=500", "sampler.steps=4"]), cfgdir / "dit.yaml")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29581",
-           os.path.join(HERE, "scripts", "train_stages.py"), shards_dir, run, "clop,dit", f"--config-dir={cfgdir}"]
+    run = pca_run
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-
     codec = load_codec(RunDir(run))
     assert codec.name == "pca" and codec.latent_dim == 16 and not os.path.exists(os.path.join(run, "ae"))
     gen = CellGenerator.from_run(run)
@@ -102,6 +85,14 @@ def test_a_run_on_the_pca_codec_trains_clop_and_the_dit_and_generates(shards_dir
     assert adata.shape == (8, 200) and list(adata.var["feature_id"]) == codec.genes
     x = adata.X.toarray()
     assert (x >= 0).all() and np.array_equal(x, np.round(x)) and x.sum() > 0
+    # field mode: "B cell" names a parent type, so the cells are its children in blood
+    assert set(adata.obs["cell_type"]) <= {"naive B cell", "memory B cell"}
+    assert set(adata.obs["tissue_general"]) == {"blood"}
+    # a tissue alone: cell types drawn from that tissue's training composition, library sizes from those cells
+    lung = gen.generate(["lung"], n=60, seed=0)
+    lung_types = {c[0] for c in gen._train_conditions if c[1] == "lung"}
+    assert set(lung.obs["tissue_general"]) == {"lung"} and set(lung.obs["cell_type"]) <= lung_types
+    assert lung.obs["cell_type"].nunique() > 3 and (lung.obs["matched_tissue_general"] == "lung").all()
 
     # user errors on this run: one line, exit code 2, no traceback
     out = str(tmp_path / "g.h5ad")

@@ -127,15 +127,17 @@ class ConditionEncoder:
         check_prompts(prompts)
         if self.mode == "caption":
             return self.encode_texts(prompts)[:, None]
-        parsed = [parse_fields(p) for p in prompts]
-        texts = [f"{FIELD_NAMES[f]}: {p.get(f, '')}" for p in parsed for f in CONDITION_FIELDS]
-        emb = self.project(self.features(texts))
-        return emb.view(len(prompts), len(CONDITION_FIELDS), -1)
+        return self.encode_fields([parse_fields(p) for p in prompts])
 
-    @staticmethod
-    def missing_fields(prompts: list[str]) -> torch.Tensor:
-        """(P, K) True where a field-mode prompt leaves a field out."""
-        return torch.tensor([[f not in parse_fields(p) for f in CONDITION_FIELDS] for p in prompts])
+    @torch.no_grad()
+    def encode_fields(self, conditions: list[dict]) -> torch.Tensor:
+        """(P, K, embed_dim) field-mode conditions of (partial) condition dicts: each field's
+        canonical text (:func:`field_text`) through the tower and CLOP's text head. A missing
+        field gets the text of an empty value; the generator drops it to the learned null."""
+        texts = [field_text(f, c.get(f) or "") for c in conditions for f in CONDITION_FIELDS]
+        emb = self.project(self.features(texts))
+        return emb.view(len(conditions), len(CONDITION_FIELDS), -1)
+
 
 
 def load_condition_encoder(run: RunDir, mode: str, latent_dim: int, device) -> ConditionEncoder:
@@ -155,6 +157,22 @@ def load_condition_encoder(run: RunDir, mode: str, latent_dim: int, device) -> C
     bank = CaptionBank.load(bank_path) if mode == "caption" and m.prompt_anchor_k > 0 and os.path.exists(bank_path) \
         else None
     return ConditionEncoder(tower, clop, builder, mode, bank, m.prompt_anchor_k, m.prompt_anchor_tau)
+
+
+def field_text(field: str, value: str) -> str:
+    """The one text a field value is conditioned on in field mode, e.g. "cell type: mast cell"."""
+    return f"{FIELD_NAMES[field]}: {value}"
+
+
+def field_banks(tower: TextTower, conditions: list[dict]) -> dict[str, CaptionBank]:
+    """Per field, a bank of one canonical text per training value (:func:`field_text`)."""
+    banks = {}
+    for f in CONDITION_FIELDS:
+        values = sorted({c[f] for c in conditions})
+        texts = [field_text(f, v) for v in values]
+        keys = [CaptionBuilder.condition_key({f: v}) for v in values]
+        banks[f] = CaptionBank(keys, texts, tower.embed(texts).float().cpu(), np.arange(len(values)))
+    return banks
 
 
 def check_prompts(prompts: list[str]) -> None:

@@ -26,7 +26,7 @@ from ..data.conditions import CONDITION_FIELDS, train_conditions
 from ..data.loader import CellLoader, LoaderConfig
 from ..data.stats import LIBRARY_KEYS
 from ..models.codec import load_codec
-from ..models.condition import load_condition_encoder, shared_caption_bank
+from ..models.condition import field_banks, load_condition_encoder, shared_caption_bank
 from ..models.dit import DiTConfig, LatentDiT
 from ..models.flow import FlowConfig, SamplerConfig, flow_matching_loss
 from ..run import RunDir
@@ -41,6 +41,10 @@ class DiTStageConfig(StageConfig):
     flow: FlowConfig = field(default_factory=FlowConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     conditioning: str = "caption"  # caption (one field) or fields (cell type, tissue, disease)
+    # fields mode: "canonical" conditions each field on one fixed text per value ("cell type: X"),
+    # the text generation feeds after resolving a prompt to fields; "bank": augmented captions
+    # that name only that field (free wording handled by CLOP rather than the resolver)
+    field_captions: str = "canonical"
     stats_cells: int = 20_000  # training cells used for latent and library-size statistics
     eval_conditions: int = 12  # held-out conditions generated at the end of training
     eval_cells_per_condition: int = 200
@@ -78,7 +82,9 @@ class DiTStage(Stage):
                                                     self.cond.builder, conditions,
                                                     clop_cfg.model.captions_per_condition, self.cond.tower,
                                                     clop_cfg.train.seed, self.rank)}
-        else:  # one bank per field, of captions that mention only that field
+        elif self.cfg.field_captions == "canonical":  # one fixed text per field value, as generation feeds it
+            banks = field_banks(self.cond.tower, conditions)
+        else:  # one bank per field, of augmented captions that mention only that field
             banks = {}
             for f in CONDITION_FIELDS:
                 field_conditions = list({c[f]: {f: c[f]} for c in conditions}.values())

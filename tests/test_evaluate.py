@@ -1,0 +1,64 @@
+"""``clopdit evaluate`` on a small trained run: every generator and metric lands in
+metrics.json, the report and its plots are written; the prompt tiers are frozen and held out."""
+
+import json
+import os
+
+import numpy as np
+
+from clopdit_dist.data.captions import CaptionBuilder, caption_corpus
+from clopdit_dist.evaluate.evaluator import EvalConfig, evaluate_run
+from clopdit_dist.evaluate.prompts import heldout_sentences, tier_prompt
+
+META = {"cell_type": "CD8-positive, alpha-beta T cell", "tissue_general": "lung", "disease": "lung adenocarcinoma"}
+
+
+def test_prompt_tiers_are_deterministic_marker_free_and_unseen_in_training():
+    for tier in ("canonical", "reworded", "freeform", "type_only", "tissue_only"):
+        assert tier_prompt(META, tier) == tier_prompt(dict(META), tier)
+        assert "markers" not in tier_prompt(META, tier) and "CD8A" not in tier_prompt(META, tier)
+    assert tier_prompt(META, "canonical") == ("cell type: CD8-positive, alpha-beta T cell; tissue: lung; "
+                                              "disease: lung adenocarcinoma")
+    assert "CD8-positive, alpha-beta T cell" not in tier_prompt(META, "reworded")
+    # the fixed words of every free-form sentence occur in no training caption, and no training
+    # template is contained in a sentence
+    rng = np.random.default_rng(0)
+    builder = CaptionBuilder({"CD8-positive, alpha-beta T cell": ["CD8A", "GZMK"]})
+    train = " ".join(builder.augment(dict(META), rng) for _ in range(2000)).lower() + " ".join(caption_corpus()).lower()
+    for sentences in heldout_sentences().values():
+        for s in sentences:
+            fixed = [frag.strip(" ,.?:'s").lower() for frag in s.replace("}", "{").split("{")[::2]]
+            longest = max(fixed, key=len)
+            assert len(longest) > 8 and longest not in train, s
+
+
+def test_evaluate_writes_every_generator_metric_and_plot(pca_run, shards_dir, tmp_path):
+    out = str(tmp_path / "eval")
+    cfg = EvalConfig(seeds=2, min_cells=12, max_cells=24, max_conditions=3, train_cells=3000,
+                     guidance_grid=(0.0, 2.0), tiers=("canonical", "reworded"), augmentation_types=2)
+    result = evaluate_run(pca_run, shards_dir, out, cfg, progress=False)
+    with open(os.path.join(out, "metrics.json")) as f:
+        saved = json.load(f)
+    assert saved["guidance_sweep"]["chosen"] in (0.0, 2.0) and set(saved["guidance_sweep"]["grid"]) == {"0.0", "2.0"}
+    studies = saved["sets"]["studies"]
+    assert studies["cells"] > 0 and 1 <= len(studies["conditions"]) <= 3
+    gens = studies["generators"]
+    assert {"real_half", "training_copies", "gaussian", "type_mean_nb", "unconditional", "model_canonical",
+            "model_reworded"} <= set(gens)
+    for g, res in gens.items():
+        for key in ("identity_cell_type", "identity_tissue_general", "identity_disease", "coverage", "mmd", "energy",
+                    "w2", "auc", "diversity"):
+            assert key in res["macro"], (g, key)
+    canon = gens["model_canonical"]["macro"]
+    assert canon["energy"]["n"] == 2 and np.isfinite(canon["energy"]["lo"])  # two seeds, an interval
+    assert gens["model_reworded"]["macro"]["energy"]["n"] == 1  # non-canonical tiers: tier_seeds=1
+    assert "memorisation_ratio" in canon and "diversity_means" in canon
+    # the real half is the ceiling: it identifies its own cell type better than the null model
+    assert gens["real_half"]["macro"]["identity_cell_type"]["mean"] >= gens["unconditional"]["macro"][
+        "identity_cell_type"]["mean"]
+    assert result["field_subset"]["per_tissue"] and result["augmentation"]["rare_types"]
+    report = open(os.path.join(out, "report.md")).read()
+    assert "half vs half (ceiling)" in report and "Tissue-only prompts" in report
+    for png in ("guidance_sweep.png", "umap.png", "per_condition_energy.png", "marker_dotplot.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 5000, png
+        assert f"]({png})" in report
