@@ -16,7 +16,7 @@ AE_SMALL = ["train.log_every=1", "train.ckpt_every=1000", "data.batch_size=32", 
 
 
 def test_sweep_yamls_pass_dotted_overrides_and_name_a_metrics_key():
-    for stage, key in (("dit", "matched_fraction"), ("clop", "zero_shot_canonical.accuracy")):
+    for stage, key in (("dit", "model_canonical.identity_cell_type"), ("clop", "zero_shot_canonical.accuracy")):
         sweep = yaml.safe_load(open(os.path.join(ROOT, "configs", "sweeps", f"{stage}.yaml")))
         assert sweep["metric"]["name"] == key and "${args_no_hyphens}" in sweep["command"]
         assert all("." in k for k in sweep["parameters"])  # dotted config keys

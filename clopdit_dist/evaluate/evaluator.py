@@ -155,9 +155,11 @@ def _macro(rows: list[dict]) -> dict:
 
 
 class Evaluation:
-    def __init__(self, run: str, shards: str, cfg: EvalConfig, progress: bool = True, device: str = "cpu"):
+    """A generator (a trained run) and the training cells the baselines are built from."""
+
+    def __init__(self, gen: CellGenerator, shards: str, cfg: EvalConfig, progress: bool = True):
         self.cfg, self.shards, self.progress = cfg, shards, progress
-        self.gen = CellGenerator.from_run(run, device=device)
+        self.gen = gen
         self.codec = self.gen.codec
         self.genes = self.codec.genes
         self.train = read_cells(shards, "train", self.genes, cfg.train_cells)
@@ -289,7 +291,7 @@ def evaluate_run(run: str, shards: str, out_dir: str, cfg: EvalConfig | None = N
     cfg = cfg or EvalConfig()
     t0 = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
-    ev = Evaluation(run, shards, cfg, progress)
+    ev = Evaluation(CellGenerator.from_run(run), shards, cfg, progress)
     sweep = {"chosen": cfg.guidance, "rule": "given with --guidance"} if cfg.guidance is not None \
         else ev.guidance_sweep()
     w = sweep["chosen"]
@@ -320,3 +322,23 @@ def evaluate_run(run: str, shards: str, out_dir: str, cfg: EvalConfig | None = N
 
         write_report(result, ev, held, out_dir)
     return result
+
+
+def summary(generators: dict) -> dict:
+    """{generator: {metric: mean over seeds}}: the compact form a training run logs."""
+    return {g: {k: v["mean"] for k, v in res["macro"].items()} for g, res in generators.items()}
+
+
+def quick_evaluation(gen: CellGenerator, shards: str, split: str, guidance: float, max_conditions: int,
+                     max_cells: int) -> dict:
+    """The end-of-training check of the DiT stage: the same scoring as ``clopdit evaluate`` on
+    one held-out set (``split`` studies), one seed, canonical and reworded prompts, the
+    real-half ceiling and the Gaussian baseline beside them, at the configured guidance."""
+    cfg = EvalConfig(split=split, seeds=1, max_conditions=max_conditions, max_cells=max_cells,
+                     tiers=("canonical", "reworded"), guidance=guidance, report=False)
+    ev = Evaluation(gen, shards, cfg, progress=False)
+    hs = HeldoutSet(split, read_cells(shards, split, ev.genes, 20_000), ev.train, ev.train_keys, cfg)
+    res = ev.run_set(hs, guidance, 1, cfg.tiers)
+    keep = ("real_half", "gaussian", "training_copies", "model_canonical", "model_reworded")
+    return {"split": split, "guidance": guidance, "conditions": len(hs.conditions),
+            **summary({g: res[g] for g in keep if g in res})}

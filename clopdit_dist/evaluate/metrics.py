@@ -124,7 +124,7 @@ class EvalSpace:
        +-10 (``scanpy.pp.scale(max_value=10)``). Default OFF: the embedding stays a linear
        map of log expression, so each gene weighs by its real variance and a few noisy,
        barely expressed genes in a small held-out set cannot dominate distances; this is
-       also what the existing cell-type judge in ``evaluate/generation.py`` does.
+       also what the cell-type judge of the earlier held-out table did.
     4. PCA (scikit-learn, ``random_state=seed``) with ``n_pcs`` components (fewer only when
        there are fewer genes or cells), centred on the real mean.
 
@@ -186,7 +186,7 @@ class KNNJudge:
     real held-out cells of one annotation field (cell type, tissue or disease) in the
     :class:`EvalSpace` embedding; it judges whether a generated cell is the thing its
     prompt asked for. This is the kNN label-transfer check used by CFGen (Palma et al.
-    2024, ``train_knn_real_data``), with k=15 as in ``evaluate/generation.py``.
+    2024, ``train_knn_real_data``), with k=15.
 
     Parameters
     ----------
@@ -368,7 +368,7 @@ def wasserstein2(x, y, max_points: int = 1000, seed: int = 0) -> float:
 def diversity(x, max_n: int = 500, seed: int = 0) -> float:
     """Mean Euclidean distance over distinct pairs of points (``scipy.spatial.distance.pdist``
     mean), on a seeded subsample of at most ``max_n`` points; 0 when all points are equal.
-    The "diversity" of evaluate/generation.py (CLOP-DiT paper's diversity ratio)."""
+    The CLOP-DiT paper's diversity ratio is this, generated over real."""
     x = _subsample(_f64(x), max_n, np.random.default_rng(seed))
     return float(pdist(x).mean()) if len(x) > 1 else 0.0
 

@@ -46,6 +46,7 @@ class DiTStageConfig(StageConfig):
     # that name only that field (free wording handled by CLOP rather than the resolver)
     field_captions: str = "canonical"
     stats_cells: int = 20_000  # training cells used for latent and library-size statistics
+    eval_split: str = "val"  # held-out studies of the end-of-training check (clopdit evaluate reports test)
     eval_conditions: int = 12  # held-out conditions generated at the end of training
     eval_cells_per_condition: int = 200
     # std of Gaussian noise on the text-tower features of training captions before CLOP's
@@ -161,11 +162,12 @@ class DiTStage(Stage):
 
     @torch.no_grad()
     def evaluate(self, model, run: RunDir, device) -> dict:
-        from ..evaluate.generation import heldout_generation_report
+        from ..evaluate.evaluator import quick_evaluation
         from ..generate import CellGenerator
 
         gen = CellGenerator(run, self.codec, self.cond, model, self.stats["library"], device, self.cfg.sampler)
-        return heldout_generation_report(gen, run, self.cfg, split=self.cfg.data.eval_split)
+        return quick_evaluation(gen, self.cfg.data.shards, self.cfg.eval_split, self.cfg.sampler.guidance,
+                                self.cfg.eval_conditions, self.cfg.eval_cells_per_condition)
 
     def export(self, state_dict, run: RunDir) -> None:
         run.save_weights(self.name, state_dict, {"conditioning": self.cfg.conditioning})

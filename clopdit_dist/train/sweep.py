@@ -4,7 +4,7 @@ The YAML is the standard W&B format. Its ``command`` runs this module with the t
 parameters as dotted overrides (``${args_no_hyphens}``: ``optim.lr=3e-4 model.depth=6``),
 which reach the typed stage config unchanged. The objective is ``metric.name``, a dotted
 key of the stage's held-out metrics file ``RUN/<stage>/metrics.json`` (written by the
-end-of-training evaluation), e.g. ``matched_fraction`` (dit) or
+end-of-training evaluation), e.g. ``model_canonical.identity_cell_type`` (dit) or
 ``zero_shot_canonical.accuracy`` (clop); the key lives in the YAML only. Every trial logs
 all numeric metrics of that file, flattened to dotted keys, to its W&B run's summary, so the
 W&B sweep controller finds the objective there too.
