@@ -38,8 +38,16 @@ import numpy as np
 import pandas as pd
 
 from .blocks import BLOCK_EXT, encode_block
-from .manifest import (CELL_SPLITS, CONDITION_KEYS, MANIFEST_NAME, SCHEMA_VERSION, SPLITS, STUDY_SPLITS,
-                       sha256_file, write_json_atomic)
+from .manifest import (
+    CELL_SPLITS,
+    CONDITION_KEYS,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    SPLITS,
+    STUDY_SPLITS,
+    sha256_file,
+    write_json_atomic,
+)
 from .source import CELL_COLUMNS, CellSource, Query
 from .stats import ShardStats, SplitStats
 

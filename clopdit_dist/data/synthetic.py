@@ -180,13 +180,10 @@ class SyntheticAtlas:
             # the disease of the primary tissue whose (tissue, disease) pairs earlier studies have
             # least, ties in a seeded order: each study brings a combination of its own where it can
             candidates = [d.name for d in self.diseases if primary in d.tissues]
-            order = rng.permutation(len(candidates))
-
-            def overlap(k: int) -> tuple[int, int]:
-                d = candidates[order[k]]
-                return sum(used.get((t, d), 0) for t in tissues if t in bio.DISEASE_BY_NAME[d].tissues), k
-
-            diseases = [candidates[order[min(range(len(candidates)), key=overlap)]]] if candidates else []
+            candidates = [candidates[k] for k in rng.permutation(len(candidates))]
+            overlap = [sum(used.get((t, d), 0) for t in tissues if t in bio.DISEASE_BY_NAME[d].tissues)
+                       for d in candidates]
+            diseases = [candidates[int(np.argmin(overlap))]] if candidates else []
             for d in diseases:
                 for t in tissues:
                     if t in bio.DISEASE_BY_NAME[d].tissues:
