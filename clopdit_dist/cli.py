@@ -38,6 +38,9 @@ def add_shard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-studies", type=_csv, default=[], help="comma-separated dataset_ids held out for test")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of cells (whole studies) for val")
     p.add_argument("--test-fraction", type=float, default=0.1, help="fraction of cells (whole studies) for test")
+    p.add_argument("--heldout-cell-fraction", type=float, default=0.03,
+                   help="fraction of each training study's cells held out as val_cells, and again as test_cells "
+                        "(stratified by cell type, tissue and disease; 0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true", help="print the plan's counts and exit")
     p.add_argument("--no-progress", action="store_true")
@@ -49,7 +52,8 @@ def cmd_shards(args) -> None:
     cfg = ShardConfig(source=args.source, out=args.out, organism=args.organism, obs_filter=args.obs_filter,
                       genes=args.genes, cells_per_block=args.cells_per_block, blocks_per_shard=args.blocks_per_shard,
                       val_studies=args.val_studies, test_studies=args.test_studies, val_fraction=args.val_fraction,
-                      test_fraction=args.test_fraction, seed=args.seed, workers=args.workers)
+                      test_fraction=args.test_fraction, heldout_cell_fraction=args.heldout_cell_fraction,
+                      seed=args.seed, workers=args.workers)
     build_shards(cfg, dry_run=args.dry_run, progress=not args.no_progress)
 
 

@@ -161,3 +161,36 @@ def test_ingest_refuses_non_integer_counts(tmp_path, wu2020):
     assert ingest_h5ad(good, str(tmp_path / "out2"), mapping={"cell_type": "cluster_orig"}) == adata.n_obs
     with pytest.raises(KeyError, match="does not have"):
         ingest_h5ad(good, str(tmp_path / "out3"), mapping={"cell_type": "no_such_column"})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, ATLAS_CFG.seed])
+def test_studies_pair_tissues_with_diseases_so_held_out_combinations_are_new(seed):
+    atlas = SyntheticAtlas(SynthConfig(n_cells=20_000, n_genes=400, seed=seed))
+    pairs = [(s.tissues[0], d) for s in atlas.studies for d in s.diseases]
+    assert len(pairs) == len(atlas.studies) == len(set(pairs))  # each study has a (tissue, disease) of its own
+    for d in bio.DISEASES[1:]:
+        assert all(t in bio.TISSUE_BY_NAME for t in d.tissues)
+    # most diseases occur in two tissues, and every tissue has two, so a held-out study can bring
+    # a disease that training saw in another tissue only
+    assert sum(len(d.tissues) >= 2 for d in bio.DISEASES[1:]) >= len(bio.DISEASES) - 2
+    assert all(sum(t.name in d.tissues for d in bio.DISEASES) >= 2 for t in bio.TISSUES)
+
+
+def test_sub_states_are_discrete_and_visible_in_the_counts():
+    atlas = SyntheticAtlas(SynthConfig(n_cells=40_000, n_genes=600, seed=3))
+    obs, X = atlas.sample(0, 6000)
+    names = atlas.var["feature_name"].to_numpy()
+    lib = np.asarray(X.sum(axis=1)).ravel()
+    logcp = np.log1p(X.multiply(1e4 / lib[:, None]).toarray())
+    checked = 0
+    for cell_type, states in bio.SUB_STATES.items():
+        sel = (obs["cell_type"] == cell_type).to_numpy()
+        if sel.sum() < 150:
+            continue
+        score = np.stack([logcp[np.ix_(sel, [int(np.flatnonzero(names == g)[0]) for g in s.genes])].mean(1)
+                          for s in states], 1)
+        share = np.bincount(score.argmax(1), minlength=len(states)) / sel.sum()
+        # the module a cell expresses most is (mostly) its state: shares follow the state weights
+        np.testing.assert_allclose(share, [s.weight for s in states], atol=0.12)
+        checked += 1
+    assert checked >= 4

@@ -8,11 +8,12 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from clopdit_dist.data.loader import CellLoader, LoaderConfig
-from clopdit_dist.data.manifest import Manifest
-from clopdit_dist.data.shards import BUILD_DIR, build_shards
+from clopdit_dist.data.manifest import CELL_SPLITS, CONDITION_KEYS, SPLITS, Manifest
+from clopdit_dist.data.shards import BUILD_DIR, ShardConfig, build_shards, split_cells
 from clopdit_dist.data.source import CellSource, Query
 
 from conftest import ATLAS_CFG, shard_config
@@ -27,15 +28,17 @@ def read_split(shards, split, **kw):
 def test_every_cell_once_and_studies_never_split(shards_dir):
     m = Manifest.load(shards_dir)
     seen, study_split = [], {}
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         for batch in read_split(shards_dir, split):
             seen += batch["soma_joinid"].tolist()
             for study in batch["dataset_id"]:
-                assert study_split.setdefault(study, split) == split
+                # held-out cells of training studies belong to a training study
+                study_level = "train" if split in CELL_SPLITS else split
+                assert study_split.setdefault(study, study_level) == study_level
     assert sorted(seen) == list(range(ATLAS_CFG.n_cells))
     assert study_split == m.data["splits"]
-    assert all(m.studies(s) for s in ("train", "val", "test"))
-    assert sum(m.n_cells(s) for s in ("train", "val", "test")) == ATLAS_CFG.n_cells
+    assert all(m.studies(s) for s in SPLITS)
+    assert sum(m.n_cells(s) for s in SPLITS) == ATLAS_CFG.n_cells
 
 
 def test_manifest_contents(shards_dir):
@@ -82,7 +85,7 @@ def test_obs_filter_selects_and_bad_filters_are_explained(atlas_dir, tmp_path):
     out = str(tmp_path / "lung")
     m = build_shards(shard_config(atlas_dir, out, obs_filter="tissue_general == 'lung' and is_primary_data == True"),
                      progress=False, log=lambda *_: None)
-    cells = [t for split in ("train", "val", "test") for b in read_split(out, split) for t in b["tissue_general"]]
+    cells = [t for split in SPLITS for b in read_split(out, split) for t in b["tissue_general"]]
     assert set(cells) == {"lung"} and len(cells) == sum(m["n_cells"].values())
     with pytest.raises(ValueError, match="tissue_genral.*obs columns are:.*tissue_general"):
         build_shards(shard_config(atlas_dir, str(tmp_path / "x"), obs_filter="tissue_genral == 'lung'"))
@@ -124,6 +127,118 @@ def test_build_killed_with_sigkill_resumes_to_the_same_shards(atlas_dir, tmp_pat
     assert [(s["name"], s["sha256"]) for s in a.data["shards"]] == [(s["name"], s["sha256"]) for s in b.data["shards"]]
     assert b.verify() == []
     assert not [f for f in os.listdir(out) if f.endswith(".partial")]
-    ids = [i for split in ("train", "val", "test") for batch in read_split(out, split)
+    ids = [i for split in SPLITS for batch in read_split(out, split)
            for i in batch["soma_joinid"].tolist()]
     assert sorted(ids) == list(range(ATLAS_CFG.n_cells))
+
+
+def _cells_by_split(shards):
+    """split -> DataFrame of every cell's study and condition, as the loader reads them."""
+    out = {}
+    for split in SPLITS:
+        rows = [pd.DataFrame({k: b[k] for k in ("dataset_id", *CONDITION_KEYS)}).assign(soma_joinid=b["soma_joinid"].numpy())
+                for b in read_split(shards, split)]
+        out[split] = pd.concat(rows, ignore_index=True)
+    return out
+
+
+def test_held_out_cells_come_from_training_studies_stratified_by_condition(shards_dir):
+    m = Manifest.load(shards_dir)
+    cells = _cells_by_split(shards_dir)
+    f = m.data["held_out_cells"]["fraction"]
+    assert f == 0.03 and m.data["build"]["heldout_cell_fraction"] == f
+    ids = {k: set(v["soma_joinid"]) for k, v in cells.items()}
+    for a in SPLITS:  # disjoint: no cell in two splits
+        for b in SPLITS:
+            assert a == b or not (ids[a] & ids[b]), (a, b)
+    train_studies = set(m.studies("train"))
+    for split in CELL_SPLITS:
+        assert len(cells[split]) == m.n_cells(split) == m.data["held_out_cells"]["n_cells"][split] > 0
+        assert set(cells[split]["dataset_id"]) <= train_studies
+        assert m.data["held_out_cells"]["n_cells_per_study"][split] == cells[split]["dataset_id"].value_counts().to_dict()
+    # per study and condition: n * fraction held out in each, rounded down or up, and at least one
+    # cell from every condition of >= 1/fraction cells
+    everything = pd.concat([cells[s].assign(split=s) for s in ("train", *CELL_SPLITS)])
+    table = pd.crosstab([everything[k] for k in ("dataset_id", *CONDITION_KEYS)], everything["split"])
+    n = table.sum(axis=1)
+    checked = 0
+    for split in CELL_SPLITS:
+        assert (np.abs(table[split] - n * f) < 1).all(), table[np.abs(table[split] - n * f) >= 1]
+        big = n >= 1 / f
+        assert (table.loc[big, split] >= 1).all()
+        checked += int(big.sum())
+    assert checked >= 4  # the fixture has conditions big enough to check
+
+
+def test_manifest_lists_conditions_per_split_with_in_train(shards_dir):
+    m = Manifest.load(shards_dir)
+    cells = _cells_by_split(shards_dir)
+    assert m.data["conditions"]["keys"] == list(CONDITION_KEYS)
+    in_train = set(map(tuple, cells["train"][list(CONDITION_KEYS)].drop_duplicates().to_numpy()))
+    for split in SPLITS:
+        got = {tuple(c[k] for k in CONDITION_KEYS): (c["n_cells"], c["in_train"]) for c in m.conditions(split)}
+        counts = cells[split].groupby(list(CONDITION_KEYS)).size()
+        assert got == {k: (int(v), k in in_train) for k, v in counts.items()}
+        assert sum(c["n_cells"] for c in m.conditions(split)) == m.n_cells(split)
+        assert [c["n_cells"] for c in m.conditions(split)] == sorted((c["n_cells"] for c in m.conditions(split)),
+                                                                   reverse=True)
+    assert all(c["in_train"] for c in m.conditions("train"))
+    big = m.conditions("test", min_cells=30)
+    assert big and all(c["n_cells"] >= 30 for c in big)
+    # the fixture atlas holds out combinations no training study has, of labels training has
+    unseen = m.conditions("val", unseen_only=True) + m.conditions("test", unseen_only=True)
+    assert unseen and not any(c["in_train"] for c in unseen)
+    for key in CONDITION_KEYS:
+        assert {c[key] for c in unseen} <= set(cells["train"][key])
+    # every tissue, cell type and disease of a held-out study is also in a training study
+    for key in CONDITION_KEYS:
+        for split in ("val", "test"):
+            assert set(cells[split][key]) <= set(cells["train"][key]), (split, key)
+
+
+def test_fitted_statistics_use_the_train_split_only(shards_dir):
+    m = Manifest.load(shards_dir)
+    assert m.data["gene_stats"]["split"] == m.data["hvg"]["split"] == "train"
+    assert sum(g["n"] for g in m.data["library_size"]["groups"]) == m.n_cells("train")
+    assert sum(m.data["cell_types"]["train"].values()) == m.n_cells("train")
+    for split in CELL_SPLITS:
+        assert sum(m.data["cell_types"][split].values()) == m.n_cells(split)
+
+
+def test_cell_split_is_a_pure_function_of_obs_and_settings():
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame({"soma_joinid": np.arange(3000), "dataset_id": rng.choice(["a", "b", "c"], 3000),
+                        "cell_type": rng.choice(["T", "B", "NK"], 3000, p=[0.6, 0.35, 0.05]),
+                        "tissue_general": "blood", "disease": rng.choice(["normal", "flu"], 3000)})
+    study = {"a": "train", "b": "train", "c": "test"}
+    cfg = ShardConfig(source="-", out="-", heldout_cell_fraction=0.05)
+    a, b = split_cells(obs, study, cfg), split_cells(obs, study, cfg)
+    assert (a == b).all()
+    assert set(a[obs["dataset_id"] == "c"]) == {"test"}
+    assert set(a[obs["dataset_id"] != "c"]) == {"train", "val_cells", "test_cells"}
+    cfg.seed = 1
+    assert (split_cells(obs, study, cfg) != a).any()
+    cfg.heldout_cell_fraction = 0.0
+    assert set(split_cells(obs, study, cfg)) == {"train", "test"}
+    cfg.heldout_cell_fraction = 0.7
+    with pytest.raises(ValueError, match="heldout_cell_fraction"):
+        split_cells(obs, study, cfg)
+
+
+def test_shards_do_not_depend_on_the_worker_count(atlas_dir, shards_dir, tmp_path):
+    out = str(tmp_path / "two_workers")
+    build_shards(shard_config(atlas_dir, out, workers=2), progress=False, log=lambda *_: None)
+    a, b = Manifest.load(shards_dir), Manifest.load(out)
+    assert [(s["name"], s["sha256"]) for s in a.data["shards"]] == [(s["name"], s["sha256"]) for s in b.data["shards"]]
+    assert a.data["conditions"] == b.data["conditions"] and a.data["held_out_cells"] == b.data["held_out_cells"]
+
+
+def test_old_manifests_and_joined_split_names_are_explained(shards_dir, tmp_path):
+    m = Manifest.load(shards_dir)
+    with pytest.raises(ValueError, match="'val', 'test'"):
+        m.shards("val+test")
+    old = dict(m.data, schema_version=1)
+    with open(tmp_path / "manifest.json", "w") as f:
+        json.dump(old, f)
+    with pytest.raises(ValueError, match="version 1.*val_cells.*Rebuild"):
+        Manifest.load(str(tmp_path))

@@ -1,6 +1,6 @@
 """The biology the synthetic atlas is made of: a cell-type lineage tree with marker programs,
-tissues with their composition, diseases that shift programs of some cell types only, and
-continuous within-type programs.
+tissues with their composition, diseases that shift programs of some cell types only,
+discrete sub-states within some types, and continuous within-type programs.
 
 Everything here is declarative; :mod:`clopdit_dist.data.synthetic` turns it into counts.
 Labels and ontology ids follow the CELLxGENE schema (Cell Ontology, UBERON, MONDO, EFO,
@@ -149,26 +149,79 @@ class Disease:
 
 
 NORMAL = Disease("normal", "PATO:0000461", (), (), ())
+# Every tissue has at least two diseases and most diseases occur in two tissues, so that the
+# studies (each with its own tissue and disease, see synthetic._make_studies) can hold out a
+# disease in a tissue where training saw it only elsewhere: every label seen, the combination not.
 DISEASES: tuple[Disease, ...] = (
     NORMAL,
-    Disease("COVID-19", "MONDO:0100096", ("lung", "blood"),
+    Disease("COVID-19", "MONDO:0100096", ("lung", "blood", "liver"),  # autopsy atlases sample the liver too
             tuple("ISG15 IFI6 IFI27 MX1 IFIT1 IFIT3 IFI44L RSAD2 OAS1".split()),
             ("immune cell", "epithelial cell"),
             {"classical monocyte": 2.0, "plasma cell": 3.0, "neutrophil": 2.5, "type I pneumocyte": 0.5}),
-    Disease("lung adenocarcinoma", "MONDO:0005061", ("lung",),
+    Disease("lung adenocarcinoma", "MONDO:0005061", ("lung", "lymph node"),  # lymph node metastases
             tuple("CEACAM5 CEACAM6 MKI67 TOP2A MUC5AC AGR2 SPP1 MMP7".split()),
             ("type II pneumocyte", "club cell", "macrophage"),
             {"type II pneumocyte": 2.5, "CD8-positive, alpha-beta T cell": 1.8, "regulatory T cell": 2.5}),
-    Disease("ulcerative colitis", "MONDO:0005101", ("large intestine",),
+    Disease("ulcerative colitis", "MONDO:0005101", ("large intestine", "blood"),
             tuple("LCN2 DUOX2 REG1A REG4 S100A8 CXCL8 IL1B".split()),
             ("enterocyte", "goblet cell", "myeloid cell"),
             {"goblet cell": 0.4, "neutrophil": 5.0, "plasma cell": 2.0, "classical monocyte": 2.0}),
-    Disease("psoriasis", "MONDO:0005083", ("skin of body",),
+    Disease("psoriasis", "MONDO:0005083", ("skin of body", "blood"),
             tuple("KRT16 KRT6A S100A7 SERPINB4 PI3 IL36G".split()),
             ("keratinocyte",),
             {"keratinocyte": 1.3, "CD4-positive, alpha-beta T cell": 2.0}),
+    Disease("Crohn disease", "MONDO:0005011", ("large intestine", "lymph node"),  # and mesenteric nodes
+            tuple("CXCL9 CXCL10 IDO1 UBD DMBT1 NOS2".split()),
+            ("enterocyte", "goblet cell", "myeloid cell", "T cell"),
+            {"plasma cell": 1.8, "classical monocyte": 1.8, "CD8-positive, alpha-beta T cell": 1.5}),
+    Disease("systemic lupus erythematosus", "MONDO:0007915", ("blood", "skin of body"),
+            tuple("IFI44L SIGLEC1 LY6E IFI27 OAS3 EPSTI1 HERC5".split()),
+            ("immune cell", "keratinocyte"),
+            {"plasma cell": 2.5, "plasmacytoid dendritic cell": 0.5, "non-classical monocyte": 0.7}),
+    Disease("non-alcoholic fatty liver disease", "MONDO:0013209", ("liver",),
+            tuple("PLIN2 CD36 APOA4 TREM2 GPNMB CD9 LPL".split()),
+            ("hepatocyte", "macrophage"),
+            {"macrophage": 1.8, "hepatocyte": 0.8}),
 )
 DISEASE_BY_NAME = {d.name: d for d in DISEASES}
+
+
+@dataclass(frozen=True)
+class SubState:
+    """A discrete state within a cell type (e.g. naive vs effector memory T cells): its share
+    of the type's cells and the gene module it switches on. Captions do not name states, so
+    they are structure a generator must find in the counts, not read in the prompt."""
+
+    name: str
+    weight: float
+    genes: tuple[str, ...]
+
+
+def _ss(name, weight, genes) -> SubState:
+    return SubState(name, weight, tuple(genes.split()))
+
+
+SUB_STATES: dict[str, tuple[SubState, ...]] = {
+    "CD4-positive, alpha-beta T cell": (_ss("naive", 0.5, "SELL LEF1 NOSIP"), _ss("effector memory", 0.4,
+                                        "ANXA1 S100A4 KLRB1"), _ss("follicular helper", 0.1, "CXCL13 PDCD1 ICOS")),
+    "CD8-positive, alpha-beta T cell": (_ss("effector memory", 0.55, "GZMK CD27 CXCR4"),
+                                        _ss("cytotoxic effector", 0.35, "GZMH GZMB FGFBP2 CX3CR1"),
+                                        _ss("exhausted", 0.1, "HAVCR2 LAG3 TOX")),
+    "natural killer cell": (_ss("CD56 dim", 0.85, "FCER1G SPON2"), _ss("CD56 bright", 0.15, "XCL1 XCL2 NCAM1")),
+    "classical monocyte": (_ss("classical", 0.6, "S100A12 VCAN"), _ss("inflammatory", 0.25, "CCL3 CCL4 NR4A2 TNFAIP3"),
+                           _ss("MHC-II high", 0.15, "HLA-DRA CD74 HLA-DQA1")),
+    "macrophage": (_ss("resident", 0.6, "LYVE1 MRC1 CD163 F13A1"), _ss("monocyte-derived", 0.4, "FCN1 ITGAX CCL2")),
+    "fibroblast": (_ss("universal", 0.45, "PI16 MFAP5 CD248"), _ss("inflammatory", 0.35, "CXCL12 C7 APOD CFD"),
+                   _ss("myofibroblast", 0.2, "POSTN CTHRC1 COL11A1")),
+    "endothelial cell": (_ss("capillary", 0.5, "CA4 APLNR"), _ss("venous", 0.3, "ACKR1 SELP"),
+                         _ss("arterial", 0.2, "GJA5 HEY1 SEMA3G")),
+    "keratinocyte": (_ss("basal", 0.35, "COL17A1 CXCL14 KRT15"), _ss("spinous", 0.45, "KRTDAP SBSN"),
+                     _ss("granular", 0.2, "LOR FLG IVL")),
+    "hepatocyte": (_ss("pericentral", 0.4, "CYP2E1 GLUL CYP1A2 OAT"), _ss("periportal", 0.4, "CPS1 HAL SDS HAMP"),
+                   _ss("midzonal", 0.2, "HINT1 COX7C")),
+    "enterocyte": (_ss("immature", 0.3, "OLFM4 LGR5 ASCL2"), _ss("mature", 0.6, "SLC26A2 AQP8 CEACAM7"),
+                   _ss("BEST4+", 0.1, "BEST4 OTOP2 CA7")),
+}
 
 # Continuous programs within a type: cells of one type are not clones.
 CELL_CYCLE_S = tuple("PCNA MCM2 MCM5 TYMS FEN1 GINS2 RRM2".split())
@@ -194,6 +247,7 @@ def named_genes() -> list[str]:
     seen: dict[str, None] = {}
     groups = [HOUSEKEEPING, MITOCHONDRIAL, CELL_CYCLE_S, CELL_CYCLE_G2M, ACTIVATION, STRESS, *SEX_GENES.values()]
     groups += [c.markers for c in CELL_TYPES] + [d.program for d in DISEASES]
+    groups += [s.genes for states in SUB_STATES.values() for s in states]
     for group in groups:
         for g in group:
             seen.setdefault(g, None)

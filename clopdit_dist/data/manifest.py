@@ -1,11 +1,17 @@
 """manifest.json: what a shard directory holds and how it was made.
 
-Fields (schema version 1): ``source`` (the query), ``build`` (block and shard sizes, seed),
-``vocabulary`` (feature_id, feature_name), ``splits`` (study -> train/val/test),
-``shards`` (name, split, n_cells, n_blocks, bytes, sha256), ``n_cells`` per split,
-``gene_stats`` (train split: mean/var of log1p CP10k and CP10k, detection rate),
-``hvg`` (ranking, normalised dispersion), ``markers`` per cell type, ``cell_types``
-(train counts), ``library_size`` (log-normal fit per cell type, tissue, disease, assay).
+Fields (schema version 2): ``source`` (the query), ``build`` (block and shard sizes, seed,
+held-out fractions), ``vocabulary`` (feature_id, feature_name), ``splits`` (study ->
+train/val/test), ``held_out_cells`` (the cell-level held-out splits ``val_cells`` and
+``test_cells`` drawn from training studies: fraction, stratification, cells per split and per
+study), ``shards`` (name, split, n_cells, n_blocks, bytes, sha256), ``n_cells`` per split,
+``conditions`` (per split: each cell_type, tissue_general, disease combination with its cells
+and ``in_train``), ``gene_stats`` (train split: mean/var of log1p CP10k and CP10k, detection
+rate), ``hvg`` (ranking, normalised dispersion), ``markers`` per cell type, ``cell_types``
+(counts per split), ``library_size`` (log-normal fit per cell type, tissue, disease, assay).
+Everything fitted (gene stats, HVGs, markers, library sizes) uses the ``train`` split only.
+
+Version 1 had study-level splits only (no ``val_cells``/``test_cells``, no ``conditions``).
 """
 
 from __future__ import annotations
@@ -19,10 +25,13 @@ from functools import cached_property
 import numpy as np
 
 from ..errors import GeneVocabularyError, ShardError
+from .stats import CONDITION_KEYS  # noqa: F401  (re-exported: the keys of ``conditions``)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
-SPLITS = ("train", "val", "test")
+STUDY_SPLITS = ("train", "val", "test")  # whole studies
+CELL_SPLITS = ("val_cells", "test_cells")  # held-out cells of training studies
+SPLITS = STUDY_SPLITS + CELL_SPLITS
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
@@ -60,8 +69,11 @@ class Manifest:
             data = json.load(f)
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
+            why = (" (version 1 predates the held-out cells of training studies, val_cells/test_cells, "
+                   "and the per-split conditions)" if version == 1 else "")
             raise ShardError(f"{path} has manifest schema version {version}; this clopdit-dist reads version "
-                             f"{SCHEMA_VERSION}. Rebuild the shards with this version.")
+                             f"{SCHEMA_VERSION}{why}. Rebuild the shards into a new directory with "
+                             "`clopdit data shards --source ATLAS --out NEW_DIR`.")
         return cls(data, os.path.dirname(os.path.abspath(path)))
 
     @property
@@ -111,7 +123,9 @@ class Manifest:
     # ------------------------------------------------------------------ shards
     def shards(self, split: str) -> list[dict]:
         if split not in SPLITS:
-            raise ShardError(f"split {split!r}: choose one of {SPLITS}")
+            hint = (f"; for several splits ask for each ({', '.join(repr(p) for p in split.split('+'))})"
+                    if "+" in split else "")
+            raise ShardError(f"split {split!r}: choose one of {SPLITS}{hint}")
         return [s for s in self.data["shards"] if s["split"] == split]
 
     def shard_paths(self, split: str) -> list[str]:
@@ -121,7 +135,17 @@ class Manifest:
         return int(self.data["n_cells"][split])
 
     def studies(self, split: str) -> list[str]:
+        """Studies with cells in ``split`` (for val_cells/test_cells: the training studies they come from)."""
+        if split in CELL_SPLITS:
+            return sorted(self.data["held_out_cells"]["n_cells_per_study"][split])
         return sorted(k for k, v in self.data["splits"].items() if v == split)
+
+    def conditions(self, split: str, min_cells: int = 0, unseen_only: bool = False) -> list[dict]:
+        """(cell_type, tissue_general, disease, n_cells, in_train) rows of ``split``, largest
+        first; ``unseen_only``: combinations that the train split does not have."""
+        self.shards(split)  # validates the name
+        return [c for c in self.data["conditions"]["splits"][split]
+                if c["n_cells"] >= min_cells and not (unseen_only and c["in_train"])]
 
     def verify(self) -> list[str]:
         """Names of shards whose file is missing or whose sha256 differs from the manifest."""

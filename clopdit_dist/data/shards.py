@@ -1,6 +1,6 @@
 """Build WebDataset shards from a SOMA query.
 
-    SOMA query ─ plan (splits by study, blocks, shards) ─ workers: read cells, write tar ─ manifest
+    SOMA query ─ plan (splits by study and cell, blocks, shards) ─ workers: read cells, write tar ─ manifest
 
 The plan is a pure function of the query and the build settings and is saved first
 (``_build/plan.json`` + ``plan.npz``), so a run killed at any point and started again with
@@ -8,9 +8,18 @@ the same arguments rebuilds only the shards that are missing, with exactly the s
 each soma_joinid lands in exactly one shard. A shard is complete when its tar has been
 renamed into place and its ``_build/<name>.json`` written; anything else is rebuilt.
 
-Studies (``dataset_id``) are never split across train/val/test, so evaluation holds out
-whole studies. Blocks are runs of consecutive cells of one split; their order is permuted
-across the split so a shard mixes studies, and cells are permuted within each block.
+Two kinds of held-out cells, for two questions:
+
+* ``val`` / ``test``: whole studies (``dataset_id``), never split, so these measure
+  generalisation to new donors, labs and batches (and to condition combinations that no
+  training study has);
+* ``val_cells`` / ``test_cells``: a seeded ``heldout_cell_fraction`` of every *training*
+  study's cells, stratified by (cell_type, tissue_general, disease) within the study, so
+  these measure fit to the training distribution without a batch shift.
+
+Every cell lands in exactly one split. Blocks are runs of consecutive cells of one split;
+their order is permuted across the split so a shard mixes studies, and cells are permuted
+within each block.
 """
 
 from __future__ import annotations
@@ -30,7 +39,16 @@ import pandas as pd
 
 from ..errors import FilterError, ShardError
 from .blocks import BLOCK_EXT, encode_block
-from .manifest import MANIFEST_NAME, SCHEMA_VERSION, SPLITS, sha256_file, write_json_atomic
+from .manifest import (
+    CELL_SPLITS,
+    CONDITION_KEYS,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    SPLITS,
+    STUDY_SPLITS,
+    sha256_file,
+    write_json_atomic,
+)
 from .source import CELL_COLUMNS, CellSource, Query
 from .stats import ShardStats, SplitStats
 
@@ -50,6 +68,7 @@ class ShardConfig:
     test_studies: list[str] = field(default_factory=list)
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    heldout_cell_fraction: float = 0.03  # of each training study's cells, for val_cells and for test_cells
     seed: int = 0
     workers: int = 1
     n_markers: int = 20
@@ -70,8 +89,9 @@ class ShardConfig:
 def assign_splits(obs: pd.DataFrame, cfg: ShardConfig) -> dict[str, str]:
     """Study -> split. Explicit lists win. Otherwise studies are taken in a seeded hash order
     into test, then val, until each holds its fraction of cells, skipping a study whose
-    tissue(s) would then be left without a training study: held-out studies test new
-    donors, labs and batches, not cell types the model never saw."""
+    tissue(s), cell type(s) or disease(s) (those of these columns ``obs`` has) would then be
+    left without a training study: held-out studies test new donors, labs, batches and
+    combinations of known labels, not labels the model never saw."""
     sizes = obs["dataset_id"].value_counts()
     names = sorted(sizes.index)
     unknown = [s for s in cfg.val_studies + cfg.test_studies if s not in sizes.index]
@@ -83,12 +103,15 @@ def assign_splits(obs: pd.DataFrame, cfg: ShardConfig) -> dict[str, str]:
         split.update({s: "val" for s in cfg.val_studies})
         split.update({s: "test" for s in cfg.test_studies})
         return split
-    tissues = (obs.groupby("dataset_id")["tissue_general"].agg(lambda t: set(t)) if "tissue_general" in obs
-               else pd.Series({s: set() for s in names}))
+    labels = {s: set() for s in names}  # study -> {(column, value)}
+    for col in CONDITION_KEYS:
+        if col in obs:
+            for s, values in obs.groupby("dataset_id", observed=True)[col].agg(lambda v: set(v)).items():
+                labels[s] |= {(col, v) for v in values}
 
-    def keeps_tissues_in_train(study: str) -> bool:
-        others = set().union(*(tissues[s] for s in names if split[s] == "train" and s != study))
-        return tissues[study] <= others
+    def keeps_labels_in_train(study: str) -> bool:
+        others = set().union(*(labels[s] for s in names if split[s] == "train" and s != study))
+        return labels[study] <= others
 
     order = sorted(names, key=lambda s: hashlib.sha256(f"{cfg.seed}/{s}".encode()).hexdigest())
     total = sizes.sum()
@@ -97,7 +120,7 @@ def assign_splits(obs: pd.DataFrame, cfg: ShardConfig) -> dict[str, str]:
         for s in order:
             if frac <= 0 or len(names) < 3 or sum(v == "train" for v in split.values()) <= 1:
                 break
-            if split[s] != "train" or not keeps_tissues_in_train(s):
+            if split[s] != "train" or not keeps_labels_in_train(s):
                 continue
             if taken and taken + sizes[s] > frac * total * 1.5:
                 continue
@@ -108,14 +131,49 @@ def assign_splits(obs: pd.DataFrame, cfg: ShardConfig) -> dict[str, str]:
     return split
 
 
+def split_cells(obs: pd.DataFrame, study_split: dict[str, str], cfg: ShardConfig) -> np.ndarray:
+    """The split of every cell of ``obs`` (in its row order): its study's split, except for a
+    seeded ``heldout_cell_fraction`` of each training study's cells in ``val_cells`` and as
+    many again in ``test_cells``.
+
+    Stratified: within a study, every (cell_type, tissue_general, disease) condition gives
+    ``n · fraction`` cells to each, rounded down or up at random with the remainder as the
+    chance of rounding up, so a condition of at least 1/fraction cells always gives one.
+    A pure function of ``obs`` (sorted by soma_joinid, as ``CellSource.obs`` returns it) and
+    the settings."""
+    split = obs["dataset_id"].map(study_split).to_numpy().astype(object)
+    f = cfg.heldout_cell_fraction
+    if not 0 <= f <= 0.5:
+        raise ShardError(f"heldout_cell_fraction={f}: choose a fraction in [0, 0.5] (0 turns cell-level "
+                         "held-out splits off)")
+    if f == 0:
+        return split
+    keys = ["dataset_id"] + [k for k in CONDITION_KEYS if k in obs]
+    train = np.flatnonzero(split == "train")
+    groups = obs.iloc[train].groupby(keys, sort=True, observed=True).indices  # key -> positions in train
+    rng = np.random.default_rng([cfg.seed, 17])
+    for key in sorted(groups, key=lambda k: tuple(map(str, k if isinstance(k, tuple) else (k,)))):
+        rows = train[groups[key]]
+        n = len(rows)
+        take = [int(np.floor(n * f + rng.random())) for _ in CELL_SPLITS]
+        perm = rng.permutation(rows)
+        start = 0
+        for name, k in zip(CELL_SPLITS, take):
+            k = min(k, n - start)
+            split[perm[start:start + k]] = name
+            start += k
+    return split
+
+
 # ---------------------------------------------------------------------- plan
 @dataclass
 class Plan:
     key: dict
-    splits: dict[str, str]
+    splits: dict[str, str]  # study -> train / val / test
     shards: list[dict]  # name, split, n_cells, n_blocks
     joinids: np.ndarray  # all cells, shard after shard, block after block
     offsets: np.ndarray  # shard i owns joinids[offsets[i]:offsets[i+1]]
+    cells_per_study: dict = field(default_factory=dict)  # split -> study -> cells
 
     def shard_joinids(self, i: int) -> np.ndarray:
         return self.joinids[self.offsets[i]:self.offsets[i + 1]]
@@ -123,7 +181,10 @@ class Plan:
 
 def make_plan(obs: pd.DataFrame, cfg: ShardConfig) -> Plan:
     splits = assign_splits(obs, cfg)
-    split_of_cell = obs["dataset_id"].map(splits).to_numpy()
+    split_of_cell = split_cells(obs, splits, cfg)
+    counts = pd.crosstab(split_of_cell, obs["dataset_id"].to_numpy())
+    cells_per_study = {k: {s: int(n) for s, n in counts.loc[k].items() if n} if k in counts.index else {}
+                       for k in SPLITS}
     B = cfg.cells_per_block
     shards, parts, offsets = [], [], [0]
     for si, split in enumerate(SPLITS):
@@ -142,14 +203,15 @@ def make_plan(obs: pd.DataFrame, cfg: ShardConfig) -> Plan:
             parts.extend(group)
             offsets.append(offsets[-1] + shards[-1]["n_cells"])
     joinids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    return Plan(cfg.plan_key(), splits, shards, joinids, np.array(offsets, np.int64))
+    return Plan(cfg.plan_key(), splits, shards, joinids, np.array(offsets, np.int64), cells_per_study)
 
 
 def save_plan(plan: Plan, build_dir: str) -> None:
     os.makedirs(build_dir, exist_ok=True)
     np.savez(os.path.join(build_dir, "plan.npz"), joinids=plan.joinids, offsets=plan.offsets)
-    write_json_atomic(os.path.join(build_dir, "plan.json"),
-                      {"key": plan.key, "splits": plan.splits, "shards": plan.shards})
+    write_json_atomic(os.path.join(build_dir, "plan.json"), {"key": plan.key, "splits": plan.splits,
+                                                             "shards": plan.shards,
+                                                             "cells_per_study": plan.cells_per_study})
 
 
 def load_plan(build_dir: str) -> Plan | None:
@@ -160,7 +222,7 @@ def load_plan(build_dir: str) -> Plan | None:
     with open(meta) as f:
         m = json.load(f)
     with np.load(arrays, allow_pickle=False) as z:
-        return Plan(m["key"], m["splits"], m["shards"], z["joinids"], z["offsets"])
+        return Plan(m["key"], m["splits"], m["shards"], z["joinids"], z["offsets"], m.get("cells_per_study", {}))
 
 
 # ---------------------------------------------------------------------- workers
@@ -230,17 +292,15 @@ def build_shards(cfg: ShardConfig, dry_run: bool = False, progress: bool = True,
 
     build_dir = os.path.join(cfg.out, BUILD_DIR)
     with CellSource(cfg.query()) as src:
-        obs = src.obs(("soma_joinid", "dataset_id", "tissue_general") if "tissue_general" in src.obs_columns
-                      else ("soma_joinid", "dataset_id"))
+        obs = src.obs(("soma_joinid", "dataset_id") + tuple(k for k in CONDITION_KEYS if k in src.obs_columns))
         if obs.empty:
             raise FilterError(f"obs filter {cfg.obs_filter!r} matches no cell in {cfg.source} ({cfg.organism})")
         var = src.var
     plan = make_plan(obs, cfg)
     if dry_run:
-        counts = obs["dataset_id"].map(plan.splits).value_counts()
         log(json.dumps({"cells": len(obs), "genes": len(var), "studies": len(plan.splits),
-                        "cells_per_split": {k: int(counts.get(k, 0)) for k in SPLITS},
-                        "studies_per_split": {k: sum(v == k for v in plan.splits.values()) for k in SPLITS},
+                        "cells_per_split": {k: sum(plan.cells_per_study[k].values()) for k in SPLITS},
+                        "studies_per_split": {k: sum(v == k for v in plan.splits.values()) for k in STUDY_SPLITS},
                         "shards": len(plan.shards), "cells_per_block": cfg.cells_per_block,
                         "blocks_per_shard": cfg.blocks_per_shard}, indent=1))
         return None
@@ -296,9 +356,15 @@ def write_manifest(cfg: ShardConfig, plan: Plan, var: pd.DataFrame, build_dir: s
         "created_by": f"clopdit-dist {__version__}",
         "source": cfg.query().to_dict(),
         "build": {k: v for k, v in asdict(cfg).items() if k in ("cells_per_block", "blocks_per_shard", "seed",
-                                                              "val_fraction", "test_fraction")},
+                                                              "val_fraction", "test_fraction",
+                                                              "heldout_cell_fraction")},
         "n_cells": {split: stats[split].n_cells for split in SPLITS},
         "splits": plan.splits,
+        "held_out_cells": {"from_split": "train", "fraction": cfg.heldout_cell_fraction,
+                           "stratified_by": ["dataset_id", *CONDITION_KEYS],
+                           "n_cells": {split: stats[split].n_cells for split in CELL_SPLITS},
+                           "n_cells_per_study": {split: plan.cells_per_study.get(split, {}) for split in CELL_SPLITS}},
+        "conditions": conditions(stats),
         "vocabulary": {"feature_id": var["feature_id"].tolist(), "feature_name": var["feature_name"].tolist()},
         "shards": shards,
         "gene_stats": {"split": "train", **gene_stats},
@@ -311,3 +377,15 @@ def write_manifest(cfg: ShardConfig, plan: Plan, var: pd.DataFrame, build_dir: s
     }
     write_json_atomic(os.path.join(cfg.out, MANIFEST_NAME), manifest)
     return manifest
+
+
+def conditions(stats: dict[str, SplitStats]) -> dict:
+    """Per split, every (cell_type, tissue_general, disease) with its cells and whether the train
+    split has that exact combination (``in_train``), largest first: what an evaluator needs to
+    list "held-out conditions with >= 30 cells" or "combinations no training study has"."""
+    per_split = {split: s.condition_counts() for split, s in stats.items()}
+    seen = set(per_split["train"])
+    rows = {split: [{**dict(zip(CONDITION_KEYS, key)), "n_cells": n, "in_train": key in seen}
+                    for key, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+            for split, counts in per_split.items()}
+    return {"keys": list(CONDITION_KEYS), "splits": rows}

@@ -12,6 +12,7 @@ import scipy.sparse as sp
 
 TARGET_SUM = 1e4
 LIBRARY_KEYS = ("cell_type", "tissue_general", "disease", "assay")
+CONDITION_KEYS = LIBRARY_KEYS[:3]  # a condition: what a caption names and evaluation groups by
 
 
 def cp10k(X: sp.csr_matrix, library_size: np.ndarray) -> sp.csr_matrix:
@@ -176,6 +177,14 @@ class SplitStats:
             rows.append({**dict(zip(LIBRARY_KEYS, key)), "n": int(n), "mean_log": round(float(mean), 5),
                          "sd_log": round(sd, 5)})
         return rows
+
+    def condition_counts(self) -> dict[tuple[str, str, str], int]:
+        """Cells per (cell_type, tissue_general, disease): the library groups summed over assays."""
+        out: dict[tuple[str, str, str], int] = {}
+        for key, (n, _, _) in self.library.items():
+            k = tuple(key[: len(CONDITION_KEYS)])
+            out[k] = out.get(k, 0) + int(n)
+        return out
 
     def cell_type_counts(self) -> dict[str, int]:
         return {k: int(v[0]) for k, v in sorted(self.types.items())}

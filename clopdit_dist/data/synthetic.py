@@ -3,8 +3,9 @@
 Generative model, per cell ``i`` of study ``s``, donor ``d``, tissue, disease, type ``c``::
 
     logit_ig = base_g + Σ_{n ∈ lineage(c)} program_ng          (children share parents' programs)
-             + tissue_g + donor_dg + batch_sg + capture_ag      (study batch, assay capture)
+             + tissue_g + donor_dg + batch_sg + capture_ag      (donor < study batch, assay capture)
              + a_i · disease_g   [if the disease acts on c]     (per-cell intensity a_i)
+             + state_{k_i, g}    [if c has sub-states]          (discrete state k_i, its gene module)
              + cycle_i · cc_g + act_i · activation_g + stress_i · stress_g + mito_i · mt_g
              + u_i · axes_cg                                    (2 within-type continuous axes)
     mu_ig    = L_i · softmax(logit_i)_g,   L_i ~ LogNormal(assay, type, study)
@@ -13,7 +14,13 @@ Generative model, per cell ``i`` of study ``s``, donor ``d``, tissue, disease, t
 This follows the count model that scVI (Lopez et al., 2018) and scLDM decode with
 (softmax proportions × library size, per-gene inverse dispersion), so generated cells can
 only match it by getting proportions, library sizes and overdispersion right; the
-continuous programs make sure cells of one type are not clones.
+sub-states and continuous programs (on expressed genes, so they show in the counts) make sure
+cells of one type are not clones, and the study and donor effects make a held-out study more
+than a resample of training studies (``benchmarks/atlas_discrimination.py`` measures both).
+
+Each study pairs its tissue with a disease no earlier study has in that tissue where it can
+(``_make_studies``), so held-out studies bring (cell type, tissue, disease) combinations that
+no training study has, although training sees each label.
 
 Cells are produced in chunks from per-chunk RNG streams, so the atlas is deterministic for a
 seed and any size builds in bounded memory.
@@ -32,6 +39,14 @@ import scipy.sparse as sp
 
 from . import biology as bio
 from .census_layout import CensusWriter
+
+
+# Effect sizes (log scale, per gene): a study's batch factors are dense and larger than a
+# donor's; the continuous axes act on genes a cell actually expresses.
+STUDY_EFFECT_SD = 0.3
+DONOR_EFFECT_SD = 0.15
+AXIS_GENES, AXIS_SD, AXIS_SCORE_SD = 40, 1.0, 0.8
+STATE_SD = 0.7
 
 
 @dataclass
@@ -110,7 +125,20 @@ class SyntheticAtlas:
         self.types = list(bio.LEAF_TYPES)
         self.type_index = {c.name: i for i, c in enumerate(self.types)}
         self.type_program = np.stack([sum(node_program[n.name] for n in bio.lineage(c.name)) for c in self.types])
-        self.type_axes = np.stack([np.stack([_axis(rng, G, 40) for _ in range(2)]) for _ in self.types])
+        # continuous axes on genes a cell counts a few UMIs of (the top 15% of baseline logits):
+        # on genes that are off, a program would change nothing one could see in the counts
+        expressed = np.flatnonzero(base >= np.quantile(base, 0.85))
+        k_axis = min(AXIS_GENES, len(expressed) // 2)
+        self.type_axes = np.stack([np.stack([_axis(rng, G, expressed, k_axis, AXIS_SD) for _ in range(2)])
+                                   for _ in self.types])
+        # discrete sub-states: a named gene module each, plus shifts of some expressed genes
+        self.state_program: list[np.ndarray | None] = []
+        self.state_weights: list[np.ndarray | None] = []
+        for c in self.types:
+            states = bio.SUB_STATES.get(c.name, ())
+            self.state_program.append(np.stack([vec(st.genes, 2.5, 4.0) + _axis(rng, G, expressed, k_axis, STATE_SD)
+                                                for st in states]) if states else None)
+            self.state_weights.append(_normalise([st.weight for st in states]) if states else None)
         self.type_cycling = np.array([c.cycling for c in self.types])
         self.type_libfactor = np.log([c.library_factor for c in self.types])
         self.type_activatable = np.array([c.activatable for c in self.types])
@@ -134,9 +162,9 @@ class SyntheticAtlas:
         self.sex_program = {s: cols(genes, 3.0, 4.0) for s, genes in bio.SEX_GENES.items()}
 
         self.studies = self._make_studies(rng)
-        self.study_batch = np.stack([rng.normal(0, 0.3, G).astype(np.float32) for _ in self.studies])
+        self.study_batch = np.stack([rng.normal(0, STUDY_EFFECT_SD, G).astype(np.float32) for _ in self.studies])
         self.study_start = np.concatenate([[0], np.cumsum([s.n_cells for s in self.studies])])
-        self.donor_effect = [np.stack([sparse_noise(0.1, 0.15) for _ in range(len(s.donors))])
+        self.donor_effect = [rng.normal(0, DONOR_EFFECT_SD, (len(s.donors), G)).astype(np.float32)
                              for s in self.studies]
 
     # ------------------------------------------------------------------ studies
@@ -145,12 +173,21 @@ class SyntheticAtlas:
         weights = rng.dirichlet(np.full(cfg.n_studies, 4.0))
         sizes = np.floor(weights * cfg.n_cells).astype(int)
         sizes[: cfg.n_cells - sizes.sum()] += 1
-        studies = []
+        studies, used = [], {}  # used: (tissue, disease) -> studies that have it
         for i in range(cfg.n_studies):
             primary = self.tissues[i % len(self.tissues)].name
             tissues = [primary] + (["blood"] if i % 4 == 3 and primary != "blood" else [])
-            candidates = [d.name for d in self.diseases if set(d.tissues) & set(tissues)]
-            diseases = [candidates[rng.integers(len(candidates))]] if candidates and rng.random() < 0.7 else []
+            # the disease of the primary tissue whose (tissue, disease) pairs earlier studies have
+            # least, ties in a seeded order: each study brings a combination of its own where it can
+            candidates = [d.name for d in self.diseases if primary in d.tissues]
+            candidates = [candidates[k] for k in rng.permutation(len(candidates))]
+            overlap = [sum(used.get((t, d), 0) for t in tissues if t in bio.DISEASE_BY_NAME[d].tissues)
+                       for d in candidates]
+            diseases = [candidates[int(np.argmin(overlap))]] if candidates else []
+            for d in diseases:
+                for t in tissues:
+                    if t in bio.DISEASE_BY_NAME[d].tissues:
+                        used[(t, d)] = used.get((t, d), 0) + 1
             n_donors = int(rng.integers(3, 9))
             donors = pd.DataFrame({
                 "donor_index": np.arange(n_donors),
@@ -233,10 +270,13 @@ class SyntheticAtlas:
                             ("stress", stress), ("mito", mito)):
             cols, weights = self.programs[name]
             lg[:, cols] += np.outer(score, weights).astype(np.float32)
-        u = rng.normal(0, 0.8, (n, 2))
+        u = rng.normal(0, AXIS_SCORE_SD, (n, 2))
         for t in np.unique(type_idx):
-            sel = type_idx == t
+            sel = np.flatnonzero(type_idx == t)
             lg[sel] += u[sel] @ self.type_axes[t]
+            if self.state_program[t] is not None:
+                lg[sel] += self.state_program[t][rng.choice(len(self.state_weights[t]), len(sel),
+                                                            p=self.state_weights[t])]
 
         mean, sd = np.log(bio.ASSAYS[s.assay][1]), bio.ASSAYS[s.assay][2]
         log_lib = mean + s.log_lib_offset + self.type_libfactor[type_idx] + rng.normal(0, sd, n)
@@ -277,9 +317,9 @@ class SyntheticAtlas:
         return w / w.sum()
 
 
-def _axis(rng, G: int, k: int) -> np.ndarray:
+def _axis(rng, G: int, genes: np.ndarray, k: int, sd: float) -> np.ndarray:
     v = np.zeros(G, np.float32)
-    v[rng.choice(G, k, replace=False)] = rng.normal(0, 1.0, k)
+    v[rng.choice(genes, k, replace=False)] = rng.normal(0, sd, k)
     return v
 
 
