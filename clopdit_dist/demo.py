@@ -109,6 +109,7 @@ def run_demo(out: str, n_cells: int = 20_000, workers: int = 2, nproc: int = 2) 
           "supervised by those labels, so a kNN classifier on PCA of training cells is its baseline):")
     print(_table([[style, acc(f"zero_shot_{style}"), acc(f"zero_shot_{style}_anchored")]
                   for style in ("canonical", "paraphrase", "rare")], ["captions", "text head alone", "anchored"]))
+    print(f"baseline: kNN on PCA of training cells {clop['knn_pca_baseline']:.3f}")
 
     _step("8. clopdit evaluate: generated vs real held-out cells, beside the ceiling and the baselines")
     from .evaluate.evaluator import EvalConfig, evaluate_run
