@@ -92,14 +92,19 @@ class CellGenerator:
     @torch.no_grad()
     def latents(self, cond: torch.Tensor, n: int, sampler: SamplerConfig, seed: int, batch_size: int = 2048,
                 drop: torch.Tensor | None = None) -> torch.Tensor:
-        """(n, latent_dim) latents for one condition (1, K, C)."""
+        """(n, latent_dim) latents: ``cond`` is one condition (1, K, C) or one per cell (n, K, C);
+        ``drop`` (1 or n, K) marks fields left on the learned null."""
         g = torch.Generator(device=self.device).manual_seed(seed)
-        out = []
+        cond = cond.expand(n, -1, -1) if cond.shape[0] == 1 else cond
+        drop = None if drop is None else (drop.expand(n, -1) if drop.shape[0] == 1 else drop)
+        out, start = [], 0
         shape = (self.dit.dit.tokens, self.dit.dit.token_dim)
-        model = self._velocity if drop is None else _WithMissingFields(self._velocity, drop.to(self.device))
         for b in equal_batches(n, batch_size):
+            rows = slice(start, start + b)
+            start += b
+            model = self._velocity if drop is None else _WithMissingFields(self._velocity, drop[rows].to(self.device))
             with self._autocast:
-                x = sample(model, cond.expand(b, -1, -1).to(self.device), shape, sampler, g)
+                x = sample(model, cond[rows].to(self.device), shape, sampler, g)
             out.append(self.dit.unstandardize(x))
         return torch.cat(out)
 
@@ -124,7 +129,7 @@ class CellGenerator:
                 return [match[i] for i in rng.choice(len(match), n, p=w / w.sum())]
         raise ValueError("the run's latent_stats.json lists no library-size groups")
 
-    def plan(self, prompt: str, n: int, rng: np.random.Generator) -> list[tuple[dict, int]]:
+    def plan(self, prompt: str, n: int, rng: np.random.Generator, strict: bool = True) -> list[tuple[dict, int]]:
         """Field mode: the full (or, for combinations no training study has, partial)
         conditions the ``n`` cells of ``prompt`` are generated under.
 
@@ -134,9 +139,11 @@ class CellGenerator:
         them in proportion to their training cell counts: ancestral sampling of p(missing |
         named), so "lung" yields lung's cell-type composition. Where none agrees (a new
         combination), the named fields are used as given and the missing ones stay on the
-        DiT's learned null (compositional conditioning).
+        DiT's learned null (compositional conditioning). A prompt that names nothing raises
+        :class:`~clopdit_dist.errors.PromptError` unless ``strict=False`` (evaluation), where it
+        gets the training marginal.
         """
-        r = self.resolver.resolve(prompt)
+        r = self.resolver.resolve(prompt, allow_empty=not strict)
         allowed = {f: {v for v, _ in r.candidates.get(f) or []} or ({r.fields[f]} if r.fields[f] else None)
                    for f in CONDITION_FIELDS}
         ok = np.array([all(allowed[f] is None or c[i] in allowed[f] for i, f in enumerate(CONDITION_FIELDS))
@@ -152,10 +159,10 @@ class CellGenerator:
 
     # ------------------------------------------------------------------ API
     def generate(self, prompts: list[str], n: int = 100, sampler: SamplerConfig | None = None, seed: int = 0,
-                 batch_size: int = 2048) -> ad.AnnData:
+                 batch_size: int = 2048, strict: bool = True) -> ad.AnnData:
         sampler = sampler or self.default_sampler
         if self.cond.mode == "fields":
-            return self._generate_fields(prompts, n, sampler, seed, batch_size)
+            return self._generate_fields(prompts, n, sampler, seed, batch_size, strict)
         cond = self.cond.encode_prompts(prompts)
         groups = self.match_library(cond)
         parts = []
@@ -165,19 +172,25 @@ class CellGenerator:
             parts.append(self._anndata(counts, z, prompt, [groups[i]] * n, sampler, seed + 1000 * i, lib))
         return self._concat(parts, "gen")
 
-    def _generate_fields(self, prompts, n, sampler, seed, batch_size) -> ad.AnnData:
+    def _generate_fields(self, prompts, n, sampler, seed, batch_size, strict) -> ad.AnnData:
+        """All prompts' cells in one batched sampling run: each cell carries its own condition."""
         check_prompts(prompts)
-        parts = []
+        items = []  # (prompt, condition, cells)
         for i, prompt in enumerate(prompts):
-            rng = np.random.default_rng([seed, i, 7])
-            for j, (condition, m) in enumerate(self.plan(prompt, n, rng)):
-                s = seed + 1000 * i + 97 * j
-                cond = self.cond.encode_fields([condition])
-                drop = torch.tensor([[condition.get(f) is None for f in CONDITION_FIELDS]])
-                z = self.latents(cond, m, sampler, s, batch_size, drop if drop.any() else None)
-                groups = self.library_groups(condition, m, rng)
-                counts, lib = self.decode(z, groups, s)
-                parts.append(self._anndata(counts, z, prompt, groups, sampler, s, lib, condition))
+            items += [(prompt, c, m) for c, m in self.plan(prompt, n, np.random.default_rng([seed, i, 7]), strict)]
+        counts_per = torch.tensor([m for _, _, m in items])
+        cond = self.cond.encode_fields([c for _, c, _ in items]).repeat_interleave(counts_per, dim=0)
+        drop = torch.tensor([[c.get(f) is None for f in CONDITION_FIELDS] for _, c, _ in items])
+        z = self.latents(cond, len(cond), sampler, seed, batch_size,
+                         drop.repeat_interleave(counts_per, dim=0) if drop.any() else None)
+        rng = np.random.default_rng([seed, 8])
+        groups = [g for _, c, m in items for g in self.library_groups(c, m, rng)]
+        counts, lib = self.decode(z, groups, seed)
+        parts, start = [], 0
+        for prompt, c, m in items:
+            rows = slice(start, start + m)
+            start += m
+            parts.append(self._anndata(counts[rows], z[rows], prompt, groups[rows], sampler, seed, lib[rows], c))
         return self._concat(parts, "gen")
 
     def _concat(self, parts, prefix: str) -> ad.AnnData:
@@ -188,17 +201,32 @@ class CellGenerator:
 
     def interpolate(self, a: str, b: str, points: int = 10, n: int = 100, sampler: SamplerConfig | None = None,
                     seed: int = 0) -> ad.AnnData:
-        """Cells along a path between two prompts: conditions slerped in CLOP's text space
-        (the role of scDiffusion's gradient interpolation)."""
+        """Cells along a path between two prompts: conditions slerped in their embedding space
+        (the role of scDiffusion's gradient interpolation). Field mode resolves both prompts
+        to fields first; a field only one of them names is kept from that one, a field
+        neither names stays on the null. Library sizes follow the nearer end."""
         sampler = sampler or self.default_sampler
-        ca, cb = self.cond.encode_prompts([a, b])
+        check_prompts([a, b])
+        drop = None
+        if self.cond.mode == "fields":
+            fa, fb = (self.resolver.resolve(p).fields for p in (a, b))
+            ends = [{f: fa[f] or fb[f] for f in CONDITION_FIELDS}, {f: fb[f] or fa[f] for f in CONDITION_FIELDS}]
+            ca, cb = self.cond.encode_fields(ends)
+            missing = torch.tensor([[ends[0][f] is None for f in CONDITION_FIELDS]])
+            drop = missing if missing.any() else None
+        else:
+            ca, cb = self.cond.encode_prompts([a, b])
         parts = []
+        rng = np.random.default_rng([seed, 11])
         for j, alpha in enumerate(np.linspace(0, 1, points)):
             c = _slerp(ca, cb, float(alpha))[None]
-            group = self.match_library(c)[0]
-            z = self.latents(c, n, sampler, seed + j)
-            counts, lib = self.decode(z, [group] * n, seed + j)
-            part = self._anndata(counts, z, f"{a} -> {b}", [group] * n, sampler, seed + j, lib)
+            if self.cond.mode == "fields":
+                groups = self.library_groups(ends[int(alpha > 0.5)], n, rng)
+            else:
+                groups = self.match_library(c) * n
+            z = self.latents(c, n, sampler, seed + j, drop=drop)
+            counts, lib = self.decode(z, groups, seed + j)
+            part = self._anndata(counts, z, f"{a} -> {b}", groups, sampler, seed + j, lib)
             part.obs["interpolation_alpha"] = float(alpha)
             parts.append(part)
         return self._concat(parts, "traj")
@@ -227,8 +255,8 @@ class _WithMissingFields(torch.nn.Module):
         super().__init__()
         self.module, self.missing = module, missing
 
-    def forward(self, x, t, cond, drop):
-        return self.module(x, t, cond, drop | self.missing.expand_as(drop))
+    def forward(self, x, t, cond, drop):  # guidance stacks its branches along the batch: tile to match
+        return self.module(x, t, cond, drop | self.missing.repeat(drop.shape[0] // self.missing.shape[0], 1))
 
 
 def equal_batches(n: int, batch_size: int) -> list[int]:

@@ -51,6 +51,14 @@ def tiny_text_model(tmp_path_factory):
     return build_tiny_text_model(str(tmp_path_factory.mktemp("text") / "tiny-bert"), caption_corpus())
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def pca_run(shards_dir, tiny_text_model, tmp_path_factory):
     """CLOP and a field-conditioned DiT trained for a few steps on the PCA codec (no autoencoder
@@ -71,7 +79,7 @@ def pca_run(shards_dir, tiny_text_model, tmp_path_factory):
                                            "model.num_heads=2", "eval_conditions=2", "eval_cells_per_condition=20",
                                            "stats_cells=500", "sampler.steps=4", "conditioning=fields"]),
                    cfgdir / "dit.yaml")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29581",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
            os.path.join(os.path.dirname(__file__), "scripts", "train_stages.py"), shards_dir, run, "clop,dit",
            f"--config-dir={cfgdir}"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}

@@ -174,14 +174,24 @@ class Evaluation:
             return self.codec.decode(z, torch.ones(len(z)))["theta"][0].cpu().numpy()
 
     # ---------------------------------------------------------------- generation
-    def model_cells(self, hs: HeldoutSet, prompt: str, n: int, guidance: float, seed: int) -> CellSet:
+    def model_cells(self, hs: HeldoutSet, prompts: list[str], sizes: list[int], guidance: float,
+                    seed: int) -> list[CellSet]:
+        """The model's cells for several prompts in one batched run: ``sizes[i]`` cells of
+        ``prompts[i]`` (each prompt is generated ``max(sizes)`` times and cut)."""
         sampler = sampler_from(self.sampler, guidance=guidance)
-        adata = self.gen.generate([prompt], n=n, sampler=sampler, seed=seed)
+        n = max(sizes)
+        adata = self.gen.generate(prompts, n=n, sampler=sampler, seed=seed, strict=False)  # unresolved: marginal
         counts = adata.X.toarray().astype(np.float32)
         z = torch.from_numpy(np.asarray(adata.obsm["X_latent"]))
         with torch.no_grad():
             mu = self.codec.decode(z, torch.from_numpy(adata.obs["library_size"].to_numpy(np.float32)))["mu"]
-        return CellSet.from_counts(hs.space, counts, mean_embed=hs.space.embed(mu.cpu().numpy()))
+        mean_embed = hs.space.embed(mu.cpu().numpy())
+        out = []
+        for i, m in enumerate(sizes):  # generate() returns each prompt's n cells as one block, in order
+            rows = slice(i * n, i * n + m)
+            out.append(CellSet(hs.space.embed(counts[rows]), hs.space.expr(counts[rows]), counts[rows],
+                               mean_embed[rows]))
+        return out
 
     def baselines(self, hs: HeldoutSet, meta: dict, b_idx: np.ndarray, n: int, rng) -> dict[str, CellSet | None]:
         in_cond = self.train_key_of_cell == condition_key(meta)
@@ -196,24 +206,30 @@ class Evaluation:
     def run_set(self, hs: HeldoutSet, guidance: float, seeds: int, tiers, with_baselines: bool = True,
                 desc: str = "") -> dict:
         per_seed: dict[str, list[list[dict]]] = {}
-        work = [(s, m) for s in range(seeds) for m in hs.conditions]
-        for seed, meta in tqdm(work, desc=desc or hs.name, disable=not self.progress):
-            a_idx, b_idx = hs.halves(meta, seed)
-            n = len(b_idx)
-            rng = np.random.default_rng([seed, 17])
-            sets: dict[str, CellSet | None] = self.baselines(hs, meta, b_idx, n, rng) if with_baselines else {}
-            if with_baselines:
-                sets["unconditional"] = self.model_cells(hs, tier_prompt(meta, "canonical"), n, 0.0, seed)
+        conds = hs.conditions
+        if not conds:
+            return {}
+        for seed in tqdm(range(seeds), desc=desc or hs.name, disable=not self.progress or seeds == 1):
+            halves = [hs.halves(meta, seed) for meta in conds]
+            sizes = [len(b) for _, b in halves]
+            model: dict[str, list[CellSet]] = {}
             for tier in tiers:
-                if tier != "canonical" and seed >= self.cfg.tier_seeds:
-                    continue
-                sets[f"model_{tier}"] = self.model_cells(hs, tier_prompt(meta, tier), n, guidance, seed)
-            for name, cs in sets.items():
-                if cs is None:
-                    continue
-                row = {**meta, **hs.score(meta, a_idx, cs, memorisation=name in ("training_copies", "model_canonical",
-                                                                                     "real_half"))}
-                per_seed.setdefault(name, [[] for _ in range(seeds)])[seed].append(row)
+                if tier == "canonical" or seed < self.cfg.tier_seeds:
+                    model[f"model_{tier}"] = self.model_cells(hs, [tier_prompt(m, tier) for m in conds], sizes,
+                                                              guidance, seed)
+            if with_baselines:
+                model["unconditional"] = self.model_cells(hs, [tier_prompt(m, "canonical") for m in conds], sizes,
+                                                          0.0, seed)
+            for i, (meta, (a_idx, b_idx)) in enumerate(zip(conds, halves)):
+                rng = np.random.default_rng([seed, 17, i])
+                sets = self.baselines(hs, meta, b_idx, len(b_idx), rng) if with_baselines else {}
+                sets.update({name: cells[i] for name, cells in model.items()})
+                for name, cs in sets.items():
+                    if cs is None:
+                        continue
+                    row = {**meta, **hs.score(meta, a_idx, cs, memorisation=name in (
+                        "training_copies", "model_canonical", "real_half"))}
+                    per_seed.setdefault(name, [[] for _ in range(seeds)])[seed].append(row)
         out = {}
         for name, by_seed in per_seed.items():
             macros = [_macro(rows) for rows in by_seed if rows]
@@ -230,9 +246,13 @@ class Evaluation:
         val = HeldoutSet("val studies", read_cells(self.shards, "val", self.genes, 20_000), self.train,
                          self.train_keys, self.cfg)
         rows = {}
-        for w in self.cfg.guidance_grid:
-            res = self.run_set(val, w, 1, ("canonical",), with_baselines=False, desc=f"val guidance {w}")
-            rows[str(w)] = {k: v["mean"] for k, v in res["model_canonical"]["macro"].items()}
+        for w in tqdm(self.cfg.guidance_grid, desc="guidance sweep on val", disable=not self.progress):
+            res = self.run_set(val, w, 1, ("canonical",), with_baselines=False)
+            if res:
+                rows[str(w)] = {k: v["mean"] for k, v in res["model_canonical"]["macro"].items()}
+        if not rows:  # no val condition has min_cells cells
+            return {"rule": "the run's sampler guidance (no val condition to sweep on)", "grid": {},
+                    "chosen": float(self.sampler.guidance)}
         best = min(rows, key=lambda w: rows[w]["energy"])
         return {"rule": "lowest macro energy distance on val studies, canonical prompts, seed 0",
                 "grid": rows, "chosen": float(best)}
@@ -246,7 +266,7 @@ class Evaluation:
             if len(real_types) < self.cfg.min_cells:
                 continue
             meta = {"cell_type": "", "tissue_general": tissue, "disease": ""}
-            cs = self.model_cells(hs, tier_prompt(meta, "tissue_only"), self.cfg.max_cells, guidance, 0)
+            cs = self.model_cells(hs, [tier_prompt(meta, "tissue_only")], [self.cfg.max_cells], guidance, 0)[0]
             pred = hs.judges["cell_type"].predict(cs.embed)
             real_p = dict(zip(*np.unique(real_types, return_counts=True)))
             gen_p = dict(zip(*np.unique(pred, return_counts=True)))
@@ -268,13 +288,12 @@ class Evaluation:
         rare = [t for t, _ in sorted(zip(types, counts), key=lambda tc: tc[1]) if t in held][: self.cfg.augmentation_types]
         x, y = hs.train_embed, self.train.meta["cell_type"]
         n_add = 200
-        extra_gen, extra_copy = [], []
+        extra_copy = []
         rng = np.random.default_rng(0)
+        prompts = [tier_prompt({"cell_type": t, "tissue_general": "", "disease": ""}, "type_only") for t in rare]
+        extra_gen = [cs.embed for cs in self.model_cells(hs, prompts, [n_add] * len(rare), guidance, 0)]
         for t in rare:
-            extra_gen.append(self.model_cells(hs, tier_prompt({"cell_type": t, "tissue_general": "",
-                                                               "disease": ""}, "type_only"), n_add, guidance, 0).embed)
-            idx = np.flatnonzero(y == t)
-            extra_copy.append(x[rng.choice(idx, n_add)])
+            extra_copy.append(x[rng.choice(np.flatnonzero(y == t), n_add)])
         yr = np.repeat(rare, n_add)
         variants = {"real_only": (x, y), "plus_generated": (np.concatenate([x, *extra_gen]), np.concatenate([y, yr])),
                     "plus_oversampled_copies": (np.concatenate([x, *extra_copy]), np.concatenate([y, yr]))}

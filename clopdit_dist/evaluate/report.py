@@ -135,7 +135,8 @@ def _sample_generated(result, ev, hs, n_conditions=8, n=100):
 
     w = result["guidance_sweep"]["chosen"]
     conds = hs.conditions[:n_conditions]
-    return conds, [(c, ev.model_cells(hs, tier_prompt(c, "canonical"), n, w, 0)) for c in conds]
+    return conds, list(zip(conds, ev.model_cells(hs, [tier_prompt(c, "canonical") for c in conds], [n] * len(conds),
+                                                 w, 0)))
 
 
 def _umap_plot(result, ev, hs, out_dir):
