@@ -91,19 +91,27 @@ def test_shard_build_with_a_killed_worker_stops_and_the_rerun_gives_the_same_sha
 RANK_SMALL = [*SMALL, "data.num_workers=0", "train.steps=12", "train.ckpt_every=4"]
 
 
-def _torchrun(shards, run, pids, port):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+def _free_port():
+    import socket
+
+    with socket.socket() as s:  # other jobs on a shared machine hold fixed ports
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(shards, run, pids):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
             os.path.join(HERE, "scripts", "train_rank_pid.py"), shards, run, pids, "ae", *RANK_SMALL]
 
 
 def test_a_killed_rank_ends_the_job_naming_it_and_the_rerun_resumes_onto_the_same_curve(shards_dir, tmp_path):
     ref, run, pids = str(tmp_path / "ref"), str(tmp_path / "killed"), str(tmp_path / "pids")
     os.makedirs(pids)
-    done = subprocess.run(_torchrun(shards_dir, ref, str(tmp_path / "ref_pids"), 29611), env=env(),
+    done = subprocess.run(_torchrun(shards_dir, ref, str(tmp_path / "ref_pids")), env=env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
 
-    proc = subprocess.Popen(_torchrun(shards_dir, run, pids, 29612), env=env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_torchrun(shards_dir, run, pids), env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     ckpt = os.path.join(run, "ae", "checkpoints")
     deadline = time.time() + 240
@@ -141,7 +149,7 @@ def test_a_killed_rank_ends_the_job_naming_it_and_the_rerun_resumes_onto_the_sam
     stopped_at = len(log_rows(run))
     assert meta["step"] <= stopped_at < 12
 
-    resumed = subprocess.run(_torchrun(shards_dir, run, pids, 29613), env=env(), capture_output=True, text=True,
+    resumed = subprocess.run(_torchrun(shards_dir, run, pids), env=env(), capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resumed from {ckpt} at step {meta['step']}" in resumed.stdout
