@@ -14,12 +14,11 @@ import time
 import psutil
 import pytest
 import torch
+from test_train import SMALL, env, log_rows
 
 from clopdit_dist.data.manifest import Manifest
 from clopdit_dist.data.shards import BUILD_DIR
 from clopdit_dist.run import RunDir
-
-from test_train import SMALL, env, log_rows
 
 HERE = os.path.dirname(__file__)
 
@@ -66,7 +65,7 @@ def test_shard_build_with_a_killed_worker_stops_and_the_rerun_gives_the_same_sha
     assert victim is not None, "the build finished (or never started its two workers) before a worker was killed"
     victim.send_signal(signal.SIGKILL)
     try:
-        stdout, stderr = proc.communicate(timeout=120)  # a lost worker must not hang the build
+        _, stderr = proc.communicate(timeout=120)  # a lost worker must not hang the build
     except subprocess.TimeoutExpired:
         proc.kill()
         pytest.fail("the build hung after one of its workers was killed")
@@ -78,7 +77,7 @@ def test_shard_build_with_a_killed_worker_stops_and_the_rerun_gives_the_same_sha
     assert "rerun the same command" in stderr, stderr[-2000:]
     assert not [p for p in _pool_workers(proc.pid)], "pool workers left running"
     n_done = len(_done_markers(build))
-    resumed = subprocess.run(_shard_cmd(atlas_dir, out, 2), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(_shard_cmd(atlas_dir, out, 2), check=False, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming: {n_done} of" in resumed.stdout
     a, b = Manifest.load(ref), Manifest.load(out)
@@ -107,7 +106,7 @@ def _torchrun(shards, run, pids):
 def test_a_killed_rank_ends_the_job_naming_it_and_the_rerun_resumes_onto_the_same_curve(shards_dir, tmp_path):
     ref, run, pids = str(tmp_path / "ref"), str(tmp_path / "killed"), str(tmp_path / "pids")
     os.makedirs(pids)
-    done = subprocess.run(_torchrun(shards_dir, ref, str(tmp_path / "ref_pids")), env=env(),
+    done = subprocess.run(_torchrun(shards_dir, ref, str(tmp_path / "ref_pids")), check=False, env=env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
 
@@ -123,7 +122,7 @@ def test_a_killed_rank_ends_the_job_naming_it_and_the_rerun_resumes_onto_the_sam
     victim = int(open(os.path.join(pids, "rank1")).read())
     os.kill(victim, signal.SIGKILL)
     try:
-        stdout, stderr = proc.communicate(timeout=120)  # the surviving rank must not hang in a collective
+        _, stderr = proc.communicate(timeout=120)  # the surviving rank must not hang in a collective
     except subprocess.TimeoutExpired:
         proc.kill()
         pytest.fail("torchrun did not end after rank 1 was killed")
@@ -149,7 +148,7 @@ def test_a_killed_rank_ends_the_job_naming_it_and_the_rerun_resumes_onto_the_sam
     stopped_at = len(log_rows(run))
     assert meta["step"] <= stopped_at < 12
 
-    resumed = subprocess.run(_torchrun(shards_dir, run, pids), env=env(), capture_output=True, text=True,
+    resumed = subprocess.run(_torchrun(shards_dir, run, pids), check=False, env=env(), capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resumed from {ckpt} at step {meta['step']}" in resumed.stdout
