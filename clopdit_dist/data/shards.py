@@ -33,13 +33,7 @@ import pandas as pd
 
 from ..errors import FilterError, ShardError
 from .blocks import BLOCK_EXT, encode_block
-from .manifest import (
-    MANIFEST_NAME,
-    SCHEMA_VERSION,
-    SPLITS,
-    sha256_file,
-    write_json_atomic,
-)
+from .manifest import MANIFEST_NAME, SCHEMA_VERSION, SPLITS, sha256_file, write_json_atomic
 from .source import CELL_COLUMNS, CellSource, Query
 from .stats import ShardStats, SplitStats
 
