@@ -29,9 +29,12 @@ import io
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import tarfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -275,6 +278,68 @@ def _build_shard_task(args) -> dict:
     return build_shard(*args)
 
 
+def _pool_task(args) -> dict:
+    """A pool worker's task: note which shard this process is building (so a death can be
+    reported with the shard's name), then build it."""
+    i, out, build_dir = args
+    marker = os.path.join(build_dir, f"worker-{os.getpid()}.building")
+    with open(marker, "w") as f:
+        f.write(_PLAN.shards[i]["name"])
+    done = build_shard(i, out, build_dir)
+    os.remove(marker)
+    return done
+
+
+def _build_in_pool(tasks: list[tuple], workers: int, query: Query, build_dir: str, threads: int):
+    """Build the shards in ``workers`` processes; yields each finished shard's record.
+
+    A ``concurrent.futures`` pool, not ``multiprocessing.Pool``: when a worker dies (OOM
+    killer, SIGKILL), ``multiprocessing.Pool`` starts a replacement and the dead worker's
+    task never returns, so the build waited forever. Here the pool breaks, the other workers
+    are stopped, and the error names the dead worker, how it died and the shard it was
+    building; the shards finished before stay finished, and a rerun builds the rest."""
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(query, build_dir, threads))
+    futures = [pool.submit(_pool_task, t) for t in tasks]
+    procs = dict(pool._processes or {})  # pid -> process: which one died, and how
+    try:
+        for fut in as_completed(futures):
+            try:
+                done = fut.result()
+            except BrokenProcessPool:
+                procs.update(pool._processes or {})
+                for p in procs.values():
+                    p.join(timeout=5)
+                # the first to die broke the pool; the others were then stopped with SIGTERM
+                dead = [(pid, p.exitcode) for pid, p in procs.items() if p.exitcode not in (None, 0, -signal.SIGTERM)]
+                dead = dead or [(pid, p.exitcode) for pid, p in procs.items() if p.exitcode not in (None, 0)]
+                what = []
+                for pid, code in dead:
+                    marker = os.path.join(build_dir, f"worker-{pid}.building")
+                    shard = open(marker).read().strip() if os.path.exists(marker) else None
+                    what.append(f"worker (pid {pid}) died with {_exit_name(code)}"
+                                + (f" while building {shard}" if shard else " between two shards"))
+                raise ShardError(
+                    f"shard build: {'; '.join(what) or 'a worker process died'}. The shards finished so far are "
+                    f"kept in {os.path.dirname(build_dir)}: rerun the same command to build the rest") from None
+            yield done
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for f in os.listdir(build_dir):
+            if f.startswith("worker-") and f.endswith(".building"):
+                os.remove(os.path.join(build_dir, f))
+
+
+def _exit_name(code: int) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
 def _completed(out: str, build_dir: str, name: str) -> dict | None:
     stem = name[: -len(".tar")]
     marker = os.path.join(build_dir, f"{stem}.json")
@@ -329,10 +394,8 @@ def build_shards(cfg: ShardConfig, dry_run: bool = False, progress: bool = True,
             for t in tasks:
                 bar.update(_build_shard_task(t)["n_cells"])
         else:
-            ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg.query(), build_dir, threads)) as pool:
-                for done in pool.imap_unordered(_build_shard_task, tasks):
-                    bar.update(done["n_cells"])
+            for done in _build_in_pool(tasks, workers, cfg.query(), build_dir, threads):
+                bar.update(done["n_cells"])
     elapsed = time.perf_counter() - t0
     manifest = write_manifest(cfg, plan, var, build_dir)
     built = sum(plan.shards[i]["n_cells"] for i in todo)

@@ -39,7 +39,7 @@ class Checkpointer:
         self.world = dist.get_world_size()
 
     def latest(self) -> str | None:
-        """Tag of the newest complete checkpoint (DeepSpeed writes ``latest`` last)."""
+        """Tag of the newest complete checkpoint (``save`` writes ``latest`` after every rank's files)."""
         path = os.path.join(self.dir, "latest")
         if not os.path.exists(path):
             return None
@@ -129,13 +129,25 @@ class Checkpointer:
         # ds_to_universal requires this entry; no tensor or pipeline parallelism here, so the
         # version is all it needs
         universal = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
-        self.engine.save_checkpoint(self.dir, tag=tag, client_state={"step": step, "loader": loader,
-                                                                     UNIVERSAL_CHECKPOINT_INFO: universal})
+        # ``latest`` is written by us, last, after a barrier: DeepSpeed's own ``save_latest``
+        # has rank 0 write it as soon as rank 0's files are done, before the other ranks'
+        # optimizer shards (and our EMA and meta files) are; a rank killed in that window
+        # would leave ``latest`` naming an incomplete tag.
+        self.engine.save_checkpoint(self.dir, tag=tag, save_latest=False,
+                                    client_state={"step": step, "loader": loader, UNIVERSAL_CHECKPOINT_INFO: universal})
         if self.ema is not None:
             torch.save(self.ema.state_dict(), os.path.join(self.dir, tag, f"ema_rank{self.rank}.pt"))
         if self.rank == 0:
             with open(os.path.join(self.dir, tag, "meta.json"), "w") as f:
                 json.dump({"step": step, "world_size": self.world, "loader": loader}, f)
+        dist.barrier()  # every rank's files of the tag are written
+        if self.rank == 0:
+            tmp = os.path.join(self.dir, "latest.tmp")
+            with open(tmp, "w") as f:
+                f.write(tag)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(self.dir, "latest"))  # atomic: the old tag or the new one
         dist.barrier()
         if self.rank == 0:  # keep the newest few
             for old in self.tags()[: -self.keep]:
