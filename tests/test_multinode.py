@@ -44,5 +44,5 @@ def test_two_nodes_train_one_run(shards_dir, tmp_path):
     optim = sorted(p for r in ranks for p in r["saved"] if p.endswith("optim_states.pt"))
     assert len(optim) == 2 and len(set(optim)) == 2
     assert sorted(f for f in os.listdir(os.path.join(ckpt, "step00000004"))) == sorted(
-        os.path.basename(p) for p in [*model_files, *optim])
+        ["meta.json", *(os.path.basename(p) for p in [*model_files, *optim])])  # meta.json: world size, loader
     assert os.path.exists(os.path.join(run, "ae", "model.safetensors"))
