@@ -43,8 +43,8 @@ def test_evaluate_writes_every_generator_metric_and_plot(pca_run, shards_dir, tm
     studies = saved["sets"]["studies"]
     assert studies["cells"] > 0 and 1 <= len(studies["conditions"]) <= 3
     gens = studies["generators"]
-    assert {"real_half", "training_copies", "gaussian", "type_mean_nb", "unconditional", "model_canonical",
-            "model_reworded"} <= set(gens)
+    assert {"real_half", "codec_roundtrip", "training_copies", "gaussian", "type_mean_nb", "unconditional",
+            "model_canonical", "model_reworded"} <= set(gens)
     for g, res in gens.items():
         for key in ("identity_cell_type", "identity_tissue_general", "identity_disease", "coverage", "mmd", "energy",
                     "w2", "auc", "diversity"):

@@ -5,6 +5,8 @@ and always the embedding (PCA of the evaluation space) and log expression on its
 
 * :func:`real_half`: the other half of the real held-out cells of the condition: the
   ceiling (what a perfect generator of that very study scores).
+* :func:`codec_roundtrip`: half B encoded by the run's codec and sampled back to counts:
+  the ceiling of any generator that works in that latent space.
 * :func:`training_copies`: training-study cells of the same condition, drawn with
   replacement: what a perfect model of the *training* distribution scores, and the
   memorisation reference.
@@ -43,6 +45,14 @@ class CellSet:
 
 def real_half(space: EvalSpace, counts: np.ndarray) -> CellSet:
     return CellSet.from_counts(space, counts)
+
+
+def codec_roundtrip(space: EvalSpace, codec, counts: np.ndarray, rng: np.random.Generator) -> CellSet:
+    x = torch.from_numpy(counts)
+    g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    with torch.no_grad():
+        out = codec.sample(codec.encode(x), x.sum(-1), generator=g).cpu().numpy()
+    return CellSet.from_counts(space, out)
 
 
 def training_copies(space: EvalSpace, train_counts: np.ndarray, n: int, rng: np.random.Generator) -> CellSet | None:

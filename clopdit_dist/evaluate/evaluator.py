@@ -42,11 +42,11 @@ from ..data.manifest import write_json_atomic
 from ..errors import ShardError
 from ..generate import CellGenerator, sampler_from
 from . import metrics as M
-from .baselines import CellSet, condition_gaussian, real_half, training_copies, type_mean_nb
+from .baselines import CellSet, codec_roundtrip, condition_gaussian, real_half, training_copies, type_mean_nb
 from .prompts import tier_prompt
 
 FIELDS = CONDITION_FIELDS
-BASELINES = ("real_half", "training_copies", "gaussian", "type_mean_nb")
+BASELINES = ("real_half", "codec_roundtrip", "training_copies", "gaussian", "type_mean_nb")
 
 
 @dataclass
@@ -198,6 +198,7 @@ class Evaluation:
         of_type = self.train.meta["cell_type"] == meta["cell_type"]
         libs = self.train.counts[in_cond].sum(1) if in_cond.any() else self.train.counts[of_type].sum(1)
         return {"real_half": real_half(hs.space, hs.real.counts[b_idx]),
+                "codec_roundtrip": codec_roundtrip(hs.space, self.codec, hs.real.counts[b_idx], rng),
                 "training_copies": training_copies(hs.space, self.train.counts[in_cond], n, rng),
                 "gaussian": condition_gaussian(hs.space, hs.train_embed[in_cond], n, rng),
                 "type_mean_nb": type_mean_nb(hs.space, self.train.counts[of_type], libs, self.theta, n, rng)}
@@ -272,7 +273,8 @@ class Evaluation:
             gen_p = dict(zip(*np.unique(pred, return_counts=True)))
             out[tissue] = {"tv": M.total_variation(real_p, gen_p),
                            "identity_tissue": float(np.mean(hs.judges["tissue_general"].predict(cs.embed) == tissue)),
-                           "real": {k: int(v) for k, v in real_p.items()}, "generated": {k: int(v) for k, v in gen_p.items()}}
+                           "real": {k: int(v) for k, v in real_p.items()},
+                           "generated": {k: int(v) for k, v in gen_p.items()}}
         return {"per_tissue": out, "mean_tv": float(np.mean([v["tv"] for v in out.values()])) if out else float("nan")}
 
     def augmentation(self, hs: HeldoutSet, guidance: float) -> dict:
@@ -285,7 +287,8 @@ class Evaluation:
 
         types, counts = np.unique(self.train.meta["cell_type"], return_counts=True)
         held = set(hs.real.meta["cell_type"])
-        rare = [t for t, _ in sorted(zip(types, counts), key=lambda tc: tc[1]) if t in held][: self.cfg.augmentation_types]
+        by_size = [t for t, _ in sorted(zip(types, counts), key=lambda tc: tc[1]) if t in held]
+        rare = by_size[: self.cfg.augmentation_types]
         x, y = hs.train_embed, self.train.meta["cell_type"]
         n_add = 200
         extra_copy = []

@@ -17,9 +17,10 @@ TABLE_METRICS = (("identity_cell_type", "type id", "↑"), ("identity_tissue_gen
                  ("w2", "W2", "↓"), ("auc", "real/gen AUC", "→0.5"), ("diversity", "diversity", "→1"),
                  ("gene_mean_r2", "gene mean R²", "↑"), ("de_logfc_pearson", "DE logFC r", "↑"),
                  ("memorisation_ratio", "NN-dist ratio", "→1"))
-GENERATOR_ORDER = ("real_half", "training_copies", "gaussian", "type_mean_nb", "unconditional", "model_canonical",
-                   "model_reworded", "model_freeform", "model_type_only", "model_markers")
+GENERATOR_ORDER = ("real_half", "codec_roundtrip", "training_copies", "gaussian", "type_mean_nb", "unconditional",
+                   "model_canonical", "model_reworded", "model_freeform", "model_type_only", "model_markers")
 LABELS = {"real_half": "real held-out cells, half vs half (ceiling)",
+          "codec_roundtrip": "real half encoded and decoded by the run's codec (its ceiling)",
           "training_copies": "copies of training-study cells of the condition",
           "gaussian": "per-condition Gaussian in PCA space (training cells)",
           "type_mean_nb": "training type mean + NB counts",
@@ -73,7 +74,8 @@ def write_report(result: dict, ev, held: dict, out_dir: str) -> str:
             continue
         novel = sum(c["novel"] for c in s["conditions"])
         lines += [f"## Held-out {set_name} (`{s['split']}`: {s['cells']} real cells, {len(s['conditions'])} conditions "
-                  f"with ≥ {result['config']['min_cells']} cells, {novel} of them combinations no training study has)",
+                  f"with ≥ {result['config']['min_cells']} cells, {novel} of them combinations no training study "
+                  "has)",
                   "", baseline_table(s["generators"]), ""]
     if "field_subset" in result:
         fs = result["field_subset"]
