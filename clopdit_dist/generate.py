@@ -73,8 +73,10 @@ class CellGenerator:
         run.info()  # schema check with a clear message
         codec = load_codec(run, device)
         state = run.load_weights("dit")  # names the missing stage
-        conditioning = run.load_weights_metadata("dit").get("conditioning", "caption")
-        cond = load_condition_encoder(run, conditioning, codec.latent_dim, device)
+        meta = run.load_weights_metadata("dit")
+        encoding = meta.get("field_encoding", "text")
+        cond = load_condition_encoder(run, meta.get("conditioning", "caption"), codec.latent_dim, device,
+                                      "text" if encoding == "bank" else encoding)
         model_cfg = load_config_section(DiTConfig, run.config_path("dit"), "model")
         module = LatentDiT(model_cfg.build(), codec.latent_dim)
         module.load_state_dict(state)
@@ -158,18 +160,20 @@ class CellGenerator:
                 for j in np.flatnonzero(drawn)]
 
     # ------------------------------------------------------------------ API
-    def generate(self, prompts: list[str], n: int = 100, sampler: SamplerConfig | None = None, seed: int = 0,
-                 batch_size: int = 2048, strict: bool = True) -> ad.AnnData:
+    def generate(self, prompts: list[str], n: int | list[int] = 100, sampler: SamplerConfig | None = None,
+                 seed: int = 0, batch_size: int = 2048, strict: bool = True) -> ad.AnnData:
+        """``n`` cells of each prompt (or ``n[i]`` of prompt i), in prompt order."""
         sampler = sampler or self.default_sampler
+        n = [n] * len(prompts) if isinstance(n, int) else list(n)
         if self.cond.mode == "fields":
             return self._generate_fields(prompts, n, sampler, seed, batch_size, strict)
         cond = self.cond.encode_prompts(prompts)
         groups = self.match_library(cond)
         parts = []
         for i, prompt in enumerate(prompts):
-            z = self.latents(cond[i:i + 1], n, sampler, seed + 1000 * i, batch_size)
-            counts, lib = self.decode(z, [groups[i]] * n, seed + 1000 * i)
-            parts.append(self._anndata(counts, z, prompt, [groups[i]] * n, sampler, seed + 1000 * i, lib))
+            z = self.latents(cond[i:i + 1], n[i], sampler, seed + 1000 * i, batch_size)
+            counts, lib = self.decode(z, [groups[i]] * n[i], seed + 1000 * i)
+            parts.append(self._anndata(counts, z, prompt, [groups[i]] * n[i], sampler, seed + 1000 * i, lib))
         return self._concat(parts, "gen")
 
     def _generate_fields(self, prompts, n, sampler, seed, batch_size, strict) -> ad.AnnData:
@@ -177,7 +181,7 @@ class CellGenerator:
         check_prompts(prompts)
         items = []  # (prompt, condition, cells)
         for i, prompt in enumerate(prompts):
-            items += [(prompt, c, m) for c, m in self.plan(prompt, n, np.random.default_rng([seed, i, 7]), strict)]
+            items += [(prompt, c, m) for c, m in self.plan(prompt, n[i], np.random.default_rng([seed, i, 7]), strict)]
         counts_per = torch.tensor([m for _, _, m in items])
         cond = self.cond.encode_fields([c for _, c, _ in items]).repeat_interleave(counts_per, dim=0)
         drop = torch.tensor([[c.get(f) is None for f in CONDITION_FIELDS] for _, c, _ in items])
@@ -194,6 +198,8 @@ class CellGenerator:
         return self._concat(parts, "gen")
 
     def _concat(self, parts, prefix: str) -> ad.AnnData:
+        for k, part in enumerate(parts):  # unique names before concat; renamed below
+            part.obs_names = [f"{k}-{name}" for name in part.obs_names]
         out = ad.concat(parts, index_unique=None)
         out.var = self.var.copy()
         out.obs_names = [f"{prefix}{i}" for i in range(out.n_obs)]

@@ -197,3 +197,17 @@ def test_resolver_table_is_disjoint_from_heldout(resolver):
     held = {h for tier in ("reworded", "rare") for table in heldout_tables(tier).values()
             for hs in table.values() for h in hs}
     assert not {e.name for e in resolver.entries} & held
+
+
+def test_field_codes_are_fixed_distinct_and_nearly_orthogonal():
+    import torch
+
+    from clopdit_dist.models.condition import field_code
+
+    names = ["naive B cell", "memory B cell", "classical monocyte", "non-classical monocyte", "neutrophil", ""]
+    codes = torch.stack([field_code("cell_type", n, 256) for n in names])
+    assert torch.allclose(codes.norm(dim=1), torch.ones(len(names)))
+    assert torch.equal(codes[0], field_code("cell_type", "naive B cell", 256))  # a function of the name only
+    assert not torch.equal(field_code("cell_type", "lung", 256), field_code("tissue_general", "lung", 256))
+    off_diagonal = (codes @ codes.T - torch.eye(len(names))).abs()
+    assert off_diagonal.max() < 0.3  # near-synonyms get unrelated codes (random unit vectors: |cos| ~ 1/16)

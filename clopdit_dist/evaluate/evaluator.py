@@ -176,19 +176,18 @@ class Evaluation:
     # ---------------------------------------------------------------- generation
     def model_cells(self, hs: HeldoutSet, prompts: list[str], sizes: list[int], guidance: float,
                     seed: int) -> list[CellSet]:
-        """The model's cells for several prompts in one batched run: ``sizes[i]`` cells of
-        ``prompts[i]`` (each prompt is generated ``max(sizes)`` times and cut)."""
+        """The model's cells for several prompts in one batched run: ``sizes[i]`` cells of ``prompts[i]``."""
         sampler = sampler_from(self.sampler, guidance=guidance)
-        n = max(sizes)
-        adata = self.gen.generate(prompts, n=n, sampler=sampler, seed=seed, strict=False)  # unresolved: marginal
+        adata = self.gen.generate(prompts, n=sizes, sampler=sampler, seed=seed, strict=False)  # unresolved: marginal
         counts = adata.X.toarray().astype(np.float32)
         z = torch.from_numpy(np.asarray(adata.obsm["X_latent"]))
         with torch.no_grad():
             mu = self.codec.decode(z, torch.from_numpy(adata.obs["library_size"].to_numpy(np.float32)))["mu"]
         mean_embed = hs.space.embed(mu.cpu().numpy())
-        out = []
-        for i, m in enumerate(sizes):  # generate() returns each prompt's n cells as one block, in order
-            rows = slice(i * n, i * n + m)
+        out, start = [], 0
+        for m in sizes:  # generate() returns each prompt's cells as one block, in prompt order
+            rows = slice(start, start + m)
+            start += m
             out.append(CellSet(hs.space.embed(counts[rows]), hs.space.expr(counts[rows]), counts[rows],
                                mean_embed[rows]))
         return out

@@ -8,6 +8,8 @@ trained on; :func:`load_condition_encoder` rebuilds it from a run directory.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 
 import numpy as np
@@ -84,8 +86,12 @@ class ConditionEncoder:
     """
 
     def __init__(self, tower: TextTower, clop: CLOP, builder: CaptionBuilder, mode: str,
-                 bank: CaptionBank | None = None, anchor_k: int = 0, anchor_tau: float = 0.02):
+                 bank: CaptionBank | None = None, anchor_k: int = 0, anchor_tau: float = 0.02,
+                 field_encoding: str = "code"):
         self.tower, self.clop, self.builder, self.mode = tower, clop, builder, mode
+        if field_encoding not in FIELD_ENCODINGS:
+            raise ValueError(f"field_encoding={field_encoding!r}: choose one of {FIELD_ENCODINGS}")
+        self.field_encoding = field_encoding
         self.anchor_k, self.anchor_tau = anchor_k, anchor_tau
         self._cache = TextEmbeddingCache(tower) if tower.frozen else None  # prompts repeat across calls
         self._bank_raw = self._bank_proj = None
@@ -129,18 +135,29 @@ class ConditionEncoder:
             return self.encode_texts(prompts)[:, None]
         return self.encode_fields([parse_fields(p) for p in prompts])
 
+    @property
+    def dim(self) -> int:
+        return self.clop.text_proj[-1].out_features
+
     @torch.no_grad()
     def encode_fields(self, conditions: list[dict]) -> torch.Tensor:
-        """(P, K, embed_dim) field-mode conditions of (partial) condition dicts: each field's
-        canonical text (:func:`field_text`) through the tower and CLOP's text head. A missing
-        field gets the text of an empty value; the generator drops it to the learned null."""
+        """(P, K, dim) field-mode conditions of (partial) condition dicts. ``field_encoding``
+        "code": each value's fixed random code (:func:`field_code`), so the DiT's per-field
+        layer learns one embedding per value, as a lookup table would; "text": the value's
+        canonical text (:func:`field_text`) through the tower and CLOP's text head, which
+        keeps near-synonymous labels near each other. A missing field gets the code/text of
+        an empty value; the generator drops it to the learned null."""
+        if self.field_encoding == "code":
+            codes = [field_code(f, c.get(f) or "", self.dim) for c in conditions for f in CONDITION_FIELDS]
+            return torch.stack(codes).view(len(conditions), len(CONDITION_FIELDS), -1)
         texts = [field_text(f, c.get(f) or "") for c in conditions for f in CONDITION_FIELDS]
         emb = self.project(self.features(texts))
         return emb.view(len(conditions), len(CONDITION_FIELDS), -1)
 
 
 
-def load_condition_encoder(run: RunDir, mode: str, latent_dim: int, device) -> ConditionEncoder:
+def load_condition_encoder(run: RunDir, mode: str, latent_dim: int, device,
+                           field_encoding: str = "code") -> ConditionEncoder:
     """The frozen text side of a run's CLOP stage."""
     m = load_config_section(ClopModelConfig, run.config_path("clop"), "model")
     tower = m.text_tower()
@@ -156,7 +173,21 @@ def load_condition_encoder(run: RunDir, mode: str, latent_dim: int, device) -> C
     bank_path = os.path.join(run.stage_dir("clop"), "caption_bank.pt")
     bank = CaptionBank.load(bank_path) if mode == "caption" and m.prompt_anchor_k > 0 and os.path.exists(bank_path) \
         else None
-    return ConditionEncoder(tower, clop, builder, mode, bank, m.prompt_anchor_k, m.prompt_anchor_tau)
+    return ConditionEncoder(tower, clop, builder, mode, bank, m.prompt_anchor_k, m.prompt_anchor_tau, field_encoding)
+
+
+FIELD_ENCODINGS = ("code", "text")
+
+
+@functools.cache
+def field_code(field: str, value: str, dim: int) -> torch.Tensor:
+    """A fixed unit vector per (field, value), seeded by a stable hash of both: with a few
+    hundred values in 256 dimensions the codes are nearly orthogonal, so a linear layer on
+    them is an embedding table (CFGen and scLDM embed each attribute value this way), one
+    that needs no vocabulary file: the value's name is its index."""
+    seed = int.from_bytes(hashlib.blake2b(f"{field}={value}".encode(), digest_size=8).digest(), "little")
+    g = torch.Generator().manual_seed(seed % (2**63))
+    return torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0)
 
 
 def field_text(field: str, value: str) -> str:

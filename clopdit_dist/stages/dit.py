@@ -44,10 +44,11 @@ class DiTStageConfig(StageConfig):
     # generation; caption: CLOP's embedding of the whole caption (CLOP-DiT's design). On the demo's
     # val studies fields gave cell-type identity 0.91 vs 0.75 and coverage 0.63 vs 0.55 (README).
     conditioning: str = "fields"
-    # fields mode: "canonical" conditions each field on one fixed text per value ("cell type: X"),
-    # the text generation feeds after resolving a prompt to fields; "bank": augmented captions
-    # that name only that field (free wording handled by CLOP rather than the resolver)
-    field_captions: str = "canonical"
+    # fields mode: "code" conditions each field value on its own fixed code (a learned embedding
+    # per value: near-synonymous labels such as naive/memory B cell stay apart); "text" on the
+    # CLOP embedding of one canonical text per value ("cell type: X"); "bank" on augmented
+    # captions that name only that field (free wording handled by CLOP, not the resolver).
+    field_encoding: str = "code"
     stats_cells: int = 20_000  # training cells used for latent and library-size statistics
     eval_split: str = "val"  # held-out studies of the end-of-training check (clopdit evaluate reports test)
     eval_conditions: int = 12  # held-out conditions generated at the end of training
@@ -73,9 +74,10 @@ class DiTStage(Stage):
         self.device = device
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.codec = self.codec.to(device)
-        self.cond = load_condition_encoder(run, self.cfg.conditioning, self.codec.latent_dim, device)
+        self.cond = load_condition_encoder(run, self.cfg.conditioning, self.codec.latent_dim, device,
+                                           "text" if self.cfg.field_encoding == "bank" else self.cfg.field_encoding)
         self.cfg.model.split_latent(self.codec.latent_dim, self.codec.token_dim)
-        self.cfg.model.cond_dim = self.cond.clop.text_proj[-1].out_features
+        self.cfg.model.cond_dim = self.cond.dim
         self.cfg.model.num_fields = self.cond.num_fields
         stage_dir = run.stage_dir(self.name)
         os.makedirs(stage_dir, exist_ok=True)
@@ -86,7 +88,9 @@ class DiTStage(Stage):
                                                     self.cond.builder, conditions,
                                                     clop_cfg.model.captions_per_condition, self.cond.tower,
                                                     clop_cfg.train.seed, self.rank)}
-        elif self.cfg.field_captions == "canonical":  # one fixed text per field value, as generation feeds it
+        elif self.cfg.field_encoding == "code":  # conditions_of looks the codes up per batch
+            banks = {}
+        elif self.cfg.field_encoding == "text":  # one fixed text per field value, as generation feeds it
             banks = field_banks(self.cond.tower, conditions)
         else:  # one bank per field, of augmented captions that mention only that field
             banks = {}
@@ -140,6 +144,9 @@ class DiTStage(Stage):
     def conditions_of(self, batch: dict, rng: np.random.Generator) -> torch.Tensor:
         """(B, K, C) training conditions: a random bank caption per cell (per field), its
         text features jittered by ``cond_noise`` and projected by the frozen CLOP head."""
+        if self.cfg.conditioning == "fields" and self.cfg.field_encoding == "code":
+            return self.cond.encode_fields([dict(zip(CONDITION_FIELDS, v)) for v in zip(*(batch[f] for f in
+                                                                                        CONDITION_FIELDS))])
         if self.cfg.conditioning == "caption":
             feats = [self.banks["caption"].sample(self.cond.builder.batch_keys(batch), rng)[0]]
         else:
@@ -173,4 +180,5 @@ class DiTStage(Stage):
                                 self.cfg.eval_conditions, self.cfg.eval_cells_per_condition)
 
     def export(self, state_dict, run: RunDir) -> None:
-        run.save_weights(self.name, state_dict, {"conditioning": self.cfg.conditioning})
+        run.save_weights(self.name, state_dict, {"conditioning": self.cfg.conditioning,
+                                                 "field_encoding": self.cfg.field_encoding})
