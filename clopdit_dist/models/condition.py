@@ -87,7 +87,7 @@ class ConditionEncoder:
 
     def __init__(self, tower: TextTower, clop: CLOP, builder: CaptionBuilder, mode: str,
                  bank: CaptionBank | None = None, anchor_k: int = 0, anchor_tau: float = 0.02,
-                 field_encoding: str = "code"):
+                 field_encoding: str = "text"):
         self.tower, self.clop, self.builder, self.mode = tower, clop, builder, mode
         if field_encoding not in FIELD_ENCODINGS:
             raise ValueError(f"field_encoding={field_encoding!r}: choose one of {FIELD_ENCODINGS}")
@@ -157,7 +157,7 @@ class ConditionEncoder:
 
 
 def load_condition_encoder(run: RunDir, mode: str, latent_dim: int, device,
-                           field_encoding: str = "code") -> ConditionEncoder:
+                           field_encoding: str = "text") -> ConditionEncoder:
     """The frozen text side of a run's CLOP stage."""
     m = load_config_section(ClopModelConfig, run.config_path("clop"), "model")
     tower = m.text_tower()

@@ -44,11 +44,11 @@ class DiTStageConfig(StageConfig):
     # generation; caption: CLOP's embedding of the whole caption (CLOP-DiT's design). On the demo's
     # val studies fields gave cell-type identity 0.91 vs 0.75 and coverage 0.63 vs 0.55 (README).
     conditioning: str = "fields"
-    # fields mode: "code" conditions each field value on its own fixed code (a learned embedding
-    # per value: near-synonymous labels such as naive/memory B cell stay apart); "text" on the
-    # CLOP embedding of one canonical text per value ("cell type: X"); "bank" on augmented
-    # captions that name only that field (free wording handled by CLOP, not the resolver).
-    field_encoding: str = "code"
+    # fields mode: "text" conditions each field value on the CLOP embedding of one canonical text
+    # ("cell type: X"); "code" on its own fixed code (a learned embedding per value, no semantic
+    # neighbours); "bank" on augmented captions that name only that field. On the demo's val
+    # studies (12 conditions, one seed) text gave identity 0.93 / coverage 0.67, code 0.88 / 0.63.
+    field_encoding: str = "text"
     stats_cells: int = 20_000  # training cells used for latent and library-size statistics
     eval_split: str = "val"  # held-out studies of the end-of-training check (clopdit evaluate reports test)
     eval_conditions: int = 12  # held-out conditions generated at the end of training
