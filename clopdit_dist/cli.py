@@ -156,7 +156,7 @@ def cmd_evaluate(args) -> None:
     from .evaluate.evaluator import EvalConfig, evaluate_run
 
     cfg = EvalConfig(split=args.split, seeds=args.seeds, max_cells=args.cells, steps=args.steps,
-                     guidance=args.guidance, report=not args.no_report)
+                     guidance=args.guidance, report=not args.no_report, compare=tuple(args.compare))
     result = evaluate_run(args.run, args.shards, args.out, cfg, progress=not args.no_progress)
     print(f"wrote {args.out}/metrics.json and {args.out}/report.md in {result['seconds']:.0f} s")
 
@@ -262,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cells", type=int, default=200, help="generated cells per condition (at most)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's)")
     p.add_argument("--guidance", type=float, default=None, help="skip the val sweep and use this guidance")
+    p.add_argument("--compare", action="append", default=[], metavar="NAME=RUN",
+                   help="another run on the same shards scored beside this one (repeatable)")
     p.add_argument("--no-report", action="store_true", help="metrics.json only, no report.md/plots")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from ..data.conditions import CONDITION_FIELDS, condition_key
 from ..data.loader import iter_split
 from ..data.manifest import write_json_atomic
-from ..errors import ShardError
+from ..errors import RunDirError, ShardError
 from ..generate import CellGenerator, sampler_from
 from . import metrics as M
 from .baselines import CellSet, codec_roundtrip, condition_gaussian, real_half, training_copies, type_mean_nb
@@ -64,6 +64,9 @@ class EvalConfig:
     steps: int | None = None  # sampler steps (default: the run's)
     augmentation_types: int = 4  # rarest training cell types in the augmentation experiment
     report: bool = True
+    # other runs on the same shards scored beside this one, "NAME=RUN_DIR" (e.g. the PCA-codec
+    # ablation or CLOP-DiT's caption conditioning): canonical prompts, the same guidance and seeds
+    compare: tuple[str, ...] = ()
 
 
 @dataclass
@@ -167,6 +170,14 @@ class Evaluation:
         self.train_keys = set(self.train_key_of_cell)
         self.theta = self._dispersion()
         self.sampler = sampler_from(self.gen.default_sampler, steps=cfg.steps)
+        self.compare = {}
+        for item in cfg.compare:
+            name, _, path = item.partition("=")
+            other = CellGenerator.from_run(path)
+            if other.codec.genes != self.genes:
+                raise RunDirError(f"--compare {item}: its codec reads other genes than {gen.run.root}'s; compare runs "
+                                  "trained on the same shards with the same gene selection")
+            self.compare[name] = other
 
     def _dispersion(self) -> np.ndarray:
         with torch.no_grad():
@@ -175,14 +186,16 @@ class Evaluation:
 
     # ---------------------------------------------------------------- generation
     def model_cells(self, hs: HeldoutSet, prompts: list[str], sizes: list[int], guidance: float,
-                    seed: int) -> list[CellSet]:
-        """The model's cells for several prompts in one batched run: ``sizes[i]`` cells of ``prompts[i]``."""
-        sampler = sampler_from(self.sampler, guidance=guidance)
-        adata = self.gen.generate(prompts, n=sizes, sampler=sampler, seed=seed, strict=False)  # unresolved: marginal
+                    seed: int, gen: CellGenerator | None = None) -> list[CellSet]:
+        """A model's cells (this run's, or ``gen``'s) for several prompts in one batched run:
+        ``sizes[i]`` cells of ``prompts[i]``."""
+        gen = gen or self.gen
+        sampler = sampler_from(gen.default_sampler, steps=self.cfg.steps, guidance=guidance)
+        adata = gen.generate(prompts, n=sizes, sampler=sampler, seed=seed, strict=False)  # unresolved: marginal
         counts = adata.X.toarray().astype(np.float32)
         z = torch.from_numpy(np.asarray(adata.obsm["X_latent"]))
         with torch.no_grad():
-            mu = self.codec.decode(z, torch.from_numpy(adata.obs["library_size"].to_numpy(np.float32)))["mu"]
+            mu = gen.codec.decode(z, torch.from_numpy(adata.obs["library_size"].to_numpy(np.float32)))["mu"]
         mean_embed = hs.space.embed(mu.cpu().numpy())
         out, start = [], 0
         for m in sizes:  # generate() returns each prompt's cells as one block, in prompt order
@@ -218,8 +231,10 @@ class Evaluation:
                     model[f"model_{tier}"] = self.model_cells(hs, [tier_prompt(m, tier) for m in conds], sizes,
                                                               guidance, seed)
             if with_baselines:
-                model["unconditional"] = self.model_cells(hs, [tier_prompt(m, "canonical") for m in conds], sizes,
-                                                          0.0, seed)
+                canonical = [tier_prompt(m, "canonical") for m in conds]
+                model["unconditional"] = self.model_cells(hs, canonical, sizes, 0.0, seed)
+                for name, other in self.compare.items():
+                    model[f"model_{name}"] = self.model_cells(hs, canonical, sizes, guidance, seed, other)
             for i, (meta, (a_idx, b_idx)) in enumerate(zip(conds, halves)):
                 rng = np.random.default_rng([seed, 17, i])
                 sets = self.baselines(hs, meta, b_idx, len(b_idx), rng) if with_baselines else {}
