@@ -124,7 +124,10 @@ def run_demo(out: str, n_cells: int = 20_000, workers: int = 2, nproc: int = 2) 
         if res.get("cells"):
             print(f"\nheld-out {name} ({res['split']}: {res['cells']} cells, {len(res['conditions'])} conditions), "
                   f"guidance {result['guidance_sweep']['chosen']} chosen on val:")
-            print(baseline_table(res["generators"]))
+            print(baseline_table(res["generators"], "macro_seen"))
+            if any(c["novel"] for c in res["conditions"]):
+                print("combinations no training study has:")
+                print(baseline_table(res["generators"], "macro_novel"))
     if "field_subset" in result:
         print(f"\ntissue-only prompts: mean total-variation distance to the tissue's real composition "
               f"{result['field_subset']['mean_tv']:.3f}")

@@ -245,15 +245,20 @@ class Evaluation:
                     row = {**meta, **hs.score(meta, a_idx, cs, memorisation=name in (
                         "training_copies", "model_canonical", "real_half"))}
                     per_seed.setdefault(name, [[] for _ in range(seeds)])[seed].append(row)
+        def over_seeds(by_seed, keep) -> dict:
+            macros = [_macro([r for r in rows if keep(r)]) for rows in by_seed if any(keep(r) for r in rows)]
+            keys = sorted({k for m in macros for k in m})
+            return {k: M.mean_ci([m.get(k, np.nan) for m in macros]) for k in keys}
+
+        # "macro": every condition the generator has cells for (the copy and Gaussian baselines
+        # have none for combinations no training study contains); "macro_seen" / "macro_novel":
+        # the conditions with / without training cells, the same set for every generator
         out = {}
         for name, by_seed in per_seed.items():
-            macros = [_macro(rows) for rows in by_seed if rows]
-            keys = sorted({k for m in macros for k in m})
-            out[name] = {"macro": {k: M.mean_ci([m.get(k, np.nan) for m in macros]) for k in keys},
+            out[name] = {"macro": over_seeds(by_seed, lambda r: True),
+                         "macro_seen": over_seeds(by_seed, lambda r: not r["novel"]),
+                         "macro_novel": over_seeds(by_seed, lambda r: r["novel"]),
                          "per_condition": by_seed[0]}
-            novel = [r for r in by_seed[0] if r.get("novel")]
-            if novel:
-                out[name]["macro_novel_seed0"] = _macro(novel)
         return out
 
     # ---------------------------------------------------------------- the whole protocol

@@ -38,12 +38,14 @@ def _fmt(ci: dict | None) -> str:
     return f"{ci['mean']:.3f}"
 
 
-def baseline_table(generators: dict) -> str:
+def baseline_table(generators: dict, scope: str = "macro") -> str:
+    """One row per generator, macro over conditions (``scope``: macro, macro_seen, macro_novel)."""
     names = [g for g in GENERATOR_ORDER if g in generators] + [g for g in generators if g not in GENERATOR_ORDER]
+    names = [g for g in names if generators[g].get(scope)]
     head = "| generator | " + " | ".join(f"{label} {arrow}" for _, label, arrow in TABLE_METRICS) + " |"
     rows = [head, "|" + "---|" * (len(TABLE_METRICS) + 1)]
     for g in names:
-        macro = generators[g]["macro"]
+        macro = generators[g][scope]
         rows.append(f"| {LABELS.get(g, g)} | " + " | ".join(_fmt(macro.get(k)) for k, _, _ in TABLE_METRICS) + " |")
     return "\n".join(rows)
 
@@ -75,8 +77,14 @@ def write_report(result: dict, ev, held: dict, out_dir: str) -> str:
         novel = sum(c["novel"] for c in s["conditions"])
         lines += [f"## Held-out {set_name} (`{s['split']}`: {s['cells']} real cells, {len(s['conditions'])} conditions "
                   f"with ≥ {result['config']['min_cells']} cells, {novel} of them combinations no training study "
-                  "has)",
-                  "", baseline_table(s["generators"]), ""]
+                  "has)", ""]
+        if novel:
+            lines += [f"Conditions some training study has ({len(s['conditions']) - novel}; every generator):", "",
+                      baseline_table(s["generators"], "macro_seen"), "",
+                      f"Combinations no training study has ({novel}; no training cells to copy or fit):", "",
+                      baseline_table(s["generators"], "macro_novel"), ""]
+        else:
+            lines += [baseline_table(s["generators"], "macro_seen"), ""]
     if "field_subset" in result:
         fs = result["field_subset"]
         lines += ["## Tissue-only prompts", "",
