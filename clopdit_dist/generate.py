@@ -93,9 +93,10 @@ class CellGenerator:
 
     @torch.no_grad()
     def latents(self, cond: torch.Tensor, n: int, sampler: SamplerConfig, seed: int, batch_size: int = 2048,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
+                drop: torch.Tensor | None = None, x0: torch.Tensor | None = None) -> torch.Tensor:
         """(n, latent_dim) latents: ``cond`` is one condition (1, K, C) or one per cell (n, K, C);
-        ``drop`` (1 or n, K) marks fields left on the learned null."""
+        ``drop`` (1 or n, K) marks fields left on the learned null; ``x0`` (n, tokens, token_dim)
+        is the starting noise (else drawn from ``seed``)."""
         g = torch.Generator(device=self.device).manual_seed(seed)
         cond = cond.expand(n, -1, -1) if cond.shape[0] == 1 else cond
         drop = None if drop is None else (drop.expand(n, -1) if drop.shape[0] == 1 else drop)
@@ -106,7 +107,7 @@ class CellGenerator:
             start += b
             model = self._velocity if drop is None else _WithMissingFields(self._velocity, drop[rows].to(self.device))
             with self._autocast:
-                x = sample(model, cond[rows].to(self.device), shape, sampler, g)
+                x = sample(model, cond[rows].to(self.device), shape, sampler, g, None if x0 is None else x0[rows])
             out.append(self.dit.unstandardize(x))
         return torch.cat(out)
 
@@ -177,24 +178,36 @@ class CellGenerator:
         return self._concat(parts, "gen")
 
     def _generate_fields(self, prompts, n, sampler, seed, batch_size, strict) -> ad.AnnData:
-        """All prompts' cells in one batched sampling run: each cell carries its own condition."""
+        """All prompts' cells in one batched sampling run (each cell carries its own condition),
+        with each prompt's starting noise, library sizes and counts drawn from its own seed, so a
+        prompt gives the same cells alone or beside others (SDE noise excepted)."""
         check_prompts(prompts)
-        items = []  # (prompt, condition, cells)
+        items, x0 = [], []  # (prompt index, condition, cells)
+        shape = (self.dit.dit.tokens, self.dit.dit.token_dim)
         for i, prompt in enumerate(prompts):
-            items += [(prompt, c, m) for c, m in self.plan(prompt, n[i], np.random.default_rng([seed, i, 7]), strict)]
+            plan = self.plan(prompt, n[i], np.random.default_rng([seed, i, 7]), strict)
+            items += [(i, c, m) for c, m in plan]
+            g = torch.Generator().manual_seed(seed + 1000 * i)
+            x0.append(torch.randn((n[i], *shape), generator=g))
         counts_per = torch.tensor([m for _, _, m in items])
         cond = self.cond.encode_fields([c for _, c, _ in items]).repeat_interleave(counts_per, dim=0)
         drop = torch.tensor([[c.get(f) is None for f in CONDITION_FIELDS] for _, c, _ in items])
         z = self.latents(cond, len(cond), sampler, seed, batch_size,
-                         drop.repeat_interleave(counts_per, dim=0) if drop.any() else None)
-        rng = np.random.default_rng([seed, 8])
-        groups = [g for _, c, m in items for g in self.library_groups(c, m, rng)]
-        counts, lib = self.decode(z, groups, seed)
+                         drop.repeat_interleave(counts_per, dim=0) if drop.any() else None, torch.cat(x0))
         parts, start = [], 0
-        for prompt, c, m in items:
-            rows = slice(start, start + m)
-            start += m
-            parts.append(self._anndata(counts[rows], z[rows], prompt, groups[rows], sampler, seed, lib[rows], c))
+        for i, prompt in enumerate(prompts):
+            rng = np.random.default_rng([seed, i, 8])
+            mine = [(c, m) for j, c, m in items if j == i]
+            groups = [g for c, m in mine for g in self.library_groups(c, m, rng)]
+            zi = z[start:start + n[i]]
+            counts, lib = self.decode(zi, groups, seed + 1000 * i)
+            at = 0
+            for c, m in mine:
+                rows = slice(at, at + m)
+                at += m
+                parts.append(self._anndata(counts[rows], zi[rows], prompt, groups[rows], sampler, seed + 1000 * i,
+                                           lib[rows], c))
+            start += n[i]
         return self._concat(parts, "gen")
 
     def _concat(self, parts, prefix: str) -> ad.AnnData:

@@ -101,10 +101,11 @@ def guided_velocity(model, x: torch.Tensor, t: float, cond: torch.Tensor, cfg: S
 
 @torch.no_grad()
 def sample(model, cond: torch.Tensor, shape: tuple[int, int], cfg: SamplerConfig,
-           generator: torch.Generator) -> torch.Tensor:
-    """Integrate from noise to data. ``cond`` (B, K, C); returns latents (B, *shape)."""
+           generator: torch.Generator, x0: torch.Tensor | None = None) -> torch.Tensor:
+    """Integrate from noise (``x0``, else drawn from ``generator``) to data. ``cond`` (B, K, C);
+    returns latents (B, *shape)."""
     B = cond.shape[0]
-    x = torch.randn((B, *shape), generator=generator, device=cond.device)
+    x = torch.randn((B, *shape), generator=generator, device=cond.device) if x0 is None else x0.to(cond.device)
     ts = torch.linspace(0.0, 1.0, cfg.steps + 1).tolist()
     for i in range(cfg.steps):
         t0, t1 = ts[i], ts[i + 1]
