@@ -20,6 +20,16 @@ import pytest
 from clopdit_dist.data.shards import ShardConfig, build_shards
 from clopdit_dist.data.synthetic import SynthConfig, write_synthetic_atlas
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """A test that trains in-process (a world of one) sets RANK, MASTER_PORT...: restore the
+    environment afterwards, or the next test's subprocesses inherit a stale rendezvous."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 ATLAS_CFG = SynthConfig(n_cells=4000, n_genes=600, n_studies=12, seed=7, chunk_size=1024)
 
 

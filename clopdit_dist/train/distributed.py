@@ -45,6 +45,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
     import deepspeed
 
     if not dist.is_initialized():
+        from deepspeed.utils import groups
+
+        # DeepSpeed caches a clone of the world group; after an earlier process group in this
+        # process was destroyed (a second run in one process: sweeps, tests) that clone is stale
+        groups._WORLD_GROUP = None
         deepspeed.init_distributed(dist_backend="gloo" if dev == "cpu" else "nccl", verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cpu") if dev == "cpu" else torch.device("cuda", local_rank)
