@@ -29,16 +29,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
-import psutil
+
+from _measure import PeakRSS
+from _measure import emit as _emit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS: list[dict] = []
@@ -53,45 +53,7 @@ DIT_SMALL = ["model.hidden_size=32", "model.token_dim=8", "model.depth=2", "mode
 
 
 def emit(out, **row) -> None:
-    row = {"bench": "atlas_scale", "run": RUN_ID, "host_cpus": os.cpu_count(), "python": platform.python_version(),
-           **row}
-    RESULTS.append(row)
-    line = json.dumps(row)
-    print(line, flush=True)
-    if out:
-        with open(out, "a") as f:
-            f.write(line + "\n")
-
-
-class PeakRSS:
-    """Peak resident memory of a process and all its descendants, sampled every 50 ms."""
-
-    def __init__(self, pids: list[int]):
-        self.procs, self.peak, self._stop = [psutil.Process(p) for p in pids], 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            total = 0
-            for root in self.procs:
-                try:
-                    for p in [root] + root.children(recursive=True):
-                        try:
-                            total += p.memory_info().rss
-                        except psutil.Error:
-                            pass
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            time.sleep(0.05)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+    _emit(out, RESULTS, **{"bench": "atlas_scale", "run": RUN_ID, **row})
 
 
 CPU = {"last": 0.0}  # CPU seconds (user + sys) of the last run_measured's process trees

@@ -17,61 +17,29 @@ belongs to its own case.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
-import psutil
+
+from _measure import PeakRSS
+from _measure import emit as _emit
 
 RESULTS: list[dict] = []
 
 
 def emit(out, **row) -> None:
-    row = {"bench": "data_throughput", "host_cpus": os.cpu_count(), "python": platform.python_version(), **row}
-    RESULTS.append(row)
-    line = json.dumps(row)
-    print(line, flush=True)
-    if out:
-        with open(out, "a") as f:
-            f.write(line + "\n")
-
-
-class PeakRSS:
-    """Peak resident memory of a process and all its descendants, sampled every 50 ms."""
-
-    def __init__(self, pid: int):
-        self.proc, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                procs = [self.proc] + self.proc.children(recursive=True)
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs if p.is_running()))
-            except psutil.Error:
-                pass
-            time.sleep(0.05)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+    _emit(out, RESULTS, **{"bench": "data_throughput", **row})
 
 
 def run_measured(cmd: list[str]) -> tuple[float, int]:
     """Run a command; wall seconds and peak RSS (bytes) of its process tree."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    with PeakRSS(proc.pid) as rss:
+    with PeakRSS([proc.pid]) as rss:
         _, err = proc.communicate()
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-2000:]}")

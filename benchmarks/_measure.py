@@ -1,0 +1,54 @@
+"""What the benchmarks share: one JSON line per result, and the peak RSS of process trees."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+
+import psutil
+
+
+def emit(out: str | None, results: list[dict], **row) -> dict:
+    """Print ``row`` (with host facts) as one JSON line, append it to ``out`` and ``results``."""
+    row = {**row, "host_cpus": os.cpu_count(), "python": platform.python_version()}
+    results.append(row)
+    line = json.dumps(row)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+    return row
+
+
+class PeakRSS:
+    """Peak resident memory of processes and all their descendants, sampled every 50 ms."""
+
+    def __init__(self, pids: list[int]):
+        self.procs, self.peak, self._stop = [psutil.Process(p) for p in pids], 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            total = 0
+            for root in self.procs:
+                try:
+                    for p in [root] + root.children(recursive=True):
+                        try:
+                            total += p.memory_info().rss
+                        except psutil.Error:
+                            pass
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
