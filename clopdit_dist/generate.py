@@ -54,9 +54,10 @@ class CellGenerator:
         self.var = pd.DataFrame({"feature_id": ids, "feature_name": [manifest.feature_names[index[f]] for f in ids]},
                                 index=ids)  # feature_id: unique, unlike symbols
         groups = library["groups"]
-        captions = [cond.builder.canonical({k: g[k] for k in CONDITION_FIELDS}) for g in groups]
-        self._group_text = cond.project(cond.features(captions)) if groups else None
-        self.resolver = None
+        self.resolver = self._group_text = None
+        if cond.mode == "caption" and groups:  # library sizes of the group nearest a prompt in CLOP space
+            captions = [cond.builder.canonical({k: g[k] for k in CONDITION_FIELDS}) for g in groups]
+            self._group_text = cond.project(cond.features(captions))
         if cond.mode == "fields":  # prompts are resolved to field values, then completed from training conditions
             from .models.prompt_resolver import PromptResolver
 

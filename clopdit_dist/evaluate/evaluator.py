@@ -46,7 +46,6 @@ from .baselines import CellSet, codec_roundtrip, condition_gaussian, real_half, 
 from .prompts import tier_prompt
 
 FIELDS = CONDITION_FIELDS
-BASELINES = ("real_half", "codec_roundtrip", "training_copies", "gaussian", "type_mean_nb")
 
 
 @dataclass
@@ -80,8 +79,6 @@ class Cells:
     def keys(self) -> np.ndarray:
         return np.array([condition_key(dict(zip(FIELDS, v))) for v in zip(*(self.meta[f] for f in FIELDS))])
 
-    def select(self, mask) -> "Cells":
-        return Cells(self.counts[mask], {k: v[mask] for k, v in self.meta.items()})
 
 
 def read_cells(shards: str, split: str, genes: list[str], max_cells: int) -> Cells:
