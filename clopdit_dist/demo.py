@@ -70,14 +70,14 @@ def _table(rows: list[list], header: list[str]) -> str:
     return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows])
 
 
-def run_demo(out: str, n_cells: int = 20_000, workers: int = 2, nproc: int = 2) -> dict:
+def run_demo(out: str, n_cells: int = 20_000, workers: int = 2, nproc: int = 2, seed: int = 0) -> dict:
     t0 = time.perf_counter()
     atlas, shards, run = (os.path.join(out, d) for d in ("atlas", "shards", "run"))
-    _step(f"1. synthetic Census-shaped atlas ({n_cells} cells) -> {atlas}")
+    _step(f"1. synthetic Census-shaped atlas ({n_cells} cells, seed {seed}) -> {atlas}")
     if os.path.exists(os.path.join(atlas, "census_data")):
         print("already there")
     else:
-        write_synthetic_atlas(atlas, SynthConfig(n_cells=n_cells), workers=workers)
+        write_synthetic_atlas(atlas, SynthConfig(n_cells=n_cells, seed=seed), workers=workers)
 
     _step(f"2. WebDataset shards -> {shards}")
     if os.path.exists(os.path.join(shards, MANIFEST_NAME)):

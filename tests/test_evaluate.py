@@ -60,6 +60,8 @@ def test_evaluate_writes_every_generator_metric_and_plot(pca_run, shards_dir, tm
     assert canon["energy"]["n"] == 2 and np.isfinite(canon["energy"]["lo"])  # two seeds, an interval
     assert gens["model_reworded"]["macro"]["energy"]["n"] == 1  # non-canonical tiers: tier_seeds=1
     assert "memorisation_ratio" in canon and "diversity_means" in canon
+    # decoded means of real cells' own latents: the ceiling of the model's diversity_means
+    assert 0 < gens["codec_roundtrip"]["macro"]["diversity_means"]["mean"] < 2
     # the real half is the ceiling: it identifies its own cell type better than the null model
     assert gens["real_half"]["macro"]["identity_cell_type"]["mean"] >= gens["unconditional"]["macro"][
         "identity_cell_type"]["mean"]

@@ -6,7 +6,8 @@ and always the embedding (PCA of the evaluation space) and log expression on its
 * :func:`real_half`: the other half of the real held-out cells of the condition: the
   ceiling (what a perfect generator of that very study scores).
 * :func:`codec_roundtrip`: half B encoded by the run's codec and sampled back to counts:
-  the ceiling of any generator that works in that latent space.
+  the ceiling of any generator that works in that latent space (its decoded means are the
+  ceiling of ``diversity_means``).
 * :func:`training_copies`: training-study cells of the same condition, drawn with
   replacement: what a perfect model of the *training* distribution scores, and the
   memorisation reference.
@@ -51,8 +52,12 @@ def codec_roundtrip(space: EvalSpace, codec, counts: np.ndarray, rng: np.random.
     x = torch.from_numpy(counts)
     g = torch.Generator().manual_seed(int(rng.integers(2**31)))
     with torch.no_grad():
-        out = codec.sample(codec.encode(x), x.sum(-1), generator=g).cpu().numpy()
-    return CellSet.from_counts(space, out)
+        z = codec.encode(x)
+        out = codec.sample(z, x.sum(-1), generator=g).cpu().numpy()
+        mu = codec.decode(z, x.sum(-1))["mu"].cpu().numpy()
+    # the decoded means of real cells' own latents: the reference for the model's diversity_means,
+    # which lacks the count noise that real cells' diversity includes
+    return CellSet.from_counts(space, out, mean_embed=space.embed(mu))
 
 
 def training_copies(space: EvalSpace, train_counts: np.ndarray, n: int, rng: np.random.Generator) -> CellSet | None:

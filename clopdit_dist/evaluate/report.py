@@ -15,6 +15,7 @@ TABLE_METRICS = (("identity_cell_type", "type id", "↑"), ("identity_tissue_gen
                  ("identity_disease", "disease id", "↑"), ("coverage", "coverage", "↑"),
                  ("precision", "precision", "↑"), ("mmd", "RBF MMD", "↓"), ("energy", "energy", "↓"),
                  ("w2", "W2", "↓"), ("auc", "real/gen AUC", "→0.5"), ("diversity", "diversity", "→1"),
+                 ("diversity_means", "decoded-mean diversity", "→codec"),
                  ("gene_mean_r2", "gene mean R²", "↑"), ("de_logfc_pearson", "DE logFC r", "↑"),
                  ("memorisation_ratio", "NN-dist ratio", "→1"))
 GENERATOR_ORDER = ("real_half", "codec_roundtrip", "training_copies", "gaussian", "type_mean_nb", "unconditional",
