@@ -16,9 +16,13 @@ import argparse
 import os
 import shutil
 import subprocess
+import sys
 import time
 
 from _measure import emit
+
+# benchmarks/kernels.py would shadow the kernels package: put the repository first
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DEMO_DIT = ["train.steps=1700", "data.batch_size=128"]
 KEEP = ("identity_cell_type", "identity_tissue_general", "identity_disease", "energy", "mmd", "w2", "coverage",
