@@ -1,4 +1,4 @@
-"""Elastic resume: a checkpoint taken with 2 processes resumes with 1, and that one with 2
+"""Elastic resume under ZeRO 1, 2 and 3: a checkpoint taken with 2 processes resumes with 1, and that one with 2
 again (2 -> 1 -> 2), optimizer state and LR schedule included, the loader keeping its place
 in the epoch (clopdit_dist/train/checkpoint.py states the exact guarantee)."""
 
@@ -31,7 +31,7 @@ def _run(shards, run, steps, nproc, zero):
     return proc.stdout
 
 
-@pytest.mark.parametrize("zero", [2])
+@pytest.mark.parametrize("zero", [1, 2, 3])
 def test_two_to_one_to_two_processes(shards_dir, tmp_path, zero):
     run = str(tmp_path / "run")
     _run(shards_dir, run, 3, 2, zero)
