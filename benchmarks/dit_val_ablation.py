@@ -6,8 +6,8 @@ the real-half ceiling, the Gaussian and the copies beside it). How the DiT defau
     python benchmarks/dit_val_ablation.py --base-run runs/demo/run --shards runs/demo/shards \
         --name lr1e3 --out benchmarks/results/dit_val_ablation.jsonl optim.lr=0.001
 
-One JSON line per (trial, guidance, generator). Trains with the demo's DiT overrides (1,700
-steps, batch 128 per rank, 2 processes); later overrides win.
+One JSON line per (trial, guidance, generator). Trains as the demo trains its DiT
+(``clopdit_dist.demo.launch_stage``: its overrides, then these; later overrides win).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import time
 
@@ -24,7 +23,6 @@ from _measure import emit
 # benchmarks/kernels.py would shadow the kernels package: put the repository first
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-DEMO_DIT = ["train.steps=1700", "data.batch_size=128"]
 KEEP = ("identity_cell_type", "identity_tissue_general", "identity_disease", "energy", "mmd", "w2", "coverage",
         "diversity_means")
 
@@ -40,9 +38,9 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
+    from clopdit_dist.demo import DEMO_OVERRIDES, launch_stage
     from clopdit_dist.evaluate.evaluator import quick_evaluation
     from clopdit_dist.generate import CellGenerator
-    from clopdit_dist.train.distributed import REPO_ROOT
 
     run = os.path.join(args.workdir, args.name, "run")
     os.makedirs(run, exist_ok=True)
@@ -50,14 +48,8 @@ def main() -> None:
         src, dst = os.path.join(args.base_run, item), os.path.join(run, item)
         if os.path.exists(src) and not os.path.exists(dst):
             (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, dst)
-    overrides = DEMO_DIT + args.overrides
     t0 = time.perf_counter()
-    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(args.nproc), "--master_port", "29851",
-           str(REPO_ROOT / "launchers" / "train_dit.py"), "--config", str(REPO_ROOT / "configs" / "dit.yaml"),
-           "--shards", args.shards, "--run", run, *overrides]
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1",
-           "WANDB_MODE": "offline"}
-    subprocess.run(cmd, check=True, env=env)
+    launch_stage("dit", args.shards, run, args.nproc, tuple(args.overrides))
     train_s = time.perf_counter() - t0
 
     gen = CellGenerator.from_run(run)
@@ -65,7 +57,8 @@ def main() -> None:
     for w in (1.0, 2.0):
         m = quick_evaluation(gen, args.shards, "val", w, 12, 200)
         for g in ("real_half", "gaussian", "training_copies", "model_canonical"):
-            emit(args.out, results, bench="dit_val_ablation", trial=args.name, overrides=overrides, guidance=w,
+            emit(args.out, results, bench="dit_val_ablation", trial=args.name,
+                 overrides=DEMO_OVERRIDES["dit"] + args.overrides, guidance=w,
                  generator=g, conditions=m["conditions"], train_seconds=round(train_s, 1),
                  **{k: m[g][k] for k in KEEP if k in m[g]})
 

@@ -48,10 +48,12 @@ def _step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-def _launch(stage: str, shards: str, run: str, nproc: int) -> None:
+def launch_stage(stage: str, shards: str, run: str, nproc: int, overrides: tuple[str, ...] = ()) -> None:
+    """Train one stage as the demo does (``DEMO_OVERRIDES``, then ``overrides``) in ``nproc``
+    processes under the deepspeed launcher."""
     launcher = str(REPO_ROOT / "launchers" / f"train_{stage}.py")
     config = str(REPO_ROOT / "configs" / f"{stage}.yaml")
-    args = [launcher, "--config", config, "--shards", shards, "--run", run, *DEMO_OVERRIDES[stage]]
+    args = [launcher, "--config", config, "--shards", shards, "--run", run, *DEMO_OVERRIDES[stage], *overrides]
     ds = shutil.which("deepspeed")
     if ds:
         cmd = [ds, "--num_gpus", str(nproc), "--master_port", str(29700 + ["ae", "clop", "dit"].index(stage)), *args]
@@ -91,7 +93,7 @@ def run_demo(out: str, n_cells: int = 20_000, workers: int = 2, nproc: int = 2, 
         if os.path.exists(os.path.join(run, stage, "metrics.json")):
             print("already trained")
         else:
-            _launch(stage, shards, run, nproc)
+            launch_stage(stage, shards, run, nproc)
 
     _step("6. generate cells for a few prompts")
     from .generate import CellGenerator

@@ -34,6 +34,12 @@ from .models.flow import SamplerConfig, sample
 from .run import RunDir
 
 
+def prompt_seed(seed: int, i: int) -> int:
+    """The seed of prompt ``i``'s noise, library sizes and counts: a prompt gives the same cells
+    alone or beside others."""
+    return seed + 1000 * i
+
+
 class CellGenerator:
     """The three frozen stages of a run, ready to generate."""
 
@@ -173,9 +179,10 @@ class CellGenerator:
         groups = self.match_library(cond)
         parts = []
         for i, prompt in enumerate(prompts):
-            z = self.latents(cond[i:i + 1], n[i], sampler, seed + 1000 * i, batch_size)
-            counts, lib = self.decode(z, [groups[i]] * n[i], seed + 1000 * i)
-            parts.append(self._anndata(counts, z, prompt, [groups[i]] * n[i], sampler, seed + 1000 * i, lib))
+            s = prompt_seed(seed, i)
+            z = self.latents(cond[i:i + 1], n[i], sampler, s, batch_size)
+            counts, lib = self.decode(z, [groups[i]] * n[i], s)
+            parts.append(self._anndata(counts, z, prompt, [groups[i]] * n[i], sampler, s, lib))
         return self._concat(parts, "gen")
 
     def _generate_fields(self, prompts, n, sampler, seed, batch_size, strict) -> ad.AnnData:
@@ -183,31 +190,28 @@ class CellGenerator:
         with each prompt's starting noise, library sizes and counts drawn from its own seed, so a
         prompt gives the same cells alone or beside others (SDE noise excepted)."""
         check_prompts(prompts)
-        items, x0 = [], []  # (prompt index, condition, cells)
         shape = (self.dit.dit.tokens, self.dit.dit.token_dim)
-        for i, prompt in enumerate(prompts):
-            plan = self.plan(prompt, n[i], np.random.default_rng([seed, i, 7]), strict)
-            items += [(i, c, m) for c, m in plan]
-            g = torch.Generator().manual_seed(seed + 1000 * i)
-            x0.append(torch.randn((n[i], *shape), generator=g))
-        counts_per = torch.tensor([m for _, _, m in items])
-        cond = self.cond.encode_fields([c for _, c, _ in items]).repeat_interleave(counts_per, dim=0)
-        drop = torch.tensor([[c.get(f) is None for f in CONDITION_FIELDS] for _, c, _ in items])
+        plans = [self.plan(p, n[i], np.random.default_rng([seed, i, 7]), strict) for i, p in enumerate(prompts)]
+        x0 = [torch.randn((n[i], *shape), generator=torch.Generator().manual_seed(prompt_seed(seed, i)))
+              for i in range(len(prompts))]
+        items = [(c, m) for plan in plans for c, m in plan]  # (condition, cells), prompt after prompt
+        counts_per = torch.tensor([m for _, m in items])
+        cond = self.cond.encode_fields([c for c, _ in items]).repeat_interleave(counts_per, dim=0)
+        drop = torch.tensor([[c.get(f) is None for f in CONDITION_FIELDS] for c, _ in items])
         z = self.latents(cond, len(cond), sampler, seed, batch_size,
                          drop.repeat_interleave(counts_per, dim=0) if drop.any() else None, torch.cat(x0))
         parts, start = [], 0
-        for i, prompt in enumerate(prompts):
+        for i, (prompt, plan) in enumerate(zip(prompts, plans)):
             rng = np.random.default_rng([seed, i, 8])
-            mine = [(c, m) for j, c, m in items if j == i]
-            groups = [g for c, m in mine for g in self.library_groups(c, m, rng)]
+            groups = [g for c, m in plan for g in self.library_groups(c, m, rng)]
             zi = z[start:start + n[i]]
-            counts, lib = self.decode(zi, groups, seed + 1000 * i)
+            counts, lib = self.decode(zi, groups, prompt_seed(seed, i))
             at = 0
-            for c, m in mine:
+            for c, m in plan:
                 rows = slice(at, at + m)
                 at += m
-                parts.append(self._anndata(counts[rows], zi[rows], prompt, groups[rows], sampler, seed + 1000 * i,
-                                           lib[rows], c))
+                parts.append(self._anndata(counts[rows], zi[rows], prompt, groups[rows], sampler,
+                                           prompt_seed(seed, i), lib[rows], c))
             start += n[i]
         return self._concat(parts, "gen")
 

@@ -20,6 +20,7 @@ import pytest
 from clopdit_dist.data.shards import ShardConfig, build_shards
 from clopdit_dist.data.synthetic import SynthConfig, write_synthetic_atlas
 
+
 @pytest.fixture(autouse=True)
 def _restore_environ():
     """A test that trains in-process (a world of one) sets RANK, MASTER_PORT...: restore the

@@ -50,11 +50,12 @@ def real_half(space: EvalSpace, counts: np.ndarray) -> CellSet:
 
 def codec_roundtrip(space: EvalSpace, codec, counts: np.ndarray, rng: np.random.Generator) -> CellSet:
     x = torch.from_numpy(counts)
+    lib = x.sum(-1)
     g = torch.Generator().manual_seed(int(rng.integers(2**31)))
     with torch.no_grad():
         z = codec.encode(x)
-        out = codec.sample(z, x.sum(-1), generator=g).cpu().numpy()
-        mu = codec.decode(z, x.sum(-1))["mu"].cpu().numpy()
+        out = codec.sample(z, lib, generator=g).cpu().numpy()
+        mu = codec.decode(z, lib)["mu"].cpu().numpy()
     # the decoded means of real cells' own latents: the reference for the model's diversity_means,
     # which lacks the count noise that real cells' diversity includes
     return CellSet.from_counts(space, out, mean_embed=space.embed(mu))

@@ -80,7 +80,6 @@ class Cells:
         return np.array([condition_key(dict(zip(FIELDS, v))) for v in zip(*(self.meta[f] for f in FIELDS))])
 
 
-
 def read_cells(shards: str, split: str, genes: list[str], max_cells: int) -> Cells:
     parts, meta = [], {f: [] for f in (*FIELDS, "dataset_id", "assay")}
     for batch in iter_split(shards, split, genes, max_cells, batch_size=2048, fields=tuple(meta)):
