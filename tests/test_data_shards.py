@@ -73,6 +73,22 @@ def test_batches_hold_the_counts_soma_has(shards_dir, atlas_dir):
     assert loader.gene_names == [loader.manifest.feature_names[i] for i in loader.gene_idx]
 
 
+def test_chunked_reads_of_scattered_cells_equal_one_read(atlas_dir, monkeypatch):
+    """Held-out-cell shards read ids scattered over the whole array; read_cells reads them a
+    chunk at a time (memory bounded by the chunk). The result must not depend on the chunk."""
+    import clopdit_dist.data.source as source
+
+    ids = np.random.default_rng(0).choice(ATLAS_CFG.n_cells, 300, replace=False)
+    ids = np.r_[ids, ids[:5]]  # repeats come back in place
+    with CellSource(Query(atlas_dir)) as src:
+        obs_one, X_one = src.read_cells(ids)
+        monkeypatch.setattr(source, "READ_CHUNK_CELLS", 7)
+        obs, X = src.read_cells(ids)
+    assert obs["soma_joinid"].tolist() == ids.tolist()
+    pd.testing.assert_frame_equal(obs, obs_one)
+    assert (X != X_one).nnz == 0 and X.nnz == X_one.nnz > 0
+
+
 def test_dry_run_prints_counts_and_writes_nothing(atlas_dir, tmp_path):
     lines = []
     assert build_shards(shard_config(atlas_dir, str(tmp_path / "s")), dry_run=True, log=lines.append) is None
