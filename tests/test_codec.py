@@ -53,10 +53,12 @@ def test_pca_codec_satisfies_the_contract_and_reconstructs_training_cells(train_
     assert 0.5 < float(ratio.median()) < 2.0
 
 
-def test_autoencoder_codec_satisfies_the_contract_and_decodes_near_the_input(train_cells):
+@pytest.mark.parametrize("decoder,latent_noise", [("mlp", 0.0), ("mlp+linear", 0.3), ("linear", 0.0)])
+def test_autoencoder_codec_satisfies_the_contract_and_decodes_near_the_input(train_cells, decoder, latent_noise):
     counts, genes = train_cells
     torch.manual_seed(0)
-    model = CountAutoencoder(AEConfig(n_genes=counts.shape[1], latent_tokens=4, token_dim=8, hidden=(128,)))
+    model = CountAutoencoder(AEConfig(n_genes=counts.shape[1], latent_tokens=4, token_dim=8, hidden=(128,),
+                                      decoder=decoder, latent_noise=latent_noise))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(200):
         batch = counts[torch.randint(0, len(counts), (256,))]
@@ -69,6 +71,9 @@ def test_autoencoder_codec_satisfies_the_contract_and_decodes_near_the_input(tra
     with torch.no_grad():
         mu = _check_contract(codec, counts)
     assert pearson(counts.mean(0).numpy(), mu.mean(0).numpy()) > 0.95
+    # latent noise is a training-time augmentation only: decoding in eval mode is deterministic
+    assert torch.equal(codec.decode(codec.encode(counts[:8]), counts[:8].sum(-1))["mu"],
+                       codec.decode(codec.encode(counts[:8]), counts[:8].sum(-1))["mu"])
 
 
 def test_a_run_on_the_pca_codec_trains_clop_and_the_dit_and_generates(pca_run, shards_dir, tmp_path):

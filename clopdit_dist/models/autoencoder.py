@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 
 @dataclass
 class AEConfig:
@@ -29,6 +31,13 @@ class AEConfig:
     dropout: float = 0.1
     likelihood: str = "nb"  # nb or zinb
     input_noise: float = 0.0  # multiplicative dropout of input counts (a denoising AE)
+    # mlp: logits = MLP(z) (scVI); linear: logits = W z (LDVAE, Svensson et al., Bioinformatics
+    # 2020: additive programs compose, so unseen combinations of seen programs decode);
+    # mlp+linear: both, summed (the linear path carries additive programs, the MLP the rest)
+    decoder: str = "mlp"
+    # the decoder is trained on z + latent_noise·ε, so latents a little off the data manifold
+    # (a DiT's samples) decode to cells near it: the smoothing a VAE's KL term gives scLDM
+    latent_noise: float = 0.0
 
     @property
     def latent_dim(self) -> int:
@@ -75,9 +84,15 @@ class CountAutoencoder(nn.Module):
         dims = [cfg.n_genes, *cfg.hidden, cfg.latent_dim]
         self.encoder = _mlp(dims, cfg.dropout)
         self.latent_norm = nn.LayerNorm(cfg.latent_dim, elementwise_affine=False)
-        self.decoder = _mlp(dims[::-1][:-1], cfg.dropout, last_plain=False)
-        self.px_logits = nn.Linear(dims[1], cfg.n_genes)
-        self.px_dropout = nn.Linear(dims[1], cfg.n_genes) if cfg.likelihood == "zinb" else None
+        if cfg.decoder not in ("mlp", "linear", "mlp+linear"):
+            raise ConfigError(f"model.decoder={cfg.decoder!r}: choose mlp, linear or mlp+linear")
+        if cfg.decoder == "linear":
+            self.decoder, width = nn.Identity(), cfg.latent_dim
+        else:
+            self.decoder, width = _mlp(dims[::-1][:-1], cfg.dropout, last_plain=False), dims[1]
+        self.px_logits = nn.Linear(width, cfg.n_genes)
+        self.px_linear = nn.Linear(cfg.latent_dim, cfg.n_genes, bias=False) if cfg.decoder == "mlp+linear" else None
+        self.px_dropout = nn.Linear(width, cfg.n_genes) if cfg.likelihood == "zinb" else None
         self.log_theta = nn.Parameter(torch.zeros(cfg.n_genes))
 
     def encode(self, counts: torch.Tensor) -> torch.Tensor:
@@ -86,8 +101,12 @@ class CountAutoencoder(nn.Module):
 
     def decode(self, z: torch.Tensor, library_size: torch.Tensor) -> dict[str, torch.Tensor]:
         """NB (or ZINB) parameters for counts summing to ``library_size`` in expectation."""
-        h = self.decoder(z.to(self.px_logits.weight.dtype))
-        scale = torch.softmax(self.px_logits(h).float(), dim=-1)
+        z = z.to(self.px_logits.weight.dtype)
+        h = self.decoder(z)
+        logits = self.px_logits(h)
+        if self.px_linear is not None:
+            logits = logits + self.px_linear(z)
+        scale = torch.softmax(logits.float(), dim=-1)
         out = {"mu": scale * library_size.float().unsqueeze(-1), "theta": self.log_theta.float().exp().expand_as(scale)}
         if self.px_dropout is not None:
             out["pi_logits"] = self.px_dropout(h).float()
@@ -109,6 +128,8 @@ class CountAutoencoder(nn.Module):
             keep = torch.rand_like(counts, dtype=torch.float32) > self.cfg.input_noise
             inputs = counts * keep
         z = self.encode(inputs)
+        if self.training and self.cfg.latent_noise > 0:
+            z = z + self.cfg.latent_noise * torch.randn_like(z)
         params = self.decode(z, counts.float().sum(-1))
         return -self.log_prob(counts, params).mean()
 
