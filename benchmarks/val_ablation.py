@@ -94,7 +94,7 @@ def main() -> None:
     train_s = time.perf_counter() - t0
 
     results: list[dict] = []
-    common = {"bench": f"{args.stage}_val_ablation", "trial": args.name,
+    common = {"bench": f"{args.stage}_val_ablation", "trial": args.name, "base_run": args.base_run,
               "overrides": DEMO_OVERRIDES[args.stage] + args.overrides, "train_seconds": round(train_s, 1)}
     if args.stage == "ae":
         for key, m in codec_roundtrip_val(run, args.shards).items():
