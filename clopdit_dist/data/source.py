@@ -22,7 +22,7 @@ from ..errors import FilterError, GeneVocabularyError, SourceError
 # scattered over the whole array (the val_cells / test_cells shards: a few percent of every
 # training study) held most of the array in memory at once: 2.9 GB for 4,000 cells of a
 # 600k-cell atlas, growing with the atlas. Reading sorted ids this many at a time bounds the
-# tiles in memory by the chunk, not the atlas (0.44 GB, same speed).
+# tiles in memory by the chunk, not the atlas (0.49 GB, same speed).
 READ_CHUNK_CELLS = 256
 
 # Columns carried with every cell from the source into shards and batches.

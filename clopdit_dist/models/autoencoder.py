@@ -9,6 +9,9 @@ softmax proportions over genes × library size = NB mean, with a per-gene invers
 and optionally a zero-inflation logit per gene and cell. This is the decoder of scVI
 (Lopez et al., Nat. Methods 2018) and scLDM, and the frozen decoder of CLOP-DiT's stage 3
 (which used scGPT's; its weights cannot be fetched here, so ours is the default).
+``decoder=linear`` or ``mlp+linear`` replaces or joins the MLP with a linear map from z to the
+logits (LDVAE); they reconstruct better, but the DiT models their latent worse (README,
+"The codec is a ceiling of its own"), so the MLP stays the default.
 """
 
 from __future__ import annotations
