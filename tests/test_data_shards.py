@@ -75,14 +75,15 @@ def test_batches_hold_the_counts_soma_has(shards_dir, atlas_dir):
 
 def test_chunked_reads_of_scattered_cells_equal_one_read(atlas_dir, monkeypatch):
     """Held-out-cell shards read ids scattered over the whole array; read_cells reads them a
-    chunk at a time (memory bounded by the chunk). The result must not depend on the chunk."""
+    few runs of consecutive ids at a time (memory bounded by the chunk). The result must not
+    depend on the chunk."""
     import clopdit_dist.data.source as source
 
     ids = np.random.default_rng(0).choice(ATLAS_CFG.n_cells, 300, replace=False)
-    ids = np.r_[ids, ids[:5]]  # repeats come back in place
+    ids = np.r_[ids, ids[:5], np.arange(40, 90)]  # repeats come back in place; a run of consecutive ids
     with CellSource(Query(atlas_dir)) as src:
         obs_one, X_one = src.read_cells(ids)
-        monkeypatch.setattr(source, "READ_CHUNK_CELLS", 7)
+        monkeypatch.setattr(source, "READ_CHUNK_RUNS", 7)
         obs, X = src.read_cells(ids)
     assert obs["soma_joinid"].tolist() == ids.tolist()
     pd.testing.assert_frame_equal(obs, obs_one)

@@ -18,12 +18,14 @@ import tiledbsoma as soma
 
 from ..errors import FilterError, GeneVocabularyError, SourceError
 
-# Cells per X read. TileDB loads every tile a requested coordinate falls in, so one read of cells
-# scattered over the whole array (the val_cells / test_cells shards: a few percent of every
-# training study) held most of the array in memory at once: 2.9 GB for 4,000 cells of a
-# 600k-cell atlas, growing with the atlas. Reading sorted ids this many at a time bounds the
-# tiles in memory by the chunk, not the atlas (0.49 GB, same speed).
-READ_CHUNK_CELLS = 256
+# Runs of consecutive ids per X read. TileDB loads every tile a requested coordinate falls in,
+# so one read of cells scattered over the whole array (the val_cells / test_cells shards: a few
+# percent of every training study) held most of the array in memory at once: 2.9 GB for 4,000
+# cells of a 600k-cell atlas, growing with the atlas. Reading at most this many runs at a time
+# bounds the tiles in memory (0.45 GB there), while a train shard (16 blocks of consecutive ids)
+# stays one read: chunking by cells instead cost train shards 26% more read time
+# (benchmarks/shard_build_memory.py).
+READ_CHUNK_RUNS = 256
 
 # Columns carried with every cell from the source into shards and batches.
 CELL_COLUMNS = (
@@ -124,9 +126,10 @@ class CellSource:
         obs = self.exp.obs.read(coords=(unique_ids,), column_names=cols).concat().to_pandas()
         obs = obs.set_index("soma_joinid").loc[unique_ids].reset_index()
         var_coords = None if not self.query.genes else self.var["soma_joinid"].to_numpy()
-        table = pa.concat_tables(
-            self._X.read(coords=(unique_ids[s:s + READ_CHUNK_CELLS], var_coords)).tables().concat()
-            for s in range(0, len(unique_ids), READ_CHUNK_CELLS))
+        run_starts = np.r_[0, np.flatnonzero(np.diff(unique_ids) != 1) + 1]
+        bounds = np.r_[run_starts[::READ_CHUNK_RUNS], len(unique_ids)]
+        table = pa.concat_tables(self._X.read(coords=(unique_ids[a:b], var_coords)).tables().concat()
+                                 for a, b in zip(bounds[:-1], bounds[1:]))
         rows = pos[table["soma_dim_0"].to_numpy() - lo]
         gene_cols = self._var_col[table["soma_dim_1"].to_numpy()]
         X = sp.csr_matrix((table["soma_data"].to_numpy(), (rows, gene_cols)), shape=(len(unique_ids), len(self.var)))

@@ -1,0 +1,98 @@
+"""Where a shard build's memory goes: peak RSS per phase of one in-process build (one worker).
+
+Samples this process's RSS every 5 ms and reports, per phase, the highest peak above the
+interpreter's RSS before the build: the obs read and the plan (the driver's share, which
+grows with the atlas), then ``read_cells`` and the whole shard, separately for train shards
+(blocks of consecutive ids) and for held-out-cell shards (``val_cells`` / ``test_cells``:
+ids scattered over the array, the case that held most of the array before reads were chunked,
+see docs/atlas_scale.md), then the manifest. One JSON line per phase.
+
+    clopdit data synth --out /tmp/atlas_600k --cells 600000 --genes 3000
+    for chunk in 256 1000000000; do python benchmarks/shard_build_memory.py --atlas /tmp/atlas_600k \\
+        --out-dir /tmp/shards_mem --read-chunk-runs $chunk --out benchmarks/results/shard_build_memory.jsonl; done
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import threading
+import time
+
+import psutil
+from _measure import emit
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--atlas", required=True, help="a Census-shaped atlas (clopdit data synth)")
+    p.add_argument("--out-dir", required=True, help="where the shards go (deleted first)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--read-chunk-runs", type=int, default=None,
+                   help="override source.READ_CHUNK_RUNS (e.g. 1000000000: one read per shard, as before the fix)")
+    args = p.parse_args()
+
+    from clopdit_dist.data import shards as S
+    from clopdit_dist.data import source
+
+    if args.read_chunk_runs:
+        source.READ_CHUNK_RUNS = args.read_chunk_runs
+    proc = psutil.Process()
+    peak = {"now": 0}
+    phases: dict[str, dict] = {}
+    current = {"shard": ""}
+
+    def sample():
+        while True:
+            peak["now"] = max(peak["now"], proc.memory_info().rss)
+            time.sleep(0.005)
+
+    def record(name: str, seconds: float) -> None:
+        row = phases.setdefault(name, {"calls": 0, "peak_over_base_mb": 0, "seconds": 0.0})
+        row["calls"] += 1
+        row["seconds"] += seconds
+        row["peak_over_base_mb"] = max(row["peak_over_base_mb"], (peak["now"] - base) >> 20)
+
+    def kind() -> str:
+        return "heldout_cells" if current["shard"].split("-")[0] in ("val_cells", "test_cells") else "other_shards"
+
+    def wrap(owner, fn, label):
+        orig = getattr(owner, fn)
+
+        def wrapped(*a, **k):
+            if fn == "build_shard":
+                current["shard"] = S._PLAN.shards[a[0]]["name"]
+            peak["now"] = proc.memory_info().rss
+            t = time.perf_counter()
+            out = orig(*a, **k)
+            record(label() if callable(label) else label, time.perf_counter() - t)
+            return out
+        setattr(owner, fn, wrapped)
+
+    wrap(source.CellSource, "obs", "obs_read")
+    wrap(S, "make_plan", "make_plan")
+    wrap(source.CellSource, "read_cells", lambda: f"read_cells/{kind()}")
+    wrap(S, "build_shard", lambda: f"build_shard/{kind()}")
+    wrap(S, "write_manifest", "write_manifest")
+    shutil.rmtree(args.out_dir, ignore_errors=True)
+    threading.Thread(target=sample, daemon=True).start()
+    time.sleep(0.05)
+    base = proc.memory_info().rss
+    peak["now"] = 0
+    t0 = time.perf_counter()
+    manifest = S.build_shards(S.ShardConfig(source=args.atlas, out=args.out_dir, workers=1), progress=False,
+                              log=lambda *_: None)
+    cells = sum(manifest["n_cells"].values())
+    results: list[dict] = []
+    for name, row in phases.items():
+        emit(args.out, results, bench="shard_build_memory", phase=name, cells=cells,
+             read_chunk_runs=source.READ_CHUNK_RUNS, base_rss_mb=base >> 20, **row,
+             seconds_total=round(time.perf_counter() - t0, 1))
+
+
+if __name__ == "__main__":
+    main()
