@@ -24,10 +24,11 @@ def emit(out: str | None, results: list[dict], **row) -> dict:
 
 
 class PeakRSS:
-    """Peak resident memory of processes and all their descendants, sampled every 50 ms."""
+    """Peak resident memory of processes and all their descendants, sampled every ``interval`` s."""
 
-    def __init__(self, pids: list[int]):
+    def __init__(self, pids: list[int], interval: float = 0.05):
         self.procs, self.peak, self._stop = [psutil.Process(p) for p in pids], 0, threading.Event()
+        self.interval = interval
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
@@ -43,7 +44,7 @@ class PeakRSS:
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
-            time.sleep(0.05)
+            time.sleep(self.interval)
 
     def __enter__(self):
         self._thread.start()

@@ -18,11 +18,10 @@ import argparse
 import os
 import shutil
 import sys
-import threading
 import time
 
 import psutil
-from _measure import emit
+from _measure import PeakRSS, emit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -42,20 +41,15 @@ def main() -> None:
     if args.read_chunk_runs:
         source.READ_CHUNK_RUNS = args.read_chunk_runs
     proc = psutil.Process()
-    peak = {"now": 0}
+    peak = PeakRSS([os.getpid()], interval=0.005)
     phases: dict[str, dict] = {}
     current = {"shard": ""}
-
-    def sample():
-        while True:
-            peak["now"] = max(peak["now"], proc.memory_info().rss)
-            time.sleep(0.005)
 
     def record(name: str, seconds: float) -> None:
         row = phases.setdefault(name, {"calls": 0, "peak_over_base_mb": 0, "seconds": 0.0})
         row["calls"] += 1
         row["seconds"] += seconds
-        row["peak_over_base_mb"] = max(row["peak_over_base_mb"], (peak["now"] - base) >> 20)
+        row["peak_over_base_mb"] = max(row["peak_over_base_mb"], (peak.peak - base) >> 20)
 
     def kind() -> str:
         return "heldout_cells" if current["shard"].split("-")[0] in ("val_cells", "test_cells") else "other_shards"
@@ -66,7 +60,7 @@ def main() -> None:
         def wrapped(*a, **k):
             if fn == "build_shard":
                 current["shard"] = S._PLAN.shards[a[0]]["name"]
-            peak["now"] = proc.memory_info().rss
+            peak.peak = proc.memory_info().rss  # this phase's peak starts from here
             t = time.perf_counter()
             out = orig(*a, **k)
             record(label() if callable(label) else label, time.perf_counter() - t)
@@ -79,13 +73,11 @@ def main() -> None:
     wrap(S, "build_shard", lambda: f"build_shard/{kind()}")
     wrap(S, "write_manifest", "write_manifest")
     shutil.rmtree(args.out_dir, ignore_errors=True)
-    threading.Thread(target=sample, daemon=True).start()
-    time.sleep(0.05)
     base = proc.memory_info().rss
-    peak["now"] = 0
     t0 = time.perf_counter()
-    manifest = S.build_shards(S.ShardConfig(source=args.atlas, out=args.out_dir, workers=1), progress=False,
-                              log=lambda *_: None)
+    with peak:
+        manifest = S.build_shards(S.ShardConfig(source=args.atlas, out=args.out_dir, workers=1), progress=False,
+                                  log=lambda *_: None)
     cells = sum(manifest["n_cells"].values())
     results: list[dict] = []
     for name, row in phases.items():
