@@ -23,6 +23,7 @@ then these; later overrides win).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -63,6 +64,14 @@ def codec_roundtrip_val(run: str, shards: str) -> dict[str, dict]:
             for g, rs in rows.items() for part, novel in (("seen", False), ("unseen", True))}
 
 
+def final_loss(log: str, last: int = 100) -> float:
+    """Mean training loss over the last ``last`` steps logged: where the flow loss settled."""
+    with open(log) as f:
+        rows = [json.loads(line) for line in f if '"loss"' in line]
+    end = rows[-1]["step"]
+    return round(float(np.mean([r["loss"] for r in rows if r["step"] > end - last])), 4)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=("ae", "dit"), default="dit", help="first stage retrained; overrides apply to it")
@@ -95,7 +104,8 @@ def main() -> None:
 
     results: list[dict] = []
     common = {"bench": f"{args.stage}_val_ablation", "trial": args.name, "base_run": args.base_run,
-              "overrides": DEMO_OVERRIDES[args.stage] + args.overrides, "train_seconds": round(train_s, 1)}
+              "overrides": DEMO_OVERRIDES[args.stage] + args.overrides, "train_seconds": round(train_s, 1),
+              "dit_final_loss": final_loss(os.path.join(run, "dit", "log.jsonl"))}
     if args.stage == "ae":
         for key, m in codec_roundtrip_val(run, args.shards).items():
             generator, part = key.split("/")
