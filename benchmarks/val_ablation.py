@@ -40,28 +40,19 @@ KEEP = ("identity_cell_type", "identity_tissue_general", "identity_disease", "en
 STAGES = ("ae", "clop", "dit")
 
 
-def codec_roundtrip_val(run: str, shards: str) -> dict[str, dict]:
+def codec_roundtrip_val(gen, shards: str) -> dict[str, dict]:
     """Real half and codec round trip on every val condition (``EvalConfig`` defaults: >= 30
-    cells, <= 40 conditions, <= 150 cells a half), macro over seen and over unseen combinations."""
-    from clopdit_dist.evaluate import baselines as B
-    from clopdit_dist.evaluate.evaluator import EvalConfig, HeldoutSet, _macro, read_cells
-    from clopdit_dist.models.codec import load_codec
-    from clopdit_dist.run import RunDir
+    cells, <= 40 conditions, <= 150 cells a half), seen and unseen combinations apart: the
+    evaluator's own ``run_set`` (seed 0, guidance 1), of which these two generators are kept."""
+    from clopdit_dist.evaluate.evaluator import EvalConfig, Evaluation, HeldoutSet, read_cells
 
-    codec = load_codec(RunDir(run))
     cfg = EvalConfig(split="val", seeds=1, max_conditions=40, max_cells=150, tiers=("canonical",), report=False)
-    train = read_cells(shards, "train", codec.genes, cfg.train_cells)
-    hs = HeldoutSet("val", read_cells(shards, "val", codec.genes, 20_000), train, set(train.keys), cfg)
-    rows: dict[str, list[dict]] = {"real_half": [], "codec_roundtrip": []}
-    for i, meta in enumerate(hs.conditions):
-        a, b = hs.halves(meta, 0)
-        rng = np.random.default_rng([0, 17, i])
-        rows["real_half"].append({**meta, **hs.score(meta, a, B.real_half(hs.space, hs.real.counts[b]))})
-        rows["codec_roundtrip"].append({**meta, **hs.score(meta, a, B.codec_roundtrip(hs.space, codec,
-                                                                                        hs.real.counts[b], rng))})
-    return {f"{g}/{part}": {"conditions": sum(r["novel"] == novel for r in rs),
-                            **_macro([r for r in rs if r["novel"] == novel])}
-            for g, rs in rows.items() for part, novel in (("seen", False), ("unseen", True))}
+    ev = Evaluation(gen, shards, cfg, progress=False)
+    hs = HeldoutSet("val", read_cells(shards, "val", ev.genes, 20_000), ev.train, ev.train_keys, cfg)
+    res = ev.run_set(hs, 1.0, 1, cfg.tiers)
+    n = {"seen": sum(not c["novel"] for c in hs.conditions), "unseen": sum(c["novel"] for c in hs.conditions)}
+    return {f"{g}/{part}": {"conditions": n[part], **{k: v["mean"] for k, v in res[g][f"macro_{key}"].items()}}
+            for g in ("real_half", "codec_roundtrip") for part, key in (("seen", "seen"), ("unseen", "novel"))}
 
 
 def final_loss(log: str, last: int = 100) -> float:
@@ -106,12 +97,12 @@ def main() -> None:
     common = {"bench": f"{args.stage}_val_ablation", "trial": args.name, "base_run": args.base_run,
               "overrides": DEMO_OVERRIDES[args.stage] + args.overrides, "train_seconds": round(train_s, 1),
               "dit_final_loss": final_loss(os.path.join(run, "dit", "log.jsonl"))}
+    gen = CellGenerator.from_run(run)
     if args.stage == "ae":
-        for key, m in codec_roundtrip_val(run, args.shards).items():
+        for key, m in codec_roundtrip_val(gen, args.shards).items():
             generator, part = key.split("/")
             emit(args.out, results, **common, generator=generator, conditions_kind=part,
                  conditions=m["conditions"], **{k: m[k] for k in KEEP if k in m})
-    gen = CellGenerator.from_run(run)
     for w in (1.0, 2.0):
         m = quick_evaluation(gen, args.shards, "val", w, 12, 200)
         for g in ("real_half", "gaussian", "training_copies", "model_canonical"):
