@@ -4,19 +4,23 @@ test studies stay unseen).
 
 ``--stage dit`` retrains the DiT alone (reusing the base run's ae, clop and codec);
 ``--stage ae`` retrains the autoencoder with the overrides, then CLOP and the DiT on its latent
-with the demo's settings, and also scores the codec round trip (encode real val cells, sample
-counts back) on every val condition with >= 30 cells, seen and unseen combinations apart: the
-ceiling of any generator in that latent. The model is scored by ``quick_evaluation`` at
-guidance 1 and 2 (12 conditions, 200 cells each, one seed, the real-half ceiling, the
-Gaussian and the copies beside it).
+with the demo's settings. Every trial is scored twice: on every val condition with >= 30 cells
+(real half, codec round trip: the ceiling of any generator in that latent, and the model at
+guidance 1 with its cell-type identity per condition; seen and unseen combinations apart), and
+by ``quick_evaluation`` at guidance 1 and 2 (12 conditions, 200 cells each, one seed, the
+real-half ceiling, the Gaussian and the copies beside it). ``--score-only`` scores a trial
+already trained in ``--workdir``.
 
     python benchmarks/val_ablation.py --stage dit --base-run runs/demo/run --shards runs/demo/shards \\
         --name lr1e3 --out benchmarks/results/dit_val_ablation.jsonl optim.lr=0.001
     python benchmarks/val_ablation.py --stage ae --base-run runs/demo/run --shards runs/demo/shards \\
         --name latent_noise0.3 --out benchmarks/results/ae_val_ablation.jsonl model.latent_noise=0.3
+    python benchmarks/val_ablation.py --stage ae ... --name balance0.5 data.balance=0.5 dit:data.balance=0.5
 
-One JSON line per (trial, guidance, generator), and per (trial, generator, seen/unseen) for the
-codec round trip. Trains as the demo does (``clopdit_dist.demo.launch_stage``: its overrides,
+Unprefixed overrides apply to ``--stage``; ``STAGE:key=value`` to that later stage.
+
+One JSON line per (trial, guidance, generator), and per (trial, generator, seen/unseen/all) on
+all val conditions. Trains as the demo does (``clopdit_dist.demo.launch_stage``: its overrides,
 then these; later overrides win).
 """
 
@@ -40,19 +44,38 @@ KEEP = ("identity_cell_type", "identity_tissue_general", "identity_disease", "en
 STAGES = ("ae", "clop", "dit")
 
 
-def codec_roundtrip_val(gen, shards: str) -> dict[str, dict]:
-    """Real half and codec round trip on every val condition (``EvalConfig`` defaults: >= 30
-    cells, <= 40 conditions, <= 150 cells a half), seen and unseen combinations apart: the
-    evaluator's own ``run_set`` (seed 0, guidance 1), of which these two generators are kept."""
+def all_val_conditions(gen, shards: str) -> dict[str, dict]:
+    """Real half, codec round trip and the model (canonical prompts, guidance 1) on every val
+    condition (``EvalConfig`` defaults: >= 30 cells, <= 40 conditions, <= 150 cells a half), seen
+    and unseen combinations apart, and the model's cell-type identity per condition: the
+    evaluator's own ``run_set`` (seed 0). The round trip is the ceiling of any generator in
+    that latent; ``quick_evaluation``'s 12 conditions leave out most rare types."""
+    from clopdit_dist.data.conditions import condition_key
     from clopdit_dist.evaluate.evaluator import EvalConfig, Evaluation, HeldoutSet, read_cells
 
     cfg = EvalConfig(split="val", seeds=1, max_conditions=40, max_cells=150, tiers=("canonical",), report=False)
     ev = Evaluation(gen, shards, cfg, progress=False)
     hs = HeldoutSet("val", read_cells(shards, "val", ev.genes, 20_000), ev.train, ev.train_keys, cfg)
     res = ev.run_set(hs, 1.0, 1, cfg.tiers)
-    n = {"seen": sum(not c["novel"] for c in hs.conditions), "unseen": sum(c["novel"] for c in hs.conditions)}
-    return {f"{g}/{part}": {"conditions": n[part], **{k: v["mean"] for k, v in res[g][f"macro_{key}"].items()}}
-            for g in ("real_half", "codec_roundtrip") for part, key in (("seen", "seen"), ("unseen", "novel"))}
+    n = {"seen": sum(not c["novel"] for c in hs.conditions), "unseen": sum(c["novel"] for c in hs.conditions),
+         "all": len(hs.conditions)}
+    out = {f"{g}/{part}": {"conditions": n[part], **{k: v["mean"] for k, v in res[g][key].items()}}
+           for g in ("real_half", "codec_roundtrip", "model_canonical")
+           for part, key in (("seen", "macro_seen"), ("unseen", "macro_novel"), ("all", "macro"))}
+    out["model_canonical/all"]["identity_cell_type_per_condition"] = {
+        condition_key(c): round(c["identity_cell_type"], 4) for c in res["model_canonical"]["per_condition"]}
+    return out
+
+
+def stage_overrides(overrides: list[str], stage: str, first: str) -> tuple[str, ...]:
+    """The overrides for ``stage``: ``STAGE:key=value`` ones for it, unprefixed ones for ``first``."""
+    own = []
+    for o in overrides:
+        target, _, rest = o.partition(":") if o.split("=")[0].count(":") else (first, "", o)
+        if target not in STAGES:
+            raise SystemExit(f"override {o!r}: a stage prefix is one of {', '.join(STAGES)}")
+        own += [rest] if target == stage else []
+    return tuple(own)
 
 
 def final_loss(log: str, last: int = 100) -> float:
@@ -72,6 +95,7 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/val_ablation")
     p.add_argument("--out", default=None)
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--score-only", action="store_true", help="score the trial already trained in --workdir")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
@@ -89,25 +113,26 @@ def main() -> None:
         if os.path.exists(src) and not os.path.exists(dst):
             (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, dst)
     t0 = time.perf_counter()
-    for stage in retrain:
-        launch_stage(stage, args.shards, run, args.nproc, tuple(args.overrides) if stage == args.stage else ())
+    for stage in [] if args.score_only else retrain:
+        launch_stage(stage, args.shards, run, args.nproc, stage_overrides(args.overrides, stage, args.stage))
     train_s = time.perf_counter() - t0
 
     results: list[dict] = []
     common = {"bench": f"{args.stage}_val_ablation", "trial": args.name, "base_run": args.base_run,
-              "overrides": DEMO_OVERRIDES[args.stage] + args.overrides, "train_seconds": round(train_s, 1),
+              "overrides": DEMO_OVERRIDES[args.stage] + args.overrides, "train_seconds": None if args.score_only else round(train_s, 1),
               "dit_final_loss": final_loss(os.path.join(run, "dit", "log.jsonl"))}
     gen = CellGenerator.from_run(run)
-    if args.stage == "ae":
-        for key, m in codec_roundtrip_val(gen, args.shards).items():
-            generator, part = key.split("/")
-            emit(args.out, results, **common, generator=generator, conditions_kind=part,
-                 conditions=m["conditions"], **{k: m[k] for k in KEEP if k in m})
+    for key, m in all_val_conditions(gen, args.shards).items():
+        generator, part = key.split("/")
+        emit(args.out, results, **common, guidance=1.0, generator=generator, conditions_kind=part,
+             conditions=m["conditions"], **{k: m[k] for k in KEEP + ("identity_cell_type_per_condition",) if k in m})
     for w in (1.0, 2.0):
         m = quick_evaluation(gen, args.shards, "val", w, 12, 200)
         for g in ("real_half", "gaussian", "training_copies", "model_canonical"):
+            per_condition = ({"identity_cell_type_per_condition": m["model_canonical_identity_per_condition"]}
+                             if g == "model_canonical" else {})
             emit(args.out, results, **common, guidance=w, generator=g, conditions=m["conditions"],
-                 **{k: m[g][k] for k in KEEP if k in m[g]})
+                 **{k: m[g][k] for k in KEEP if k in m[g]}, **per_condition)
 
 
 if __name__ == "__main__":

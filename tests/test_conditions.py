@@ -211,3 +211,22 @@ def test_field_codes_are_fixed_distinct_and_nearly_orthogonal():
     assert not torch.equal(field_code("cell_type", "lung", 256), field_code("tissue_general", "lung", 256))
     off_diagonal = (codes @ codes.T - torch.eye(len(names))).abs()
     assert off_diagonal.max() < 0.3  # near-synonyms get unrelated codes (random unit vectors: |cos| ~ 1/16)
+
+
+def test_text_plus_code_separates_near_identical_texts_and_keeps_some_of_their_likeness():
+    import torch
+
+    from clopdit_dist.models.condition import mix_field_codes
+
+    base = torch.nn.functional.normalize(torch.randn(64), dim=0)
+    other = torch.nn.functional.normalize(torch.randn(64), dim=0)
+    # "classical" and "non-classical monocyte" as CLOP's head sees them: cosine ~0.98
+    near = torch.nn.functional.normalize(base + 0.2 * torch.nn.functional.normalize(torch.randn(64), dim=0), dim=0)
+    texts = torch.stack([base, near, other]).view(3, 1, 64).repeat(1, 3, 1)
+    conds = [{"cell_type": "classical monocyte"}, {"cell_type": "non-classical monocyte"}, {"cell_type": "neutrophil"}]
+    mixed = mix_field_codes(texts, conds)[:, 0]
+    assert torch.allclose(mixed.norm(dim=-1), torch.ones(3))
+    cos = mixed @ mixed.T
+    assert float(base @ near) > 0.97 and cos[0, 1] < 0.7  # told apart
+    assert cos[0, 1] > cos[0, 2] + 0.2  # but still nearer each other than an unrelated label
+    assert torch.equal(mix_field_codes(texts, conds), mix_field_codes(texts, conds))  # a function of the names

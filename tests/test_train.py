@@ -79,8 +79,10 @@ def test_two_process_training_of_every_stage_under_each_zero_stage(shards_dir, t
     # stage-specific ones go through a per-stage YAML.
     cfgdir = tmp_path_factory.mktemp(f"cfg{zero}")
     common = [f"train.zero_stage={zero}", "train.steps=6", *extra]
-    for stage, own in (("ae", [o for o in SMALL if o.startswith("model.")]), ("clop", [f"model.text_model={tiny_text_model}", *CLOP_SMALL]),
-                       ("dit", DIT_SMALL + (["conditioning=caption"] if zero == 2 else []))):  # both modes
+    balance = ["data.balance=0.5"] if zero == 2 else []  # rare-type loss weights in the ae and dit losses
+    for stage, own in (("ae", [o for o in SMALL if o.startswith("model.")] + balance),
+                       ("clop", [f"model.text_model={tiny_text_model}", *CLOP_SMALL]),
+                       ("dit", DIT_SMALL + balance + (["conditioning=caption"] if zero == 2 else []))):  # both modes
         from omegaconf import OmegaConf
 
         conf = OmegaConf.from_dotlist([*[o for o in SMALL if not o.startswith("model.")], *common, *own])
@@ -117,6 +119,27 @@ def test_ema_weights_agree_between_zero1_and_zero3():
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=2e-3, atol=2e-4, msg=f"{stage}.{k}")
+
+
+def test_dit_trains_on_the_conditions_generation_feeds_it():
+    """Field mode, text+code (the default): the condition a training cell gets (its field
+    values' bank texts, without jitter) equals what generation builds for those values."""
+    if 1 not in RUNS:
+        pytest.skip("needs the zero1 run of this module")
+    from clopdit_dist.data.conditions import CONDITION_FIELDS, train_conditions
+    from clopdit_dist.stages.dit import DiTStage, DiTStageConfig
+
+    run = RunDir(RUNS[1])
+    cfg = load_config(DiTStageConfig, run.config_path("dit"))
+    assert cfg.conditioning == "fields" and cfg.field_encoding == "text+code"
+    cfg.cond_noise = 0.0
+    stage = DiTStage(cfg)
+    stage.genes(run)
+    stage.setup(run, None, torch.device("cpu"))
+    conds = train_conditions(run.manifest())[:6]
+    batch = {f: [c[f] for c in conds] for f in CONDITION_FIELDS}
+    trained = stage.conditions_of(batch, np.random.default_rng(0))
+    torch.testing.assert_close(trained, stage.cond.encode_fields(conds), rtol=1e-5, atol=1e-6)
 
 
 def _single(shards, run, steps, extra=()):

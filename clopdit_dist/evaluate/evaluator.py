@@ -377,5 +377,8 @@ def quick_evaluation(gen: CellGenerator, shards: str, split: str, guidance: floa
     hs = HeldoutSet(split, read_cells(shards, split, ev.genes, 20_000), ev.train, ev.train_keys, cfg)
     res = ev.run_set(hs, guidance, 1, cfg.tiers)
     keep = ("real_half", "gaussian", "training_copies", "model_canonical", "model_reworded")
+    per_condition = {condition_key(c): round(c["identity_cell_type"], 4)
+                     for c in res["model_canonical"]["per_condition"]}
     return {"split": split, "guidance": guidance, "conditions": len(hs.conditions),
-            **summary({g: res[g] for g in keep if g in res})}
+            **summary({g: res[g] for g in keep if g in res}),
+            "model_canonical_identity_per_condition": per_condition}

@@ -124,8 +124,8 @@ class CountAutoencoder(nn.Module):
             lp = nb_log_prob(x, params["mu"], params["theta"])
         return lp.sum(-1)
 
-    def forward(self, counts: torch.Tensor) -> torch.Tensor:
-        """Mean negative log-likelihood per cell: the training loss."""
+    def forward(self, counts: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean negative log-likelihood per cell (``weight``: optional per-cell weights): the training loss."""
         inputs = counts
         if self.training and self.cfg.input_noise > 0:
             keep = torch.rand_like(counts, dtype=torch.float32) > self.cfg.input_noise
@@ -134,7 +134,8 @@ class CountAutoencoder(nn.Module):
         if self.training and self.cfg.latent_noise > 0:
             z = z + self.cfg.latent_noise * torch.randn_like(z)
         params = self.decode(z, counts.float().sum(-1))
-        return -self.log_prob(counts, params).mean()
+        nll = -self.log_prob(counts, params)
+        return (nll * weight.to(nll)).mean() if weight is not None else nll.mean()
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, library_size: torch.Tensor, generator: torch.Generator | None = None):

@@ -39,8 +39,9 @@ def sample_t(n: int, cfg: FlowConfig, generator: torch.Generator, device) -> tor
 
 
 def flow_matching_loss(model, x1: torch.Tensor, cond: torch.Tensor, cfg: FlowConfig,
-                       generator: torch.Generator) -> torch.Tensor:
-    """Mean squared velocity error. ``x1`` (B, T, D) data latents; ``cond`` (B, K, C)."""
+                       generator: torch.Generator, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared velocity error. ``x1`` (B, T, D) data latents; ``cond`` (B, K, C);
+    ``weight`` (B,) optional per-cell weights of mean ~1 (``data/balance.py``)."""
     B, K = x1.shape[0], cond.shape[1]
     t = sample_t(B, cfg, generator, x1.device)
     x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
@@ -48,7 +49,8 @@ def flow_matching_loss(model, x1: torch.Tensor, cond: torch.Tensor, cfg: FlowCon
     xt = tt * x1 + (1 - tt) * x0
     drop = torch.rand((B, K), generator=generator, device=x1.device) < cfg.p_uncond
     v = model(xt, t, cond, drop)
-    return (v.float() - (x1 - x0).float()).pow(2).mean()
+    err = (v.float() - (x1 - x0).float()).pow(2)
+    return err.mean() if weight is None else (err.flatten(1).mean(1) * weight.to(err)).mean()
 
 
 @dataclass

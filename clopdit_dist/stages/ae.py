@@ -35,13 +35,14 @@ class AEStage(Stage):
         self.cfg.model.n_genes = len(loader.gene_idx)
         self.gene_ids = loader.gene_ids
         self.device = device
+        self.balance = self.balance_weights(run)
 
     def build_model(self) -> torch.nn.Module:
         return CountAutoencoder(self.cfg.model)
 
     def loss(self, model, batch, generator):
         counts = batch["counts"].to(self.device, non_blocking=True)
-        nll = model(counts)
+        nll = model(counts, self.balance(batch["cell_type"]).to(self.device) if self.balance else None)
         return nll, {"nll_per_gene": nll.detach() / counts.shape[1]}
 
     def flops_per_cell(self, model) -> float:

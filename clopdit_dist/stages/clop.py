@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ..data.captions import CaptionBuilder
 from ..data.conditions import CONDITION_FIELDS, condition_ids, train_conditions
 from ..data.loader import iter_split
+from ..errors import ConfigError
 from ..evaluate.clop_metrics import knn_study_entropy, text_to_cell_recall, zero_shot_classification
 from ..models.clop import CLOP, ClopModelConfig
 from ..models.codec import CodecConfig, load_codec, prepare_codec
@@ -65,6 +66,9 @@ class ClopStage(Stage):
         return self.codec.genes
 
     def setup(self, run: RunDir, loader, device) -> None:
+        if self.cfg.data.balance:
+            raise ConfigError("data.balance weights per-cell losses (the ae and dit stages); CLOP's contrastive "
+                              "loss has none: drop data.balance from the clop config")
         m = self.cfg.model
         self.device = device
         self.codec = self.codec.to(device)

@@ -26,7 +26,7 @@ from ..data.conditions import CONDITION_FIELDS, train_conditions
 from ..data.loader import CellLoader, LoaderConfig
 from ..data.stats import LIBRARY_KEYS
 from ..models.codec import load_codec
-from ..models.condition import field_banks, load_condition_encoder, shared_caption_bank
+from ..models.condition import field_banks, load_condition_encoder, mix_field_codes, shared_caption_bank
 from ..models.dit import DiTConfig, LatentDiT
 from ..models.flow import FlowConfig, SamplerConfig, flow_matching_loss
 from ..run import RunDir
@@ -46,9 +46,11 @@ class DiTStageConfig(StageConfig):
     conditioning: str = "fields"
     # fields mode: "text" conditions each field value on the CLOP embedding of one canonical text
     # ("cell type: X"); "code" on its own fixed code (a learned embedding per value, no semantic
-    # neighbours); "bank" on augmented captions that name only that field. On the demo's val
-    # studies (12 conditions, one seed) text gave identity 0.93 / coverage 0.67, code 0.88 / 0.63.
-    field_encoding: str = "text"
+    # neighbours); "text+code" on both, summed (models/condition.py, mix_field_codes); "bank" on
+    # augmented captions that name only that field. On the demo's val
+    # studies (12 conditions, one seed) text gave identity 0.93 / coverage 0.67, code 0.88 / 0.63;
+    # text+code with data.balance=0.5 is the default (configs/dit.yaml says why).
+    field_encoding: str = "text+code"
     stats_cells: int = 20_000  # training cells used for latent and library-size statistics
     eval_split: str = "val"  # held-out studies of the end-of-training check (clopdit evaluate reports test)
     eval_conditions: int = 12  # held-out conditions generated at the end of training
@@ -90,7 +92,7 @@ class DiTStage(Stage):
                                                     clop_cfg.train.seed, self.rank)}
         elif self.cfg.field_encoding == "code":  # conditions_of looks the codes up per batch
             banks = {}
-        elif self.cfg.field_encoding == "text":  # one fixed text per field value, as generation feeds it
+        elif self.cfg.field_encoding in ("text", "text+code"):  # one fixed text per value, as generation feeds it
             banks = field_banks(self.cond.tower, conditions)
         else:  # one bank per field, of augmented captions that mention only that field
             banks = {}
@@ -99,6 +101,7 @@ class DiTStage(Stage):
                 banks[f] = shared_caption_bank(os.path.join(stage_dir, f"field_bank_{f}.pt"), self.cond.builder,
                                                field_conditions, 8, self.cond.tower, self.cfg.train.seed, self.rank)
         self.banks = banks  # text-tower features; projected (with cond_noise) per batch
+        self.balance = self.balance_weights(run)
         stats_path = os.path.join(stage_dir, "latent_stats.json")
         if self.rank == 0 and not os.path.exists(stats_path):
             with open(stats_path + ".tmp", "w") as f:
@@ -155,7 +158,10 @@ class DiTStage(Stage):
         feats = torch.stack(feats, dim=1).float()
         if self.cfg.cond_noise > 0:
             feats = feats + self.cfg.cond_noise * torch.from_numpy(rng.standard_normal(feats.shape, np.float32))
-        return self.cond.project(feats.flatten(0, 1)).view(*feats.shape[:2], -1)
+        emb = self.cond.project(feats.flatten(0, 1)).view(*feats.shape[:2], -1)
+        if self.cfg.conditioning == "fields" and self.cfg.field_encoding == "text+code":
+            emb = mix_field_codes(emb, [dict(zip(CONDITION_FIELDS, v)) for v in zip(*(batch[f] for f in CONDITION_FIELDS))])
+        return emb
 
     def loss(self, model, batch, generator):
         module = model.module if hasattr(model, "module") else model
@@ -163,7 +169,8 @@ class DiTStage(Stage):
             x1 = module.standardize(self.codec.encode(batch["counts"].to(self.device)))
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
         cond = self.conditions_of(batch, rng).to(self.device)
-        loss = flow_matching_loss(model, x1, cond, self.cfg.flow, generator)
+        weight = self.balance(batch["cell_type"]).to(self.device) if self.balance else None
+        loss = flow_matching_loss(model, x1, cond, self.cfg.flow, generator, weight)
         return loss, {}
 
     def flops_per_cell(self, model) -> float | None:

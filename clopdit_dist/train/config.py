@@ -14,6 +14,10 @@ class DataConfig:
     num_workers: int = 1
     eval_split: str = "val+test"  # held-out studies used for the end-of-run report
     eval_cells: int = 4000  # cap on held-out cells evaluated
+    # per-cell loss weight n_type ** -balance over training cell-type counts, mean 1, capped at
+    # balance_max_weight (clopdit_dist/data/balance.py); 0 = the plain mean. ae and dit stages only.
+    balance: float = 0.0
+    balance_max_weight: float = 10.0
 
 
 @dataclass

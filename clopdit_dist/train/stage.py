@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..data.balance import CellTypeWeights
 from ..data.loader import DEFAULT_FIELDS, CellLoader
 from ..run import RunDir
 
@@ -31,6 +32,12 @@ class Stage:
 
     def build_model(self) -> torch.nn.Module:
         raise NotImplementedError
+
+    def balance_weights(self, run: RunDir) -> CellTypeWeights | None:
+        """``data.balance``'s per-cell-type loss weights (None when off), for stages whose loss is
+        a mean over cells; such a stage asks for ``cell_type`` in :meth:`fields`."""
+        d = self.cfg.data
+        return CellTypeWeights.from_manifest(run.manifest(), d.balance, d.balance_max_weight) if d.balance else None
 
     def loss(self, model: torch.nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """The loss of one micro-batch and extra metrics to log. ``model`` is the module
