@@ -146,10 +146,11 @@ class DiTStage(Stage):
 
     def conditions_of(self, batch: dict, rng: np.random.Generator) -> torch.Tensor:
         """(B, K, C) training conditions: a random bank caption per cell (per field), its
-        text features jittered by ``cond_noise`` and projected by the frozen CLOP head."""
+        text features jittered by ``cond_noise`` and projected by the frozen CLOP head (plus
+        each value's code for ``text+code``)."""
+        cells = [dict(zip(CONDITION_FIELDS, v)) for v in zip(*(batch[f] for f in CONDITION_FIELDS))]
         if self.cfg.conditioning == "fields" and self.cfg.field_encoding == "code":
-            return self.cond.encode_fields([dict(zip(CONDITION_FIELDS, v)) for v in zip(*(batch[f] for f in
-                                                                                        CONDITION_FIELDS))])
+            return self.cond.encode_fields(cells)
         if self.cfg.conditioning == "caption":
             feats = [self.banks["caption"].sample(self.cond.builder.batch_keys(batch), rng)[0]]
         else:
@@ -160,7 +161,7 @@ class DiTStage(Stage):
             feats = feats + self.cfg.cond_noise * torch.from_numpy(rng.standard_normal(feats.shape, np.float32))
         emb = self.cond.project(feats.flatten(0, 1)).view(*feats.shape[:2], -1)
         if self.cfg.conditioning == "fields" and self.cfg.field_encoding == "text+code":
-            emb = mix_field_codes(emb, [dict(zip(CONDITION_FIELDS, v)) for v in zip(*(batch[f] for f in CONDITION_FIELDS))])
+            emb = mix_field_codes(emb, cells)
         return emb
 
     def loss(self, model, batch, generator):
