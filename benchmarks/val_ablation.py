@@ -50,8 +50,7 @@ def all_val_conditions(gen, shards: str) -> dict[str, dict]:
     and unseen combinations apart, and the model's cell-type identity per condition: the
     evaluator's own ``run_set`` (seed 0). The round trip is the ceiling of any generator in
     that latent; ``quick_evaluation``'s 12 conditions leave out most rare types."""
-    from clopdit_dist.data.conditions import condition_key
-    from clopdit_dist.evaluate.evaluator import EvalConfig, Evaluation, HeldoutSet, read_cells
+    from clopdit_dist.evaluate.evaluator import EvalConfig, Evaluation, HeldoutSet, identity_per_condition, read_cells
 
     cfg = EvalConfig(split="val", seeds=1, max_conditions=40, max_cells=150, tiers=("canonical",), report=False)
     ev = Evaluation(gen, shards, cfg, progress=False)
@@ -62,8 +61,7 @@ def all_val_conditions(gen, shards: str) -> dict[str, dict]:
     out = {f"{g}/{part}": {"conditions": n[part], **{k: v["mean"] for k, v in res[g][key].items()}}
            for g in ("real_half", "codec_roundtrip", "model_canonical")
            for part, key in (("seen", "macro_seen"), ("unseen", "macro_novel"), ("all", "macro"))}
-    out["model_canonical/all"]["identity_cell_type_per_condition"] = {
-        condition_key(c): round(c["identity_cell_type"], 4) for c in res["model_canonical"]["per_condition"]}
+    out["model_canonical/all"]["identity_cell_type_per_condition"] = identity_per_condition(res["model_canonical"])
     return out
 
 

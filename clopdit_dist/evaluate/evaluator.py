@@ -366,6 +366,11 @@ def summary(generators: dict) -> dict:
     return {g: {k: v["mean"] for k, v in res["macro"].items()} for g, res in generators.items()}
 
 
+def identity_per_condition(generator_result: dict) -> dict[str, float]:
+    """{condition key: cell-type identity} of one generator's ``run_set`` result (seed 0)."""
+    return {condition_key(c): round(c["identity_cell_type"], 4) for c in generator_result["per_condition"]}
+
+
 def quick_evaluation(gen: CellGenerator, shards: str, split: str, guidance: float, max_conditions: int,
                      max_cells: int) -> dict:
     """The end-of-training check of the DiT stage: the same scoring as ``clopdit evaluate`` on
@@ -377,8 +382,6 @@ def quick_evaluation(gen: CellGenerator, shards: str, split: str, guidance: floa
     hs = HeldoutSet(split, read_cells(shards, split, ev.genes, 20_000), ev.train, ev.train_keys, cfg)
     res = ev.run_set(hs, guidance, 1, cfg.tiers)
     keep = ("real_half", "gaussian", "training_copies", "model_canonical", "model_reworded")
-    per_condition = {condition_key(c): round(c["identity_cell_type"], 4)
-                     for c in res["model_canonical"]["per_condition"]}
     return {"split": split, "guidance": guidance, "conditions": len(hs.conditions),
             **summary({g: res[g] for g in keep if g in res}),
-            "model_canonical_identity_per_condition": per_condition}
+            "model_canonical_identity_per_condition": identity_per_condition(res["model_canonical"])}
