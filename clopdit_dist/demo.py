@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from .data.manifest import MANIFEST_NAME
 from .data.shards import ShardConfig, build_shards
@@ -54,11 +55,13 @@ def launch_stage(stage: str, shards: str, run: str, nproc: int, overrides: tuple
     launcher = str(REPO_ROOT / "launchers" / f"train_{stage}.py")
     config = str(REPO_ROOT / "configs" / f"{stage}.yaml")
     args = [launcher, "--config", config, "--shards", shards, "--run", run, *DEMO_OVERRIDES[stage], *overrides]
-    ds = shutil.which("deepspeed")
+    # the deepspeed script of this interpreter's environment, also when its bin/ is not on PATH
+    beside = Path(sys.executable).parent / "deepspeed"
+    ds = str(beside) if beside.exists() else shutil.which("deepspeed")
     if ds:
         cmd = [ds, "--num_gpus", str(nproc), "--master_port", str(29700 + ["ae", "clop", "dit"].index(stage)), *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *args]
+    else:  # torchrun reads "--run" as an abbreviation of its own --run-path unless "--" ends its options
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), args[0], "--", *args[1:]]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     env.setdefault("WANDB_MODE", "offline")
     env.setdefault("DS_ACCELERATOR", "cpu")

@@ -1,7 +1,7 @@
 """Stage 0: train the count autoencoder.
 
     deepspeed --num_gpus 2 launchers/train_ae.py --config configs/ae.yaml --shards SHARDS --run RUN
-    torchrun --nproc_per_node 2 launchers/train_ae.py --config configs/ae.yaml train.zero_stage=2
+    torchrun --nproc_per_node 2 launchers/train_ae.py -- --config configs/ae.yaml --shards SHARDS --run RUN train.zero_stage=2
     python launchers/train_ae.py --config configs/ae.yaml train.steps=100          # one process
     sbatch launchers/slurm/train.sbatch launchers/train_ae.py --config configs/ae.yaml   # multi-node
 

@@ -1,7 +1,7 @@
 """Stage 1: train CLOP (needs the stage-0 autoencoder in the same run directory).
 
     deepspeed --num_gpus 2 launchers/train_clop.py --config configs/clop.yaml --shards SHARDS --run RUN
-    torchrun --nproc_per_node 2 launchers/train_clop.py --config configs/clop.yaml train.zero_stage=2
+    torchrun --nproc_per_node 2 launchers/train_clop.py -- --config configs/clop.yaml --shards SHARDS --run RUN train.zero_stage=2
     python launchers/train_clop.py --config configs/clop.yaml train.steps=100          # one process
     sbatch launchers/slurm/train.sbatch launchers/train_clop.py --config configs/clop.yaml   # multi-node
 

@@ -1,7 +1,7 @@
 """Stage 2: train the latent Diffusion Transformer (needs the ae and clop stages in the same run directory).
 
     deepspeed --num_gpus 2 launchers/train_dit.py --config configs/dit.yaml --shards SHARDS --run RUN
-    torchrun --nproc_per_node 2 launchers/train_dit.py --config configs/dit.yaml train.zero_stage=2
+    torchrun --nproc_per_node 2 launchers/train_dit.py -- --config configs/dit.yaml --shards SHARDS --run RUN train.zero_stage=2
     python launchers/train_dit.py --config configs/dit.yaml train.steps=100          # one process
     sbatch launchers/slurm/train.sbatch launchers/train_dit.py --config configs/dit.yaml   # multi-node
 

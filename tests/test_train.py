@@ -60,6 +60,19 @@ def _launch(shards, run, stages, overrides, nproc=2, port=29561):
     return proc
 
 
+def test_launcher_under_torchrun_as_documented(shards_dir, tmp_path):
+    """README's torchrun line: the launcher's --run after "--" (without it torchrun stops on
+    "ambiguous option: --run could match --run-path")."""
+    run = str(tmp_path / "run")
+    launcher = os.path.join(HERE, "..", "launchers", "train_ae.py")
+    args = ["--config", os.path.join(HERE, "..", "configs", "ae.yaml"), "--shards", shards_dir, "--run", run,
+            *SMALL, "train.steps=2"]
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29567", launcher]
+    proc = subprocess.run([*base, "--", *args], env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    assert [r["step"] for r in log_rows(run)] == [1, 2]
+
+
 CLOP_SMALL = ["model.embed_dim=16", "model.hidden=32", "model.captions_per_condition=4"]
 DIT_SMALL = ["model.hidden_size=32", "model.token_dim=8", "model.depth=2", "model.num_heads=2",
              "eval_conditions=2", "eval_cells_per_condition=20", "stats_cells=500", "sampler.steps=4"]
