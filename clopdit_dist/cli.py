@@ -32,6 +32,9 @@ def add_shard_args(p: argparse.ArgumentParser) -> None:
                    help="TileDB-SOMA value filter, e.g. \"is_primary_data == True and tissue_general == 'lung'\"")
     p.add_argument("--genes", type=_csv, default=[], help="comma-separated feature ids/names (default: all)")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0,
+                   help="this machine's rank when several build into one shared --out (e.g. $SLURM_NODEID)")
+    p.add_argument("--num-nodes", type=int, default=1, help="machines building into --out (e.g. $SLURM_NNODES)")
     p.add_argument("--cells-per-block", type=int, default=256)
     p.add_argument("--blocks-per-shard", type=int, default=16)
     p.add_argument("--val-studies", type=_csv, default=[], help="comma-separated dataset_ids held out for validation")
@@ -53,7 +56,7 @@ def cmd_shards(args) -> None:
                       genes=args.genes, cells_per_block=args.cells_per_block, blocks_per_shard=args.blocks_per_shard,
                       val_studies=args.val_studies, test_studies=args.test_studies, val_fraction=args.val_fraction,
                       test_fraction=args.test_fraction, heldout_cell_fraction=args.heldout_cell_fraction,
-                      seed=args.seed, workers=args.workers)
+                      seed=args.seed, workers=args.workers, node_rank=args.node_rank, num_nodes=args.num_nodes)
     build_shards(cfg, dry_run=args.dry_run, progress=not args.no_progress)
 
 

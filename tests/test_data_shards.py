@@ -250,6 +250,25 @@ def test_shards_do_not_depend_on_the_worker_count(atlas_dir, shards_dir, tmp_pat
     assert a.data["conditions"] == b.data["conditions"] and a.data["held_out_cells"] == b.data["held_out_cells"]
 
 
+def test_two_nodes_build_one_shard_set(atlas_dir, shards_dir, tmp_path):
+    """Two machines into one --out (here two processes at once): each builds its own shards of
+    the same plan, the one that completes the set writes the manifest, and the shards are those
+    of a one-machine build."""
+    out = str(tmp_path / "two_nodes")
+    cmd = [sys.executable, "-m", "clopdit_dist.cli", "data", "shards", "--source", atlas_dir, "--out", out,
+           "--num-nodes", "2", "--no-progress", "--cells-per-block", "64", "--blocks-per-shard", "4"]
+    procs = [subprocess.Popen([*cmd, "--node-rank", str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    a, b = Manifest.load(shards_dir), Manifest.load(out)
+    assert [(s["name"], s["sha256"]) for s in a.data["shards"]] == [(s["name"], s["sha256"]) for s in b.data["shards"]]
+    assert a.data == b.data
+    # a node rank outside the nodes is refused in one line
+    bad = subprocess.run([*cmd, "--node-rank", "2"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--node-rank 0 .. 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_old_manifests_and_joined_split_names_are_explained(shards_dir, tmp_path):
     m = Manifest.load(shards_dir)
     with pytest.raises(ValueError, match="'val', 'test'"):

@@ -30,6 +30,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import tarfile
 import time
@@ -75,14 +76,19 @@ class ShardConfig:
     seed: int = 0
     workers: int = 1
     n_markers: int = 20
+    # several machines into one shared --out: node r of K builds shards r, r+K, r+2K, ... of the
+    # same plan; the node that completes the set writes the manifest
+    node_rank: int = 0
+    num_nodes: int = 1
 
     def query(self) -> Query:
         return Query(self.source, self.organism, self.obs_filter, list(self.genes))
 
     def plan_key(self) -> dict:
-        """Everything the plan depends on (not workers: any worker count gives the same shards)."""
+        """Everything the plan depends on (not workers or nodes: any split of the work gives the same shards)."""
         d = asdict(self)
-        d.pop("workers")
+        for key in ("workers", "node_rank", "num_nodes"):
+            d.pop(key)
         d.pop("out")
         d["source"] = os.path.abspath(self.source) if os.path.exists(self.source) else self.source
         return d
@@ -210,8 +216,11 @@ def make_plan(obs: pd.DataFrame, cfg: ShardConfig) -> Plan:
 
 
 def save_plan(plan: Plan, build_dir: str) -> None:
+    """Atomically (nodes of one build may save the same plan at once; none reads a half-written one)."""
     os.makedirs(build_dir, exist_ok=True)
-    np.savez(os.path.join(build_dir, "plan.npz"), joinids=plan.joinids, offsets=plan.offsets)
+    tmp = os.path.join(build_dir, f"plan.{os.getpid()}.{socket.gethostname()}.npz")
+    np.savez(tmp, joinids=plan.joinids, offsets=plan.offsets)
+    os.replace(tmp, os.path.join(build_dir, "plan.npz"))
     write_json_atomic(os.path.join(build_dir, "plan.json"), {"key": plan.key, "splits": plan.splits,
                                                              "shards": plan.shards,
                                                              "cells_per_study": plan.cells_per_study})
@@ -352,9 +361,14 @@ def _completed(out: str, build_dir: str, name: str) -> dict | None:
 
 # ---------------------------------------------------------------------- driver
 def build_shards(cfg: ShardConfig, dry_run: bool = False, progress: bool = True, log=print) -> dict | None:
-    """Plan, build (or resume) and write the manifest. Returns the manifest (None on dry run)."""
+    """Plan, build (or resume) this node's shards and, once every shard of the plan is built,
+    write the manifest. Returns the manifest (None on a dry run, or while other nodes' shards
+    are missing)."""
     from tqdm.auto import tqdm
 
+    if not 0 <= cfg.node_rank < cfg.num_nodes:
+        raise ShardError(f"node rank {cfg.node_rank} of {cfg.num_nodes} nodes: use --node-rank 0 .. "
+                         f"{cfg.num_nodes - 1} (e.g. --node-rank $SLURM_NODEID --num-nodes $SLURM_NNODES)")
     build_dir = os.path.join(cfg.out, BUILD_DIR)
     with CellSource(cfg.query()) as src:
         obs = src.obs(("soma_joinid", "dataset_id") + tuple(k for k in CONDITION_KEYS if k in src.obs_columns))
@@ -377,16 +391,17 @@ def build_shards(cfg: ShardConfig, dry_run: bool = False, progress: bool = True,
                          "use a new --out, or delete it to rebuild")
     if existing is None:
         save_plan(plan, build_dir)
-    todo = [i for i, s in enumerate(plan.shards) if _completed(cfg.out, build_dir, s["name"]) is None]
+    mine = range(cfg.node_rank, len(plan.shards), cfg.num_nodes)
+    todo = [i for i in mine if _completed(cfg.out, build_dir, plan.shards[i]["name"]) is None]
     pending = set(todo)
-    done_cells = sum(s["n_cells"] for i, s in enumerate(plan.shards) if i not in pending)
+    done_cells = sum(plan.shards[i]["n_cells"] for i in mine if i not in pending)
     if done_cells:
-        log(f"resuming: {len(plan.shards) - len(todo)} of {len(plan.shards)} shards already built")
+        log(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already built")
 
     workers = max(1, min(cfg.workers, len(todo) or 1))
     threads = max(1, (os.cpu_count() or 1) // workers)
     t0 = time.perf_counter()
-    with tqdm(total=len(obs), initial=done_cells, unit="cell", desc="shards", disable=not progress,
+    with tqdm(total=sum(plan.shards[i]["n_cells"] for i in mine), initial=done_cells, unit="cell", desc="shards", disable=not progress,
               file=sys.stderr) as bar:
         tasks = [(i, cfg.out, build_dir) for i in todo]
         if workers == 1:
@@ -397,8 +412,14 @@ def build_shards(cfg: ShardConfig, dry_run: bool = False, progress: bool = True,
             for done in _build_in_pool(tasks, workers, cfg.query(), build_dir, threads):
                 bar.update(done["n_cells"])
     elapsed = time.perf_counter() - t0
-    manifest = write_manifest(cfg, plan, var, build_dir)
     built = sum(plan.shards[i]["n_cells"] for i in todo)
+    missing = sum(_completed(cfg.out, build_dir, s["name"]) is None for s in plan.shards)
+    if missing:
+        log(f"node {cfg.node_rank} of {cfg.num_nodes}: built its {len(mine)} shards ({built} cells in {elapsed:.1f}s); "
+            f"{missing} shards of other nodes are not built yet. The node that finishes last writes "
+            f"{MANIFEST_NAME}; or rerun this command once they are done.")
+        return None
+    manifest = write_manifest(cfg, plan, var, build_dir)
     log(f"wrote {len(plan.shards)} shards ({manifest['n_cells']}) to {cfg.out}; "
         f"built {built} cells in {elapsed:.1f}s")
     return manifest
