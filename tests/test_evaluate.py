@@ -55,7 +55,11 @@ def test_evaluate_writes_every_generator_metric_and_plot(pca_run, shards_dir, tm
     canon = gens["model_canonical"]["macro"]
     assert canon["energy"]["n"] == 2 and np.isfinite(canon["energy"]["lo"])  # two seeds, an interval
     assert gens["model_reworded"]["macro"]["energy"]["n"] == 1  # non-canonical tiers: tier_seeds=1
-    assert "memorisation_ratio" in canon and "diversity_means" in canon
+    assert "diversity_means" in canon
+    # nearest-training-cell distance ratio beside every baseline; copies are the training cells
+    for g in ("model_canonical", "real_half", "gaussian", "type_mean_nb", "codec_roundtrip"):
+        assert gens[g]["macro"]["memorisation_ratio"]["mean"] > 0, g
+    assert gens["training_copies"]["macro"]["memorisation_ratio"]["mean"] < 1e-4  # float32 embedding
     # decoded means of real cells' own latents: the ceiling of the model's diversity_means
     assert 0 < gens["codec_roundtrip"]["macro"]["diversity_means"]["mean"] < 2
     # the real half is the ceiling: it identifies its own cell type better than the null model

@@ -239,7 +239,8 @@ class Evaluation:
                     if cs is None:
                         continue
                     row = {**meta, **hs.score(meta, a_idx, cs, memorisation=name in (
-                        "training_copies", "model_canonical", "real_half"))}
+                        "training_copies", "model_canonical", "real_half", "gaussian", "type_mean_nb",
+                        "codec_roundtrip"))}
                     per_seed.setdefault(name, [[] for _ in range(seeds)])[seed].append(row)
         def over_seeds(by_seed, keep) -> dict:
             macros = [_macro([r for r in rows if keep(r)]) for rows in by_seed if any(keep(r) for r in rows)]
