@@ -401,7 +401,8 @@ def build_shards(cfg: ShardConfig, dry_run: bool = False, progress: bool = True,
     workers = max(1, min(cfg.workers, len(todo) or 1))
     threads = max(1, (os.cpu_count() or 1) // workers)
     t0 = time.perf_counter()
-    with tqdm(total=sum(plan.shards[i]["n_cells"] for i in mine), initial=done_cells, unit="cell", desc="shards", disable=not progress,
+    my_cells = sum(plan.shards[i]["n_cells"] for i in mine)
+    with tqdm(total=my_cells, initial=done_cells, unit="cell", desc="shards", disable=not progress,
               file=sys.stderr) as bar:
         tasks = [(i, cfg.out, build_dir) for i in todo]
         if workers == 1:
