@@ -414,20 +414,21 @@ def build_shards(cfg: ShardConfig, dry_run: bool = False, progress: bool = True,
                 bar.update(done["n_cells"])
     elapsed = time.perf_counter() - t0
     built = sum(plan.shards[i]["n_cells"] for i in todo)
-    missing = sum(_completed(cfg.out, build_dir, s["name"]) is None for s in plan.shards)
+    records = [_completed(cfg.out, build_dir, s["name"]) for s in plan.shards]
+    missing = sum(r is None for r in records)
     if missing:
         log(f"node {cfg.node_rank} of {cfg.num_nodes}: built its {len(mine)} shards ({built} cells in {elapsed:.1f}s); "
             f"{missing} shards of other nodes are not built yet. The node that finishes last writes "
             f"{MANIFEST_NAME}; or rerun this command once they are done.")
         return None
-    manifest = write_manifest(cfg, plan, var, build_dir)
+    manifest = write_manifest(cfg, plan, var, build_dir, records)
     log(f"wrote {len(plan.shards)} shards ({manifest['n_cells']}) to {cfg.out}; "
         f"built {built} cells in {elapsed:.1f}s")
     return manifest
 
 
-def write_manifest(cfg: ShardConfig, plan: Plan, var: pd.DataFrame, build_dir: str) -> dict:
-    shards = [_completed(cfg.out, build_dir, s["name"]) for s in plan.shards]
+def write_manifest(cfg: ShardConfig, plan: Plan, var: pd.DataFrame, build_dir: str, shards: list[dict]) -> dict:
+    """``shards``: the record of every shard of the plan, in plan order (all built)."""
     stats = {split: SplitStats(len(var)) for split in SPLITS}
     for s in shards:
         stats[s["split"]].add_file(os.path.join(build_dir, s["name"][: -len(".tar")] + ".stats.npz"))
