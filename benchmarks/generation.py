@@ -17,13 +17,10 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
 import torch
 
-# benchmarks/kernels.py would shadow the kernels package: put the repository first
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clopdit_dist.generate import Compiled, equal_batches  # noqa: E402
 from clopdit_dist.models.autoencoder import AEConfig, CountAutoencoder  # noqa: E402

@@ -30,8 +30,8 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-A = importlib.import_module("kernels.attention")  # ``kernels.attention`` is the function
-M = importlib.import_module("kernels.modulate")
+A = importlib.import_module("clopdit_dist.kernels.attention")  # ``kernels.attention`` is the function
+M = importlib.import_module("clopdit_dist.kernels.modulate")
 
 SHARED_LIMIT = {80: 166912, 90: 232448}   # bytes of shared memory per block (opt-in maximum)
 FLOAT_ARGS = {"qk_scale", "sm_scale", "eps"}

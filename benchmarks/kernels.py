@@ -42,8 +42,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clopdit_dist.models.dit import build_dit  # noqa: E402
-from kernels.attention import attention  # noqa: E402
-from kernels.modulate import gated_residual, layernorm_modulate  # noqa: E402
+from clopdit_dist.kernels.attention import attention  # noqa: E402
+from clopdit_dist.kernels.modulate import gated_residual, layernorm_modulate  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_GPU else "cpu"

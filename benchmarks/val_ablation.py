@@ -30,14 +30,11 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
 from _measure import emit
 
-# benchmarks/kernels.py would shadow the kernels package: put the repository first
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 KEEP = ("identity_cell_type", "identity_tissue_general", "identity_disease", "energy", "mmd", "w2", "coverage",
         "diversity_means")

@@ -15,8 +15,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from clopdit_dist.models.dit import DiT, DiTConfig, DiT_models, build_dit  # noqa: E402
-from kernels import _dispatch  # noqa: E402
-from kernels.attention import _attn_fwd_kernel  # noqa: E402
+from clopdit_dist.kernels import _dispatch  # noqa: E402
+from clopdit_dist.kernels.attention import _attn_fwd_kernel  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETING = _dispatch.triton_interpreting(_attn_fwd_kernel)

@@ -22,11 +22,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import _dispatch  # noqa: E402
-from kernels.attention import (AttnBlocks, _attn_fwd_kernel, _flash_fwd, attention,  # noqa: E402
+from clopdit_dist import kernels  # noqa: E402
+from clopdit_dist.kernels import _dispatch  # noqa: E402
+from clopdit_dist.kernels.attention import (AttnBlocks, _attn_fwd_kernel, _flash_fwd, attention,  # noqa: E402
                                attention_reference, attention_triton)
-from kernels.modulate import (gated_residual, gated_residual_reference, gated_residual_triton,  # noqa: E402
+from clopdit_dist.kernels.modulate import (gated_residual, gated_residual_reference, gated_residual_triton,  # noqa: E402
                               layernorm_modulate, layernorm_modulate_reference, layernorm_modulate_triton)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -210,10 +210,10 @@ def test_auto_on_cpu_takes_the_reference(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("auto must not run Triton on CPU tensors")
     # ``kernels.attention`` is the function; the module is reached through importlib.
-    attention_module = importlib.import_module("kernels.attention")
+    attention_module = importlib.import_module("clopdit_dist.kernels.attention")
     monkeypatch.setattr(attention_module, "attention_triton", boom)
-    monkeypatch.setattr("kernels.modulate.layernorm_modulate_triton", boom)
-    monkeypatch.setattr("kernels.modulate.gated_residual_triton", boom)
+    monkeypatch.setattr("clopdit_dist.kernels.modulate.layernorm_modulate_triton", boom)
+    monkeypatch.setattr("clopdit_dist.kernels.modulate.gated_residual_triton", boom)
     q, k, v = (torch.randn(2, 2, 7, 16) for _ in range(3))
     x, s1, s2 = torch.randn(2, 7, 32), torch.randn(2, 32), torch.randn(2, 32)
     torch.testing.assert_close(kernels.attention(q, k, v), attention_reference(q, k, v))

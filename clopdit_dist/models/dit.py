@@ -40,8 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels.attention import attention
-from kernels.modulate import gated_residual, layernorm_modulate
+from clopdit_dist.kernels.attention import attention
+from clopdit_dist.kernels.modulate import gated_residual, layernorm_modulate
 
 #################################################################################
 #               Embedding layers for timesteps and conditions                   #

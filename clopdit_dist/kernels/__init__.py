@@ -5,8 +5,8 @@
 runs Triton on CUDA and the reference elsewhere.
 
 ``kernels.attention`` is the function; the module of the same name (kernels, tiling,
-reference) is ``importlib.import_module("kernels.attention")``, and
-``from kernels.attention import ...`` works as usual.
+reference) is ``importlib.import_module("clopdit_dist.kernels.attention")``, and
+``from clopdit_dist.kernels.attention import ...`` works as usual.
 """
 
 from .attention import attention, attention_reference
