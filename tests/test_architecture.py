@@ -104,3 +104,16 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, atlas_dir, shards_dir):
         assert r.returncode == 2, (argv, r.stdout[-1000:], r.stderr[-3000:])
         lines = r.stderr.strip().splitlines()
         assert "Traceback" not in r.stderr and len(lines) == 1 and expect in lines[0], (argv, r.stderr[-3000:])
+
+
+def test_no_top_level_package_shared_with_another_distribution():
+    """Every top-level import name this distribution installs is its own: a top-level
+    ``kernels`` once shadowed Hugging Face's ``kernels`` (a dependency of transformers 5), and
+    loading a text tower from the repository root failed on the wrong package."""
+    import importlib.metadata as md
+
+    owners = md.packages_distributions()
+    ours = {name for name, dists in owners.items() if "clopdit-dist" in dists or "clopdit_dist" in dists}
+    assert "clopdit_dist" in ours
+    shared = {name: dists for name, dists in owners.items() if name in ours and len(set(dists)) > 1}
+    assert not shared, f"top-level names installed by clopdit-dist and by other distributions: {shared}"
