@@ -117,3 +117,16 @@ def test_no_top_level_package_shared_with_another_distribution():
     assert "clopdit_dist" in ours
     shared = {name: dists for name, dists in owners.items() if name in ours and len(set(dists)) > 1}
     assert not shared, f"top-level names installed by clopdit-dist and by other distributions: {shared}"
+
+
+def test_no_script_shadows_an_installed_package():
+    """A script's directory is the first entry of ``sys.path`` when it runs, so a file there named
+    like an installed top-level package hides that package from everything the script imports
+    (``benchmarks/kernels.py`` once hid Hugging Face's ``kernels`` from transformers)."""
+    import importlib.metadata as md
+
+    installed = set(md.packages_distributions())
+    root = os.path.dirname(PKG)
+    clashes = [os.path.join(d, f) for d in ("benchmarks", "launchers", "scripts") if os.path.isdir(os.path.join(root, d))
+               for f in os.listdir(os.path.join(root, d)) if f.endswith(".py") and f[:-3] in installed]
+    assert not clashes, f"scripts named like installed packages (rename them): {clashes}"

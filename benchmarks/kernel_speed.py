@@ -2,12 +2,12 @@
 
 On a GPU (H100/H200 for the floors below):
 
-    python benchmarks/kernels.py --out bench_kernels.jsonl
+    python benchmarks/kernel_speed.py --out bench_kernels.jsonl
 
 On a machine without one the same cases run on small shapes with the PyTorch reference
 path (``--quick`` is implied), and every line says that no GPU was found:
 
-    python benchmarks/kernels.py --quick
+    python benchmarks/kernel_speed.py --quick
 
 Each result is one JSON line on stdout (and appended to ``--out``), with fields such as
 bench, case, backend, device, dtype, B, H, S, D, ms, tflops, gbps, speedup_vs_best_sdpa.
@@ -263,7 +263,7 @@ def main(argv=None):
     p.add_argument("--rep", type=int, default=None)
     args = p.parse_args(argv)
     if not HAS_GPU:
-        print(f"benchmarks/kernels.py: {NO_GPU_NOTE}", file=sys.stderr)
+        print(f"benchmarks/kernel_speed.py: {NO_GPU_NOTE}", file=sys.stderr)
         args.quick = True
     args.warmup = args.warmup if args.warmup is not None else (10 if HAS_GPU else 1)
     args.rep = args.rep if args.rep is not None else (50 if HAS_GPU else 3)
