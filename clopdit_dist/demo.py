@@ -35,7 +35,9 @@ DEMO_OVERRIDES = {
     # DiT cannot generate what the codec loses
     "ae": ["train.steps=1500"],
     "clop": ["train.steps=1500"],
-    "dit": ["train.steps=1700", "data.batch_size=128"],
+    # 4,000 DiT steps: on the 64-number latent they take the minutes 1,700 took on the 256-number one,
+    # and val cell-type identity rises 0.90 -> 0.96 (README, "What moved it")
+    "dit": ["train.steps=4000", "data.batch_size=128"],
 }
 DEMO_PROMPTS = [
     "cell type: CD8-positive, alpha-beta T cell; tissue: lung; disease: lung adenocarcinoma; markers: CD8A, GZMK",
