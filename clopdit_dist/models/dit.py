@@ -8,8 +8,9 @@ block is the identity and the predicted velocity is exactly 0 at initialisation.
 
 What differs from image DiT:
 
-* Input: a cell's latent z (256-d by default, stage 0's ``encode``) reshaped to
-  ``tokens × token_dim`` (16 × 16), embedded linearly, plus learned position embeddings.
+* Input: a cell's latent z (stage 0's ``encode``: 64 numbers in the demo's autoencoder, 256 in
+  the cluster preset) reshaped to ``tokens × token_dim`` (4 × 16, 16 × 16), embedded linearly,
+  plus learned position embeddings.
 * Time: flow matching, t ∈ [0, 1] (scaled by 1000 for the sinusoidal embedding); the model
   predicts the velocity v(x_t, t, cond), same shape as x.
 * Condition: ``cond`` (B, K, cond_dim) holds K fields. K = 1: the whole-caption CLOP text
@@ -301,12 +302,12 @@ def _preset(hidden_size: int, depth: int, num_heads: int, token_dim: int | None 
     return make
 
 
-# A cell latent is 256 numbers, not a 32x32x4 image latent: the CPU presets are sized for it
+# A cell latent is 64-256 numbers, not a 32x32x4 image latent: the CPU presets are sized for it
 # (DiT-S is what the demo trains). Like DiT's patch size, a preset may fix the token width:
-# DiT-S reads the latent as 8 tokens of 32, half the FLOPs of the autoencoder's 16 x 16 view,
-# which makes 10k cells x 20 guided steps in under a minute on 2 CPU cores
-# (benchmarks/generation.py). B and L are DiT's image sizes, for GPUs, on the autoencoder's
-# token view. ``model.token_dim`` in a config overrides either.
+# DiT-S reads a 256-number latent as 8 tokens of 32, half the FLOPs of the autoencoder's 16 x 16
+# view; the demo's configs/dit.yaml sets token_dim 16 for its 64-number latent (4 tokens). B and
+# L are DiT's image sizes, for GPUs, on the autoencoder's token view. ``model.token_dim`` in a
+# config overrides either.
 DiT_XS = _preset(64, 2, 2)                  # unit tests
 DiT_S = _preset(128, 4, 4, token_dim=32)    # CPU: the demo
 DiT_B = _preset(768, 12, 12)
