@@ -4,11 +4,11 @@ decoder, one JSON line per case.
     python benchmarks/generation.py                      # 10k cells, 20 Euler steps, guidance 2, CPU
     python benchmarks/generation.py --cells 100000 --device cuda --dtype bf16
 
-Weights are random (speed does not depend on them); the latent is the autoencoder's 256
-numbers and the decoder has 2,000 genes. Cases: the DiT-S preset (the demo's DiT: hidden 128,
-depth 4, 8 tokens of 32), DiT-S on the autoencoder's 16 tokens of 16, DiT-B; run with ``--dtype bf16`` and
-``--compile`` (as ``clopdit generate``; the compile time is part of the total) to compare
-with the fp32 eager baseline.
+Weights are random (speed does not depend on them); the decoder has 2,000 genes. Cases: the
+demo's DiT (DiT-S: hidden 128, depth 4, on the autoencoder's 64-number latent as 4 tokens of
+16), the previous demo's DiT-S on a 256-number latent as 8 tokens of 32, DiT-S on 16 tokens of
+16 (session 1's path), DiT-B; run with ``--dtype bf16`` and ``--compile`` (as ``clopdit
+generate``; the compile time is part of the total) to compare with the fp32 eager baseline.
 """
 
 from __future__ import annotations
@@ -21,19 +21,16 @@ import time
 
 import torch
 
+from clopdit_dist.generate import Compiled, equal_batches
+from clopdit_dist.models.autoencoder import AEConfig, CountAutoencoder
+from clopdit_dist.models.dit import DiTConfig, LatentDiT
+from clopdit_dist.models.flow import SamplerConfig, sample
 
-from clopdit_dist.generate import Compiled, equal_batches  # noqa: E402
-from clopdit_dist.models.autoencoder import AEConfig, CountAutoencoder  # noqa: E402
-from clopdit_dist.models.dit import (
-    DiTConfig,  # noqa: E402
-    LatentDiT,  # noqa: E402
-)
-from clopdit_dist.models.flow import SamplerConfig, sample  # noqa: E402
-
-CASES = {
-    "DiT-S": dict(preset="DiT-S"),
-    "DiT-S-16x16": dict(preset="DiT-S", token_dim=16),
-    "DiT-B": dict(preset="DiT-B"),
+CASES = {  # latent: the autoencoder's latent width (configs/ae.yaml: latent_tokens x token_dim)
+    "DiT-S": dict(latent=64, preset="DiT-S", token_dim=16),
+    "DiT-S-256": dict(latent=256, preset="DiT-S"),
+    "DiT-S-16x16": dict(latent=256, preset="DiT-S", token_dim=16),
+    "DiT-B": dict(latent=256, preset="DiT-B"),
 }
 
 
@@ -51,12 +48,14 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = torch.device(args.device)
-    ae = CountAutoencoder(AEConfig(n_genes=2000)).to(device).eval()
     sampler = SamplerConfig(method=args.method, steps=args.steps, guidance=args.guidance)
     for name in args.cases.split(","):
-        cfg = DiTConfig(cond_dim=256, **CASES[name])
-        cfg.split_latent(256, 16)
-        module = LatentDiT(cfg.build(), 256).to(device).eval()
+        case = dict(CASES[name])
+        latent = case.pop("latent")
+        ae = CountAutoencoder(AEConfig(n_genes=2000, latent_tokens=latent // 16, token_dim=16)).to(device).eval()
+        cfg = DiTConfig(cond_dim=256, **case)
+        cfg.split_latent(latent, 16)
+        module = LatentDiT(cfg.build(), latent).to(device).eval()
         shape = (cfg.tokens, cfg.token_dim)
         model = Compiled(module) if args.compile else module
         cond = torch.nn.functional.normalize(torch.randn(1, 1, 256, device=device), dim=-1)
@@ -81,7 +80,7 @@ def main() -> None:
         total = t_first + t_dit + t_dec
         row = {"bench": "generation", "case": name, "device": str(device), "dtype": args.dtype, "compile": args.compile,
                "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "python": platform.python_version(),
-               "params_M": round(sum(p.numel() for p in module.parameters()) / 1e6, 2), "tokens": cfg.tokens,
+               "params_M": round(sum(p.numel() for p in module.parameters()) / 1e6, 2), "latent": latent, "tokens": cfg.tokens,
                "token_dim": cfg.token_dim, "cells": args.cells,
                "steps": args.steps, "method": args.method, "guidance": args.guidance, "nfe_per_cell": nfe,
                "first_call_s": round(t_first, 2), "sampler_s": round(t_dit, 2), "decode_s": round(t_dec, 2),
