@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -43,7 +44,9 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
 
 
 def write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
+    """Readers see the old file or the new one; writers may race (the nodes of one shard build
+    write the same plan and manifest), so each writes its own temporary file."""
+    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
         f.flush()
