@@ -3,7 +3,8 @@ the same HVGs, in one run:
 
   * tiledbsoma query read (``ExperimentAxisQuery.X("raw").tables()``), cells/s
   * shard build with 1 and 2 workers: cells/s, cells/s per worker, peak RSS of the process tree
-  * our loader (batch 256) with 0, 1 and 2 DataLoader workers, cells/s
+  * our loader (batch 256) with 0, 1 and 2 DataLoader workers, cells/s; the exact stream
+    (``exact=True``) with 0 and 2 beside it, as a ratio
   * tiledbsoma-ml ``ExperimentDataset`` (the Census team's loader), same batch, genes, workers
   * the ratio of our best configuration to tiledbsoma-ml's best
 
@@ -63,17 +64,21 @@ def bench_soma_read(atlas: str, hvg_ids: np.ndarray, out) -> None:
          cells_per_s=round(n_obs / dt))
 
 
-def bench_loader(shards: str, workers: int, batches: int, out) -> float:
+def bench_loader(shards: str, workers: int, batches: int, out, exact: bool = False) -> float:
+    """The resampled training stream, or the exact one (every cell once per epoch, blocks read
+    by offset in a global order): the first ``batches`` batches."""
     from clopdit_dist.data.loader import CellLoader, LoaderConfig
 
     loader = CellLoader(shards, LoaderConfig(split="train", genes="hvg:2000", batch_size=256, num_workers=workers,
-                                             batches_per_epoch=batches))
+                                             batches_per_epoch=None if exact else batches, exact=exact))
     t0 = time.perf_counter()
-    cells = sum(b["counts"].shape[0] for b in loader)
+    cells = 0
+    for _, b in zip(range(batches), loader):
+        cells += b["counts"].shape[0]
     dt = time.perf_counter() - t0
     rate = cells / dt
-    emit(out, case="clopdit_loader", num_workers=workers, batch_size=256, genes=2000, cells=cells,
-         seconds=round(dt, 3), cells_per_s=round(rate))
+    emit(out, case="clopdit_loader", stream="exact" if exact else "resampled", num_workers=workers, batch_size=256,
+         genes=2000, cells=cells, seconds=round(dt, 3), cells_per_s=round(rate))
     return rate
 
 
@@ -137,6 +142,9 @@ def main() -> None:
     bench_soma_read(atlas, hvg, args.out)
     batches = max(20, min(400, m.n_cells("train") // 256))
     ours = {w: bench_loader(os.path.join(work, "shards_w1"), w, batches, args.out) for w in (0, 1, 2)}
+    exact = {w: bench_loader(os.path.join(work, "shards_w1"), w, batches, args.out, exact=True) for w in (0, 2)}
+    for w, rate in exact.items():
+        emit(args.out, case="exact_stream_vs_resampled", num_workers=w, ratio=round(rate / ours[w], 2))
     theirs = {w: bench_tiledbsoma_ml(atlas, hvg, w, args.ml_cells, args.out) for w in (0, 1, 2)}
     best_ours, best_theirs = max(ours.items(), key=lambda kv: kv[1]), max(theirs.items(), key=lambda kv: kv[1])
     emit(args.out, case="loader_speedup_vs_tiledbsoma_ml", ours_best_workers=best_ours[0],

@@ -22,22 +22,22 @@ def cfg(**kw):
     return LoaderConfig(**base)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_mid_epoch_gives_exactly_the_remaining_batches(shards_dir, workers):
-    full = CellLoader(shards_dir, cfg(num_workers=workers))
+@pytest.mark.parametrize("workers,exact", [(0, False), (2, False), (2, True)])
+def test_resume_mid_epoch_gives_exactly_the_remaining_batches(shards_dir, workers, exact):
+    full = CellLoader(shards_dir, cfg(num_workers=workers, exact=exact))
     epoch0 = list(full)
     epoch1 = list(full)
     assert len(epoch0) == len(full) == len(epoch1)
     assert not torch.equal(epoch0[0]["soma_joinid"], epoch1[0]["soma_joinid"])  # a new order each epoch
 
-    first = CellLoader(shards_dir, cfg(num_workers=workers))
+    first = CellLoader(shards_dir, cfg(num_workers=workers, exact=exact))
     it = iter(first)
     for _ in range(5):
         next(it)
     state = first.state_dict()
     assert state["batches_done"] == 5
 
-    resumed = CellLoader(shards_dir, cfg(num_workers=workers))
+    resumed = CellLoader(shards_dir, cfg(num_workers=workers, exact=exact))
     resumed.load_state_dict(json.loads(json.dumps(state)))  # states travel through checkpoints
     rest = list(resumed)
     assert len(rest) == len(epoch0) - 5
@@ -49,10 +49,75 @@ def test_resume_mid_epoch_gives_exactly_the_remaining_batches(shards_dir, worker
     assert torch.equal(next(iter(resumed))["soma_joinid"], epoch1[0]["soma_joinid"])
 
 
-def test_resume_refuses_a_different_worker_count(shards_dir):
-    state = CellLoader(shards_dir, cfg(num_workers=0)).state_dict()
-    with pytest.raises(ValueError, match="num_workers"):
-        CellLoader(shards_dir, cfg(num_workers=2)).load_state_dict(state)
+def test_resampled_stream_carries_the_batch_count_to_another_world(shards_dir):
+    first = CellLoader(shards_dir, cfg(num_workers=0), rank=0, world_size=2)
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    one = CellLoader(shards_dir, cfg(num_workers=2), rank=0, world_size=1)
+    assert "6 of its batches" in one.load_state_dict(first.state_dict())
+    assert one.batches_done == 6 and len(list(one)) == len(one) - 6
+
+
+def test_exact_stream_refuses_a_state_of_another_order(shards_dir):
+    state = CellLoader(shards_dir, cfg(exact=True)).state_dict()
+    with pytest.raises(ValueError, match="batch_size=48"):
+        CellLoader(shards_dir, cfg(exact=True, batch_size=32)).load_state_dict(state)
+    with pytest.raises(ValueError, match="exact=True"):
+        CellLoader(shards_dir, cfg()).load_state_dict(state)
+
+
+def _take(loader, n=None):
+    """soma_joinids of the next ``n`` batches (all of the epoch when None)."""
+    if n is None:
+        n = len(loader) - loader.batches_done
+        batches = list(loader)
+        assert len(batches) == n
+        return [i for b in batches for i in b["soma_joinid"].tolist()]
+    it = iter(loader)
+    return [i for _ in range(n) for i in next(it)["soma_joinid"].tolist()]
+
+
+@pytest.mark.parametrize("worlds", [[(2, 2), (1, 0)], [(1, 0), (2, 2)], [(2, 0), (1, 2), (2, 0)]],
+                         ids=["2->1", "1->2", "2->1->2"])
+def test_exact_stream_resumes_on_another_world_without_repeating_or_skipping_a_cell(shards_dir, worlds):
+    """Each world (ranks, workers) draws a few batches on every rank and checkpoints; the last
+    one finishes the epoch. Every training cell is drawn once, except the final leftover of
+    fewer than ranks x workers batches (clopdit_dist/data/epoch.py)."""
+    train = Manifest.load(shards_dir).n_cells("train")
+    drawn, state = [], None
+    for i, (world, workers) in enumerate(worlds):
+        loaders = [CellLoader(shards_dir, cfg(num_workers=workers, exact=True), rank=r, world_size=world)
+                   for r in range(world)]
+        if state is not None:
+            for loader in loaders:
+                loader.load_state_dict(json.loads(json.dumps(state)))
+        last = i == len(worlds) - 1
+        counts = {len(loader) for loader in loaders}
+        assert len(counts) == 1  # every rank draws the same number of batches
+        for loader in loaders:
+            drawn += _take(loader, None if last else 3)
+        states = [loader.state_dict() for loader in loaders]
+        assert all(s == states[0] for s in states)  # one state for the whole job: rank 0 saves it
+        state = states[0]
+    assert len(drawn) == len(set(drawn))
+    streams = worlds[-1][0] * max(worlds[-1][1], 1)
+    assert train - streams * 48 < len(drawn) <= train
+    assert state["epoch"] == 1 and state["batches_done"] == 0
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 2)])
+def test_exact_epoch_draws_every_cell_once(shards_dir, world, workers):
+    loaders = [CellLoader(shards_dir, cfg(num_workers=workers, exact=True), rank=r, world_size=world)
+               for r in range(world)]
+    epochs = [[_take(loader) for loader in loaders] for _ in range(2)]
+    train = Manifest.load(shards_dir).n_cells("train")
+    for per_rank in epochs:
+        ids = [i for rank in per_rank for i in rank]
+        assert len(ids) == len(set(ids)) and train - world * max(workers, 1) * 48 < len(ids) <= train
+    if world == 1 and workers == 0:
+        assert sorted(ids) == sorted(epochs[0][0])  # a single stream draws all of them
+    assert epochs[0][0][:48] != epochs[1][0][:48]  # a new order each epoch
 
 
 def test_two_ranks_get_disjoint_shards_and_equal_batch_counts(shards_dir, tmp_path):
@@ -100,6 +165,8 @@ def test_unreadable_shard_is_named_or_skipped(shards_dir, tmp_path, damage):
     broken, name = _broken_copy(shards_dir, tmp_path, damage)
     with pytest.raises(CorruptShardError, match=name):
         list(CellLoader(broken, cfg(resampled=False)))
+    with pytest.raises(CorruptShardError, match=name):
+        list(CellLoader(broken, cfg(exact=True)))
     assert name in Manifest.load(broken).verify()
 
     with warnings.catch_warnings(record=True) as caught:

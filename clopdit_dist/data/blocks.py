@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import struct
+import tarfile
 import zlib
 from dataclasses import dataclass
 
@@ -89,3 +90,30 @@ def decode_block(payload: bytes) -> Block:
         cats = meta["categories"][name]
         obs[name] = values if cats is None else np.array(cats, dtype=object)[values]
     return Block(X, obs)
+
+
+def tar_block_offsets(path: str) -> list[tuple[int, int]]:
+    """(data offset, size) of every block of a shard tar, in block order: random access to
+    blocks (the exact training stream reads blocks of many shards in a seeded order)."""
+    with tarfile.open(path, "r:") as tar:
+        return [(m.offset_data, m.size) for m in tar if m.isfile() and m.name.endswith("." + BLOCK_EXT)]
+
+
+def read_block_at(path: str, offset: int, size: int) -> Block:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        payload = f.read(size)
+    if len(payload) != size:
+        raise BlockFormatError(f"block at byte {offset} is truncated ({len(payload)} of {size} bytes)")
+    return decode_block(payload)
+
+
+def block_n_cells(path: str, offset: int) -> int:
+    """A block's cell count from its header alone."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        prefix = f.read(_PREFIX.size)
+        magic, hlen, _ = _PREFIX.unpack(prefix)
+        if magic != MAGIC:
+            raise BlockFormatError(f"not a clopdit cell block at byte {offset} (magic {magic!r})")
+        return int(json.loads(f.read(hlen))["shape"][0])

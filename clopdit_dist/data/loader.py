@@ -11,6 +11,11 @@ every ``mix_blocks`` blocks are pooled, their cells permuted and cut into batche
 randomness comes from ``(seed, epoch, rank, worker)``, so the stream is reproducible and the
 loader can resume mid-epoch exactly: skipped batches are counted, not densified.
 
+Training with ``exact=True``: every cell of the split once per epoch, in a global order that
+does not depend on ranks or workers (``epoch.py``); blocks are read by offset from any shard.
+A resume on another world size or worker count continues the epoch without repeating or
+skipping a cell. The resampled stream instead carries the number of batches consumed over.
+
 A batch is a dict: ``counts`` float32 (B, genes), ``library_size`` float32 (B,) (total raw
 counts over the whole vocabulary), ``soma_joinid`` int64 (B,), one list of strings per
 metadata field, and ``split``.
@@ -30,7 +35,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import CorruptShardError, GeneVocabularyError, ShardError
-from .blocks import BLOCK_EXT, Block, decode_block
+from .blocks import BLOCK_EXT, Block, decode_block, read_block_at, tar_block_offsets
+from .epoch import EpochOrder, delivered_per_stream, remaining_ranges, split_ranges
 from .manifest import Manifest
 
 DEFAULT_FIELDS = ("cell_type", "tissue_general", "tissue", "disease", "assay", "dataset_id", "donor_id", "sex",
@@ -50,6 +56,7 @@ class LoaderConfig:
     seed: int = 0
     on_error: str = "raise"  # or "skip": skip an unreadable shard and warn
     batches_per_epoch: int | None = None  # per rank; default covers the split once
+    exact: bool = False  # training: every cell once per epoch, resumable across world sizes (epoch.py)
     prefetch_factor: int = 4
 
 
@@ -70,6 +77,9 @@ class CellDataset(IterableDataset):
         self.batches_per_worker = batches_per_worker
         self.epoch = 0
         self.skip = 0  # batches of this epoch the whole loader has already delivered
+        self.order: EpochOrder | None = None  # the exact stream: this epoch's global order ...
+        self.ranges: list[list[int]] = []  # ... and the part of it left to draw
+        self._offsets: dict[str, list[tuple[int, int]]] = {}
 
     @property
     def resampled(self) -> bool:
@@ -83,6 +93,10 @@ class CellDataset(IterableDataset):
         # 0 must play the stream that delivers batch `skip`.
         wid = (phys + self.skip) % nw
         skip = self.skip // nw + (1 if wid < self.skip % nw else 0)
+        if self.order is not None:
+            part = split_ranges(self.ranges, self.world_size * nw)[self.rank * nw + wid]
+            yield from self._exact_batches(part, skip)
+            return
         rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, wid])
         if self.resampled:
             urls = self._resampled_urls(rng)
@@ -112,14 +126,45 @@ class CellDataset(IterableDataset):
             except Exception as exc:  # missing file, truncated tar, bad CRC, foreign member
                 reason = f"{type(exc).__name__}: {str(exc.args[0]) if exc.args else exc}"
                 if self.cfg.on_error != "skip":
-                    raise CorruptShardError(
-                        f"shard {url} is unreadable ({reason}). Check the shards with "
-                        f"`clopdit data verify {self.manifest.root}`, delete the bad file and rerun "
-                        "build_shards.py with the same arguments (it rebuilds only missing shards), or pass "
-                        "on_error='skip'.") from exc
+                    raise self._unreadable(url, reason, ", or pass on_error='skip'") from exc
                 skipped += 1
                 warnings.warn(f"skipped unreadable shard {url} ({reason}); {skipped} shard(s) skipped so far "
                               "by this worker", RuntimeWarning, stacklevel=2)
+
+    def _exact_batches(self, part: list[list[int]], skip: int):
+        """The batches at positions ``part`` of the epoch's global order (``epoch.py``)."""
+        order, B = self.order, self.cfg.batch_size
+        fields = [*self.cfg.fields, "soma_joinid", "library_size"]
+        current, n = None, 0
+        for a, b in part:
+            for position in range(a, b):
+                n += 1
+                if n <= skip:
+                    continue
+                unit, j = order.locate(position)
+                if unit != current:
+                    group = [self._read_block(*ref) for ref in order.blocks(unit)]
+                    X = sp.vstack([g.X for g in group], format="csr")
+                    obs = {f: np.concatenate([_column(g.obs, f) for g in group]) for f in fields}
+                    perm = order.cell_permutation(unit, X.shape[0])
+                    dense, current = X[:, self.gene_idx].toarray(), unit
+                rows = perm[j * B:(j + 1) * B]
+                yield self._make_batch(dense[rows], obs, rows)
+
+    def _read_block(self, shard: int, block: int) -> Block:
+        url = self.urls[shard]
+        try:
+            if url not in self._offsets:
+                self._offsets[url] = tar_block_offsets(url)
+            return read_block_at(url, *self._offsets[url][block])
+        except Exception as exc:  # an exact epoch cannot skip a shard: every rank's batch count would change
+            raise self._unreadable(url, f"{type(exc).__name__}: {str(exc.args[0]) if exc.args else exc}", "") from exc
+
+    def _unreadable(self, url: str, reason: str, alternative: str) -> CorruptShardError:
+        return CorruptShardError(
+            f"shard {url} is unreadable ({reason}). Check the shards with `clopdit data verify "
+            f"{self.manifest.root}`, delete the bad file and rerun build_shards.py with the same arguments (it "
+            f"rebuilds only missing shards){alternative}.")
 
     def _batches(self, blocks, rng, skip: int, limit: int | None):
         B, fields = self.cfg.batch_size, [*self.cfg.fields, "soma_joinid", "library_size"]
@@ -211,13 +256,19 @@ class CellLoader:
         resampled = self.cfg.resampled if self.cfg.resampled is not None else self.cfg.split == "train"
         nw = max(self.cfg.num_workers, 1)
         per_worker = None
-        if resampled:
+        self.exact = resampled and self.cfg.exact
+        if self.exact and (self.cfg.batches_per_epoch or self.cfg.on_error != "raise"):
+            raise ValueError("the exact stream covers the split once per epoch and cannot skip a shard: leave "
+                             "batches_per_epoch unset and on_error='raise', or use the resampled stream (exact=False)")
+        if resampled and not self.exact:
             per_rank = self.cfg.batches_per_epoch or math.ceil(
                 self.manifest.n_cells(self.cfg.split) / (self.cfg.batch_size * self.world_size))
             per_worker = max(1, math.ceil(per_rank / nw))
         self.dataset = CellDataset(self.manifest, self.cfg, self.gene_idx, self.rank, self.world_size, per_worker)
+        self._block_cells = self.manifest.block_cells(self.cfg.split) if self.exact else None
         self.epoch = 0
         self.batches_done = 0
+        self.ranges: list[list[int]] | None = None  # exact stream: what is left of this epoch (None: all of it)
 
     @property
     def gene_names(self) -> list[str]:
@@ -227,8 +278,22 @@ class CellLoader:
     def gene_ids(self) -> list[str]:
         return self.manifest.feature_ids[self.gene_idx].tolist()
 
+    def _epoch_order(self) -> EpochOrder:
+        order = EpochOrder(self._block_cells, self.cfg.seed, self.epoch, self.cfg.mix_blocks, self.cfg.batch_size)
+        streams = self.world_size * max(self.cfg.num_workers, 1)
+        if self.ranges is None:
+            self.ranges = [[0, order.n_batches]]
+            if order.n_batches < streams:
+                raise ShardError(f"split {self.cfg.split!r} has {order.n_batches} batches per epoch, fewer than "
+                                 f"{streams} (ranks x workers): lower batch_size, mix_blocks or num_workers")
+        return order
+
     def __len__(self) -> int:
-        """Batches per epoch on this rank (exact when resampled; an estimate otherwise)."""
+        """Batches per epoch on this rank (exact for training streams; an estimate otherwise)."""
+        if self.exact:
+            self._epoch_order()
+            streams = self.world_size * max(self.cfg.num_workers, 1)
+            return sum(b - a for a, b in self.ranges) // streams * max(self.cfg.num_workers, 1)
         if self.dataset.resampled:
             return self.dataset.batches_per_worker * max(self.cfg.num_workers, 1)
         n = sum(s["n_cells"] for s in self.manifest.shards(self.cfg.split)[self.rank::self.world_size])
@@ -237,6 +302,8 @@ class CellLoader:
     def __iter__(self):
         ds = self.dataset
         ds.epoch, ds.skip = self.epoch, self.batches_done
+        if self.exact:
+            ds.order, ds.ranges = self._epoch_order(), self.ranges
         nw = self.cfg.num_workers
         loader = DataLoader(ds, batch_size=None, collate_fn=_keep_batch, num_workers=nw,
                             pin_memory=torch.cuda.is_available(),
@@ -246,18 +313,45 @@ class CellLoader:
             yield batch
         self.epoch += 1
         self.batches_done = 0
+        self.ranges = None
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.cfg.seed,
-                "split": self.cfg.split, "world_size": self.world_size, "num_workers": self.cfg.num_workers}
+        state = {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.cfg.seed,
+                 "split": self.cfg.split, "world_size": self.world_size, "num_workers": self.cfg.num_workers,
+                 "exact": self.exact}
+        if self.exact:
+            self._epoch_order()
+            state.update(ranges=self.ranges, batch_size=self.cfg.batch_size, mix_blocks=self.cfg.mix_blocks)
+        return state
 
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "world_size", "num_workers"):
-            if state[key] != getattr(self.cfg, key, None) and state[key] != getattr(self, key, None):
-                raise ValueError(f"loader state was saved with {key}={state[key]}; this loader has "
-                                 f"{getattr(self.cfg, key, getattr(self, key, None))}. Exact resume needs the same "
-                                 "seed, world size and number of workers.")
-        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+    def load_state_dict(self, state: dict) -> str:
+        """Continue where ``state`` was taken. With the same world size and workers the batches
+        are those of the uninterrupted run. Otherwise the exact stream splits what is left of
+        the epoch among the new ranks and workers (no cell repeated or skipped); the resampled
+        stream carries the number of batches consumed over, rounded up to whole batches of the
+        new world. Returns a line saying which."""
+        current = {"seed": self.cfg.seed, "exact": self.exact}
+        if self.exact:  # they define the epoch's order
+            current.update(batch_size=self.cfg.batch_size, mix_blocks=self.cfg.mix_blocks)
+        for key, value in current.items():
+            if state.get(key, False) != value:
+                raise ValueError(f"loader state was saved with {key}={state.get(key, False)}; this loader has "
+                                 f"{value}. Resume with the same {key}.")
+        self.epoch, done = int(state["epoch"]), int(state["batches_done"])
+        self.ranges = state.get("ranges")
+        old, new = (state["world_size"], state["num_workers"]), (self.world_size, self.cfg.num_workers)
+        if old == new:
+            self.batches_done = done
+            return f"epoch {self.epoch}, batch {done} of this rank"
+        if self.exact:
+            self.ranges = remaining_ranges(self.ranges, old[0] * max(old[1], 1), delivered_per_stream(done, *old))
+            self.batches_done = 0
+            left = sum(b - a for a, b in self.ranges)
+            return (f"epoch {self.epoch}: the {left} batches not yet drawn by {old[0]} rank(s) x {old[1]} worker(s) "
+                    f"go to {new[0]} x {new[1]}")
+        consumed = done * old[0]  # batches of the epoch, all ranks together
+        self.batches_done = math.ceil(consumed / self.world_size)
+        return f"epoch {self.epoch}, {consumed} of its batches (old world) -> {self.batches_done} per rank"
 
 
 def iter_split(shards: str, split: str, genes, max_cells: int, batch_size: int = 512, fields=("cell_type",)):

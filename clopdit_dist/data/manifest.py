@@ -4,7 +4,7 @@ Fields (schema version 2): ``source`` (the query), ``build`` (block and shard si
 held-out fractions), ``vocabulary`` (feature_id, feature_name), ``splits`` (study ->
 train/val/test), ``held_out_cells`` (the cell-level held-out splits ``val_cells`` and
 ``test_cells`` drawn from training studies: fraction, stratification, cells per split and per
-study), ``shards`` (name, split, n_cells, n_blocks, bytes, sha256), ``n_cells`` per split,
+study), ``shards`` (name, split, n_cells, n_blocks, block_sizes, bytes, sha256), ``n_cells`` per split,
 ``conditions`` (per split: each cell_type, tissue_general, disease combination with its cells
 and ``in_train``), ``gene_stats`` (train split: mean/var of log1p CP10k and CP10k, detection
 rate), ``hvg`` (ranking, normalised dispersion), ``markers`` per cell type, ``cell_types``
@@ -26,6 +26,7 @@ from functools import cached_property
 import numpy as np
 
 from ..errors import GeneVocabularyError, ShardError
+from .blocks import block_n_cells, tar_block_offsets
 from .stats import CONDITION_KEYS  # noqa: F401  (re-exported: the keys of ``conditions``)
 
 SCHEMA_VERSION = 2
@@ -133,6 +134,16 @@ class Manifest:
 
     def shard_paths(self, split: str) -> list[str]:
         return [os.path.join(self.root, s["name"]) for s in self.shards(split)]
+
+    def block_cells(self, split: str) -> list[list[int]]:
+        """Cells per block of each shard of a split (read from the block headers for shards
+        built before the manifest recorded ``block_sizes``)."""
+        out = []
+        for s, path in zip(self.shards(split), self.shard_paths(split)):
+            if "block_sizes" not in s:
+                s["block_sizes"] = [block_n_cells(path, off) for off, _ in tar_block_offsets(path)]
+            out.append(s["block_sizes"])
+        return out
 
     def n_cells(self, split: str) -> int:
         return int(self.data["n_cells"][split])

@@ -179,7 +179,7 @@ def split_cells(obs: pd.DataFrame, study_split: dict[str, str], cfg: ShardConfig
 class Plan:
     key: dict
     splits: dict[str, str]  # study -> train / val / test
-    shards: list[dict]  # name, split, n_cells, n_blocks
+    shards: list[dict]  # name, split, n_cells, block_sizes
     joinids: np.ndarray  # all cells, shard after shard, block after block
     offsets: np.ndarray  # shard i owns joinids[offsets[i]:offsets[i+1]]
     cells_per_study: dict = field(default_factory=dict)  # split -> study -> cells
@@ -278,7 +278,7 @@ def build_shard(i: int, out: str, build_dir: str) -> dict:
     os.replace(tmp, final)
     stats.save(os.path.join(build_dir, f"{stem}.stats.npz"))
     done = {"name": meta["name"], "split": meta["split"], "n_cells": meta["n_cells"],
-            "n_blocks": len(meta["block_sizes"]), "bytes": os.path.getsize(final), "sha256": sha256_file(final)}
+            "n_blocks": len(meta["block_sizes"]), "block_sizes": meta["block_sizes"], "bytes": os.path.getsize(final), "sha256": sha256_file(final)}
     write_json_atomic(os.path.join(build_dir, f"{stem}.json"), done)
     return done
 

@@ -10,17 +10,18 @@ Adam moments and step, LR schedule, re-partitioned for the new world. The EMA is
 (ZeRO-3 partitions) or taken from rank 0 (ZeRO 0-2: replicas). The loader position:
 
 - same world size: exact (the batches are those of the uninterrupted run);
-- another world size: the epoch and the number of cells consumed in it carry over, rounded
-  up to whole batches of the new world (at most one global batch of the epoch is not drawn;
-  nothing is counted twice). The training loader is resampled: each rank draws its own
-  seeded stream over all shards, so cell-level "no repeat, no skip" never held across ranks
-  even without a resume; the rest of the epoch comes from the new world's streams.
+- another world size, ``data.exact=true``: the epoch's cells not yet drawn by any old rank
+  are split among the new ranks; no cell is repeated or skipped (``clopdit_dist/data/epoch.py``);
+- another world size, the default resampled stream: the epoch and the number of batches
+  consumed in it carry over, rounded up to whole batches of the new world. Each rank draws
+  its own seeded stream over all shards (open_clip), so cell-level "no repeat, no skip" does
+  not hold across ranks even without a resume; the rest of the epoch comes from the new
+  world's streams.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -93,16 +94,12 @@ class Checkpointer:
             self.engine.load_checkpoint(self.dir, tag=universal, load_module_strict=True)
         finally:
             cfg.load_universal_checkpoint = False
-        state = dict(meta["loader"])
-        consumed = state["batches_done"] * old  # batches of the epoch, all ranks together
-        state.update(world_size=self.world, batches_done=math.ceil(consumed / self.world))
-        self.loader.load_state_dict(state)
+        where = self.loader.load_state_dict(meta["loader"])
         if self.ema is not None:
             self._load_ema_resliced(tag, old)
         if self.rank == 0:
             print(f"elastic resume: {tag} from {old} to {self.world} ranks (universal checkpoint {universal}); "
-                  f"epoch {state['epoch']}, {consumed} of its batches (old world) -> {state['batches_done']} per rank",
-                  flush=True)
+                  f"loader: {where}", flush=True)
         return int(meta["step"])
 
     def _load_ema_resliced(self, tag: str, old: int) -> None:

@@ -12,6 +12,10 @@ class DataConfig:
     genes: str = "hvg:2000"  # "all", "hvg:K"
     batch_size: int = 256  # micro-batch per rank
     num_workers: int = 1
+    # the training stream: False = resampled (open_clip: each rank its own seeded passes over the
+    # shards); True = every cell once per epoch in a world-size-independent order, so an elastic
+    # resume neither repeats nor skips a cell (clopdit_dist/data/epoch.py)
+    exact: bool = False
     eval_split: str = "val+test"  # held-out studies used for the end-of-run report
     eval_cells: int = 4000  # cap on held-out cells evaluated
     # per-cell loss weight n_type ** -balance over training cell-type counts, mean 1, capped at

@@ -83,7 +83,7 @@ def train(stage: Stage) -> dict:
 
     loader = CellLoader(cfg.data.shards, LoaderConfig(
         split="train", genes=stage.genes(run), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-        seed=tcfg.seed, fields=stage.fields()), rank=rank, world_size=world)
+        seed=tcfg.seed, fields=stage.fields(), exact=cfg.data.exact), rank=rank, world_size=world)
     stage.setup(run, loader, device)  # may fill in config values from the data (e.g. gene count)
     if rank == 0:
         save_config(cfg, os.path.join(stage_dir, "config.yaml"))
