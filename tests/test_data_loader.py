@@ -188,3 +188,15 @@ def test_gene_selection_by_name_and_missing_genes_named(shards_dir):
         CellLoader(shards_dir, cfg(genes="hvg:100000"))
     with pytest.raises(KeyError, match="not_a_field"):
         next(iter(CellLoader(shards_dir, cfg(fields=("cell_type", "not_a_field")))))
+
+
+def test_block_sizes_are_read_from_the_blocks_when_the_manifest_predates_them(shards_dir, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(shards_dir, out)
+    manifest = json.load(open(out / "manifest.json"))
+    for s in manifest["shards"]:
+        del s["block_sizes"]
+    json.dump(manifest, open(out / "manifest.json", "w"))
+    expected = Manifest.load(shards_dir).block_cells("train")
+    assert Manifest.load(str(out)).block_cells("train") == expected
+    assert sum(map(sum, expected)) == Manifest.load(shards_dir).n_cells("train")
