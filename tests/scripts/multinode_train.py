@@ -1,8 +1,8 @@
 """Launched by tests/test_multinode.py on each of two "nodes" (torchrun --nnodes 2
---nproc_per_node 1 --node_rank R): trains the ae stage, recording on every rank what only
+--nproc_per_node 1 --node_rank R): trains one stage, recording on every rank what only
 rank 0 normally logs, and which files each rank saved, into OUT/rank{R}.json.
 
-    multinode_train.py SHARDS RUN OUT [KEY=VALUE ...]
+    multinode_train.py SHARDS RUN OUT STAGE [KEY=VALUE ...]
 """
 
 import json
@@ -16,7 +16,7 @@ from clopdit_dist.cli import main
 from clopdit_dist.data.loader import CellLoader, LoaderConfig
 from clopdit_dist.train import tracking
 
-shards, run, out = sys.argv[1:4]
+shards, run, out, stage = sys.argv[1:5]
 rows, saved = [], []
 _log, _save = tracking.Tracker.log, torch.save
 
@@ -34,7 +34,7 @@ def recording_save(obj, f, *a, **k):
 
 tracking.Tracker.log = log_every_rank
 torch.save = recording_save
-main(["train", "ae", "--shards", shards, "--run", run, *sys.argv[4:]])
+main(["train", stage, "--shards", shards, "--run", run, *sys.argv[5:]])
 rank, world = dist.get_rank(), dist.get_world_size()
 train = CellLoader(shards, LoaderConfig(split="train", genes="hvg:50", batch_size=32, num_workers=0))
 first = next(iter(train))["soma_joinid"].tolist()
