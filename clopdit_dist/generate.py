@@ -73,6 +73,7 @@ class CellGenerator:
                 key = tuple(g[f] for f in CONDITION_FIELDS)
                 weight[key] = weight.get(key, 0.0) + g["n"]
             self._train_conditions, self._train_weight = list(weight), np.array(list(weight.values()))
+            self._train_combinations = set(weight)
 
     @classmethod
     def from_run(cls, run_dir: str, device="cpu", precision: str = "fp32", compile: bool = False) -> "CellGenerator":
@@ -198,8 +199,15 @@ class CellGenerator:
         counts_per = torch.tensor([m for _, m in items])
         cond = self.cond.encode_fields([c for c, _ in items]).repeat_interleave(counts_per, dim=0)
         drop = torch.tensor([[c.get(f) is None for f in CONDITION_FIELDS] for c, _ in items])
-        z = self.latents(cond, len(cond), sampler, seed, batch_size,
-                         drop.repeat_interleave(counts_per, dim=0) if drop.any() else None, torch.cat(x0))
+        drop = drop.repeat_interleave(counts_per, dim=0) if drop.any() else None
+        samplers = [self.sampler_for(c, sampler) for c, _ in items]
+        composed = torch.tensor([s is not sampler for s in samplers]).repeat_interleave(counts_per)
+        x0 = torch.cat(x0)
+        z = torch.empty((len(cond), self.dit.latent_mean.numel()))
+        for rows, smp in ((~composed, sampler), (composed, self.sampler_for(None, sampler))):
+            if rows.any():
+                z[rows] = self.latents(cond[rows], int(rows.sum()), smp, seed, batch_size,
+                                       None if drop is None else drop[rows], x0[rows]).float().cpu()
         parts, start = [], 0
         for i, (prompt, plan) in enumerate(zip(prompts, plans)):
             rng = np.random.default_rng([seed, i, 8])
@@ -210,10 +218,27 @@ class CellGenerator:
             for c, m in plan:
                 rows = slice(at, at + m)
                 at += m
-                parts.append(self._anndata(counts[rows], zi[rows], prompt, groups[rows], sampler,
+                parts.append(self._anndata(counts[rows], zi[rows], prompt, groups[rows], self.sampler_for(c, sampler),
                                            prompt_seed(seed, i), lib[rows], c))
             start += n[i]
         return self._concat(parts, "gen")
+
+    def sampler_for(self, condition: dict | None, sampler: SamplerConfig) -> SamplerConfig:
+        """``sampler``, or for a full (type, tissue, disease) combination that no training study
+        has (``condition`` None: any such one) the same with compositional guidance, every field
+        at the guidance weight: v = v_null + w sum_k (v_k - v_null), v_k conditioned on field k
+        alone (Liu et al., 2022, "Compositional Visual Generation with Composable Diffusion
+        Models"; CFGen, Palma et al., 2025). Each field's branch was trained on its own (field
+        dropout); the joint branch never saw the combination. On the demo's 11 new val combinations
+        (guidance 1, training seeds 0 / 1) energy distance fell 4.91 / 4.69 -> 4.47 / 4.47 and the
+        disease judge rose 0.24 / 0.22 -> 0.28 / 0.26, for cell-type identity 0.95 / 0.96 -> 0.94 /
+        0.93 (``compose_unseen*`` lines of benchmarks/results/dit_val_ablation.jsonl)."""
+        if not sampler.compose_unseen or sampler.field_weights or self.cond.mode != "fields":
+            return sampler
+        if condition is not None and (any(condition.get(f) is None for f in CONDITION_FIELDS) or tuple(
+                condition[f] for f in CONDITION_FIELDS) in self._train_combinations):
+            return sampler
+        return replace(sampler, field_weights=(sampler.guidance,) * len(CONDITION_FIELDS))
 
     def _concat(self, parts, prefix: str) -> ad.AnnData:
         for k, part in enumerate(parts):  # unique names before concat; renamed below
@@ -264,7 +289,8 @@ class CellGenerator:
         obs = pd.DataFrame({
             "prompt": prompt, **{f: fields.get(f) or "" for f in CONDITION_FIELDS},
             **{f"matched_{k}": [g[k] for g in groups] for k in (*CONDITION_FIELDS, "assay")},
-            "guidance": sampler.guidance, "steps": sampler.steps,
+            "guidance": sampler.guidance, "guidance_fields": "composed" if sampler.field_weights else "joint",
+            "steps": sampler.steps,
             "sampler": sampler.method, "noise": sampler.noise, "seed": seed, "library_size": lib.astype(np.float32),
         }, index=[f"{seed}-{i}" for i in range(n)])
         a = ad.AnnData(X=sp.csr_matrix(counts.astype(np.int32)), obs=obs)

@@ -109,3 +109,26 @@ def test_a_run_on_the_pca_codec_trains_clop_and_the_dit_and_generates(pca_run, s
         assert r.returncode == 2, (argv, r.stderr[-2000:])
         assert expect in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, \
             r.stderr[-2000:]
+
+
+def test_a_new_combination_is_sampled_with_compositional_guidance(pca_run):
+    from dataclasses import replace
+
+    from clopdit_dist.generate import CellGenerator
+
+    gen = CellGenerator.from_run(pca_run)
+    seen = gen._train_combinations
+    types, tissues, diseases = (sorted({c[i] for c in seen}) for i in range(3))
+    new = next((t, ts, d) for t in types for ts in tissues for d in diseases if (t, ts, d) not in seen)
+    old = sorted(seen)[0]
+    prompt = "cell type: {}; tissue: {}; disease: {}".format
+    cells = gen.generate([prompt(*new), prompt(*old)], n=6, seed=3)
+    assert list(cells.obs["guidance_fields"]) == ["composed"] * 6 + ["joint"] * 6
+    assert tuple(cells.obs[["cell_type", "tissue_general", "disease"]].iloc[0]) == new
+    # the same cells as asking for the field weights outright; different from the joint condition
+    w = gen.default_sampler.guidance
+    explicit = gen.generate([prompt(*new)], n=6, seed=3, sampler=replace(gen.default_sampler, field_weights=(w, w, w)))
+    joint = gen.generate([prompt(*new)], n=6, seed=3, sampler=replace(gen.default_sampler, compose_unseen=False))
+    np.testing.assert_array_equal(cells.X[:6].toarray(), explicit.X.toarray())
+    assert not np.array_equal(cells.obsm["X_latent"][:6], joint.obsm["X_latent"])
+    assert (joint.obs["guidance_fields"] == "joint").all()

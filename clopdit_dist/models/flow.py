@@ -59,6 +59,9 @@ class SamplerConfig:
     steps: int = 20
     guidance: float = 2.0  # classifier-free guidance scale w (1 = conditional only, 0 = unconditional)
     field_weights: tuple[float, ...] | None = None  # compositional guidance, one weight per field
+    # field mode: a full (type, tissue, disease) combination no training study has is sampled
+    # with compositional guidance, every field at ``guidance`` (the generator applies it)
+    compose_unseen: bool = True
     interval: tuple[float, float] = (0.0, 1.0)  # apply guidance only for t in [lo, hi]
     noise: float = 0.0  # eta of the SDE sampler
 
