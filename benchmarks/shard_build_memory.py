@@ -2,7 +2,7 @@
 
 Samples this process's RSS every 5 ms and reports, per phase, the highest peak above the
 interpreter's RSS before the build: the obs read and the plan (the driver's share, which
-grows with the atlas), then ``read_cells`` and the whole shard, separately for train shards
+grows with the atlas; ``obs_held`` gives the bytes per cell of the labels it keeps), then ``read_cells`` and the whole shard, separately for train shards
 (blocks of consecutive ids) and for held-out-cell shards (``val_cells`` / ``test_cells``:
 ids scattered over the array, the case that held most of the array before reads were chunked,
 see docs/atlas_scale.md), then the manifest. One JSON line per phase.
@@ -44,6 +44,7 @@ def main() -> None:
     peak = PeakRSS([os.getpid()], interval=0.005)
     phases: dict[str, dict] = {}
     current = {"shard": ""}
+    held: dict[str, float] = {}
 
     def record(name: str, seconds: float) -> None:
         row = phases.setdefault(name, {"calls": 0, "peak_over_base_mb": 0, "seconds": 0.0})
@@ -64,6 +65,8 @@ def main() -> None:
             t = time.perf_counter()
             out = orig(*a, **k)
             record(label() if callable(label) else label, time.perf_counter() - t)
+            if fn == "obs":  # what the driver keeps for the whole build, per cell
+                held["obs_bytes_per_cell"] = round(out.memory_usage(deep=True).sum() / max(len(out), 1), 1)
             return out
         setattr(owner, fn, wrapped)
 
@@ -84,6 +87,7 @@ def main() -> None:
         emit(args.out, results, bench="shard_build_memory", phase=name, cells=cells,
              read_chunk_runs=source.READ_CHUNK_RUNS, base_rss_mb=base >> 20, **row,
              seconds_total=round(time.perf_counter() - t0, 1))
+    emit(args.out, results, bench="shard_build_memory", phase="obs_held", cells=cells, **held)
 
 
 if __name__ == "__main__":

@@ -194,3 +194,17 @@ def test_sub_states_are_discrete_and_visible_in_the_counts():
         np.testing.assert_allclose(share, [s.weight for s in states], atol=0.12)
         checked += 1
     assert checked >= 4
+
+
+def test_obs_reads_labels_as_categories_with_the_same_values(atlas_dir):
+    """The shard planner holds every cell's labels: categoricals, not Python strings."""
+    cols = ["soma_joinid", "dataset_id", "cell_type", "disease"]
+    flt = "tissue_general == 'lung'"
+    with CellSource(Query(atlas_dir, obs_filter=flt)) as src:
+        obs = src.obs(cols)
+        plain = src.exp.obs.read(value_filter=flt, column_names=cols).concat().to_pandas()
+    plain = plain.sort_values("soma_joinid").reset_index(drop=True)
+    labels = [c for c in plain.columns if c != "soma_joinid"]  # the filter's column comes back too
+    assert len(obs) == len(plain) > 0 and all(isinstance(obs[c].dtype, pd.CategoricalDtype) for c in labels)
+    pd.testing.assert_frame_equal(obs.astype({c: object for c in labels}), plain)
+    assert obs.memory_usage(deep=True).sum() < plain.memory_usage(deep=True).sum() / 4
