@@ -232,7 +232,9 @@ class CellGenerator:
         dropout); the joint branch never saw the combination. On the demo's 11 new val combinations
         (guidance 1, training seeds 0 / 1) energy distance fell 4.91 / 4.69 -> 4.47 / 4.47 and the
         disease judge rose 0.24 / 0.22 -> 0.28 / 0.26, for cell-type identity 0.95 / 0.96 -> 0.94 /
-        0.93 (``compose_unseen*`` lines of benchmarks/results/dit_val_ablation.jsonl)."""
+        0.93 (``compose_unseen*`` lines of benchmarks/results/dit_val_ablation.jsonl). On the
+        test studies it helped on the seed-1 atlas and hurt tissue and disease on seed 0, where
+        a disease's own branch carries the one tissue it was trained in (README)."""
         if not sampler.compose_unseen or sampler.field_weights or self.cond.mode != "fields":
             return sampler
         if condition is not None and (any(condition.get(f) is None for f in CONDITION_FIELDS) or tuple(

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from pandas.api.types import union_categoricals
 import scipy.sparse as sp
 import tiledbsoma as soma
+from pandas.api.types import union_categoricals
 
 from ..errors import FilterError, GeneVocabularyError, SourceError
 
