@@ -26,6 +26,25 @@ from _measure import PeakRSS, emit
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def frame_bytes(df) -> int:
+    """Bytes a DataFrame holds: each object column's pointers plus each distinct object once
+    (``memory_usage(deep=True)`` counts a string once per row, but pyarrow's ``to_pandas``
+    shares one Python object among equal strings), categoricals' codes plus categories."""
+    import pandas as pd
+
+    total = 0
+    for name in df.columns:
+        col = df[name]
+        if isinstance(col.dtype, pd.CategoricalDtype):
+            total += col.cat.codes.nbytes + int(col.cat.categories.memory_usage(deep=True))
+        elif col.dtype == object:
+            values = col.to_numpy()
+            total += values.nbytes + sum(sys.getsizeof(v) for v in {id(v): v for v in values}.values())
+        else:
+            total += col.to_numpy().nbytes
+    return total
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--atlas", required=True, help="a Census-shaped atlas (clopdit data synth)")
@@ -66,7 +85,7 @@ def main() -> None:
             out = orig(*a, **k)
             record(label() if callable(label) else label, time.perf_counter() - t)
             if fn == "obs":  # what the driver keeps for the whole build, per cell
-                held["obs_bytes_per_cell"] = round(out.memory_usage(deep=True).sum() / max(len(out), 1), 1)
+                held["obs_bytes_per_cell"] = round(frame_bytes(out) / max(len(out), 1), 1)
             return out
         setattr(owner, fn, wrapped)
 

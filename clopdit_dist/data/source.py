@@ -103,8 +103,9 @@ class CellSource:
     def obs(self, columns=("soma_joinid", "dataset_id")) -> pd.DataFrame:
         """obs rows matching the filter, only ``columns``, sorted by soma_joinid; string
         columns as categoricals. Read a batch at a time and dictionary-encoded as it comes:
-        the shard planner holds every cell's labels, which as Python strings cost ~300 bytes a
-        cell (18 GB for the 60M-cell Census), as categories a few."""
+        the shard planner holds every cell's labels, as object columns 8 bytes a label (a
+        pointer; pyarrow shares equal strings), as categorical codes 1 (12 instead of 40 bytes a
+        cell with four labels: ~0.7 instead of ~2.4 GB for the 60M-cell Census)."""
         flt = self.query.obs_filter
         try:
             frames = [_categorical_frame(t) for t in
