@@ -200,7 +200,7 @@ class CellGenerator:
         cond = self.cond.encode_fields([c for c, _ in items]).repeat_interleave(counts_per, dim=0)
         drop = torch.tensor([[c.get(f) is None for f in CONDITION_FIELDS] for c, _ in items])
         drop = drop.repeat_interleave(counts_per, dim=0) if drop.any() else None
-        samplers = [self.sampler_for(c, sampler) for c, _ in items]
+        samplers = [self.sampler_for(c, sampler) for c, _ in items]  # per item, in plan order
         composed = torch.tensor([s is not sampler for s in samplers]).repeat_interleave(counts_per)
         x0 = torch.cat(x0)
         z = torch.empty((len(cond), self.dit.latent_mean.numel()))
@@ -208,7 +208,7 @@ class CellGenerator:
             if rows.any():
                 z[rows] = self.latents(cond[rows], int(rows.sum()), smp, seed, batch_size,
                                        None if drop is None else drop[rows], x0[rows]).float().cpu()
-        parts, start = [], 0
+        parts, start, item_samplers = [], 0, iter(samplers)
         for i, (prompt, plan) in enumerate(zip(prompts, plans)):
             rng = np.random.default_rng([seed, i, 8])
             groups = [g for c, m in plan for g in self.library_groups(c, m, rng)]
@@ -218,7 +218,7 @@ class CellGenerator:
             for c, m in plan:
                 rows = slice(at, at + m)
                 at += m
-                parts.append(self._anndata(counts[rows], zi[rows], prompt, groups[rows], self.sampler_for(c, sampler),
+                parts.append(self._anndata(counts[rows], zi[rows], prompt, groups[rows], next(item_samplers),
                                            prompt_seed(seed, i), lib[rows], c))
             start += n[i]
         return self._concat(parts, "gen")

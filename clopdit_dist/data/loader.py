@@ -266,6 +266,7 @@ class CellLoader:
             per_worker = max(1, math.ceil(per_rank / nw))
         self.dataset = CellDataset(self.manifest, self.cfg, self.gene_idx, self.rank, self.world_size, per_worker)
         self._block_cells = self.manifest.block_cells(self.cfg.split) if self.exact else None
+        self._order: EpochOrder | None = None
         self.epoch = 0
         self.batches_done = 0
         self.ranges: list[list[int]] | None = None  # exact stream: what is left of this epoch (None: all of it)
@@ -279,7 +280,10 @@ class CellLoader:
         return self.manifest.feature_ids[self.gene_idx].tolist()
 
     def _epoch_order(self) -> EpochOrder:
-        order = EpochOrder(self._block_cells, self.cfg.seed, self.epoch, self.cfg.mix_blocks, self.cfg.batch_size)
+        order = self._order
+        if order is None or order.epoch != self.epoch:  # one per epoch: __len__, state_dict and __iter__ ask
+            order = self._order = EpochOrder(self._block_cells, self.cfg.seed, self.epoch, self.cfg.mix_blocks,
+                                             self.cfg.batch_size)
         streams = self.world_size * max(self.cfg.num_workers, 1)
         if self.ranges is None:
             self.ranges = [[0, order.n_batches]]
