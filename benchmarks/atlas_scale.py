@@ -42,6 +42,7 @@ from _measure import emit as _emit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS: list[dict] = []
+CASES = ("synthesize", "shard_build", "loader_read", "train_step")
 RUN_ID = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())  # which invocation a line came from
 
 SMALL = ["train.log_every=1", "train.ckpt_every=1000", "data.num_workers=0", "data.genes=hvg:200",
@@ -115,16 +116,21 @@ def stage_configs(cfgdir: str, text_model: str, steps: int, batch: int) -> None:
 def bench_size(n: int, args, work: str, text_model: str, stages: list[str]) -> None:
     out = args.out
     atlas = os.path.join(work, f"atlas_{n}")
-    dt, rss, _ = run_measured([cli("data", "synth", "--out", atlas, "--cells", str(n), "--genes", str(args.genes),
-                                   "--workers", "2", "--no-progress")])
+    if "synthesize" in args.cases:
+        dt, rss, _ = run_measured([cli("data", "synth", "--out", atlas, "--cells", str(n), "--genes",
+                                       str(args.genes), "--workers", "2", "--no-progress")])
+        nnz = atlas_nnz(atlas)
+        emit(out, case="synthesize", cells=n, genes=args.genes, workers=2, seconds=round(dt, 2),
+             cpu_seconds=CPU["last"], cells_per_s=round(n / dt), peak_rss_mb=round(rss / 2**20), nnz=nnz,
+             nnz_per_cell=round(nnz / n, 1), atlas_bytes_per_cell=round(dir_bytes(atlas) / n, 1))
+    elif not os.path.isdir(atlas):
+        sys.exit(f"{atlas} does not exist: add synthesize to --cases, or make it with "
+                 f"`clopdit data synth --out {atlas} --cells {n} --genes {args.genes}`")
     nnz = atlas_nnz(atlas)
-    emit(out, case="synthesize", cells=n, genes=args.genes, workers=2, seconds=round(dt, 2), cpu_seconds=CPU["last"],
-         cells_per_s=round(n / dt), peak_rss_mb=round(rss / 2**20), nnz=nnz, nnz_per_cell=round(nnz / n, 1),
-         atlas_bytes_per_cell=round(dir_bytes(atlas) / n, 1))
 
     from clopdit_dist.data.manifest import Manifest
 
-    for workers in (1, 2):
+    for workers in (1, 2) if "shard_build" in args.cases else ():
         shards = os.path.join(work, f"shards_{n}_w{workers}")
         dt, rss, _ = run_measured([cli("data", "shards", "--source", atlas, "--out", shards, "--workers",
                                        str(workers), "--no-progress")])
@@ -137,7 +143,7 @@ def bench_size(n: int, args, work: str, text_model: str, stages: list[str]) -> N
              note="wall time includes process start, plan and manifest")
     shards = os.path.join(work, f"shards_{n}_w1")
     m = Manifest.load(shards)
-    if workers == 2:
+    if "shard_build" in args.cases:
         other = Manifest.load(os.path.join(work, f"shards_{n}_w2"))
         same = [s["sha256"] for s in m.data["shards"]] == [s["sha256"] for s in other.data["shards"]]
         if not same:
@@ -147,7 +153,7 @@ def bench_size(n: int, args, work: str, text_model: str, stages: list[str]) -> N
 
             shutil.rmtree(os.path.join(work, f"shards_{n}_w2"), ignore_errors=True)
 
-    for world in (1, 2):
+    for world in (1, 2) if "loader_read" in args.cases else ():
         dt, rss, outs = run_measured([[sys.executable, "-c", READ, shards, str(r), str(world)] for r in range(world)])
         per = [json.loads(o.strip().splitlines()[-1]) for o in outs]
         cells = sum(p["cells"] for p in per)
@@ -159,7 +165,7 @@ def bench_size(n: int, args, work: str, text_model: str, stages: list[str]) -> N
              note="cells_per_s_summed: each rank's cells over its own loop time, summed; loop_seconds: the slowest "
                   "rank's loop; seconds (wall) includes process start-up")
 
-    for world in (1, 2):
+    for world in (1, 2) if "train_step" in args.cases else ():
         run = os.path.join(work, f"run_{n}_r{world}")
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
@@ -176,6 +182,10 @@ def bench_size(n: int, args, work: str, text_model: str, stages: list[str]) -> N
                  config="tests' small configs, fp32, ZeRO-1, gloo", warmup_steps_dropped=args.warmup)
         emit(out, case="train_launch", cells=n, ranks=world, stages=",".join(stages), seconds=round(dt, 1),
              peak_rss_mb=round(rss / 2**20), note="whole torchrun: engine starts, steps, end-of-stage evaluation")
+    if not args.keep:  # ~6 kB a cell: 17 GB at 3M cells
+        import shutil
+
+        shutil.rmtree(shards, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -198,7 +208,8 @@ def fit(out) -> None:
             key = (r["case"], r.get("workers"), r.get("ranks"))
             groups.setdefault(key, []).append(r)
     for rows in groups.values():
-        rows.sort(key=lambda r: r["cells"])
+        rows.sort(key=lambda r: r["cells"])  # the newest line per size (--fit-from may repeat one)
+        rows[:] = list({r["cells"]: r for r in rows}.values())
     for (case, workers, ranks), rows in groups.items():
         x = np.array([r["cells"] if case != "loader_read" else r["split_cells"] for r in rows], float)
         y = np.array([r.get("loop_seconds", r["seconds"]) for r in rows], float)  # loader: the read loop
@@ -214,6 +225,8 @@ def fit(out) -> None:
             row.update(seconds_per_million_cells=round(slope * 1e6, 2), intercept_s=round(intercept, 2),
                        asymptotic_cells_per_s=round(1 / slope) if slope > 0 else None,
                        rss_ratio_last_first=round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 2),
+                       peak_rss_mb_per_million_cells=round(
+                           np.polyfit(x, [r["peak_rss_mb"] for r in rows], 1)[0] * 1e6, 1),
                        cells_ratio_last_first=round(x[-1] / x[0], 2))
         emit(out, **{k: v for k, v in row.items() if v is not None})
 
@@ -275,7 +288,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="first logged steps left out of the median")
     p.add_argument("--batch", type=int, default=64, help="training micro-batch per rank")
     p.add_argument("--workdir", default=None, help="atlases, shards and runs go here (default: a temp dir)")
-    p.add_argument("--keep", action="store_true", help="keep the 2-worker shards and the atlases")
+    p.add_argument("--cases", default=",".join(CASES),
+                   help="which of synthesize, shard_build, loader_read, train_step to run; without synthesize "
+                        "the atlases WORKDIR/atlas_<cells> must exist (they are then kept)")
+    p.add_argument("--keep", action="store_true", help="keep the shards and the atlases")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--fit-from", default=None, help="also fit over the newest run's size results already in this "
                                                     "JSONL file (e.g. 100k and 300k before a 1M run); with "
@@ -296,7 +312,11 @@ def main() -> None:
     args.cfgdir = os.path.join(work, "cfg")
     os.makedirs(args.cfgdir, exist_ok=True)
     sizes = [int(s) for s in args.sizes.split(",") if s]  # none: only fit --fit-from
-    if sizes:
+    args.cases = [c for c in args.cases.split(",") if c]
+    if unknown := set(args.cases) - set(CASES):
+        sys.exit(f"--cases {','.join(sorted(unknown))}: choose from {','.join(CASES)}")
+    text_model = None
+    if sizes and "train_step" in args.cases:
         from clopdit_dist.data.captions import caption_corpus
         from clopdit_dist.models.text import build_tiny_text_model
 
@@ -304,7 +324,7 @@ def main() -> None:
         stage_configs(args.cfgdir, text_model, args.steps, args.batch)
     for i, n in enumerate(sizes):
         bench_size(n, args, work, text_model, ["ae", "clop", "dit"] if i == 0 else ["ae"])
-        if not args.keep:
+        if not args.keep and "synthesize" in args.cases:
             import shutil
 
             shutil.rmtree(os.path.join(work, f"atlas_{n}"), ignore_errors=True)

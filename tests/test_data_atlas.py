@@ -196,8 +196,18 @@ def test_sub_states_are_discrete_and_visible_in_the_counts():
     assert checked >= 4
 
 
-def test_obs_reads_labels_as_categories_with_the_same_values(atlas_dir):
-    """The shard planner holds every cell's labels: categorical codes, not pointers to Python strings."""
+@pytest.mark.parametrize("buffer_bytes", [None, 2048])
+def test_obs_reads_labels_as_categories_with_the_same_values(atlas_dir, buffer_bytes, monkeypatch):
+    """The shard planner holds every cell's labels: categorical codes, not pointers to Python strings.
+    With a small read buffer the labels come in many batches (each its own categories); joined,
+    they are the same."""
+    import clopdit_dist.data.source as source
+
+    batches = []
+    monkeypatch.setattr(source, "_categorical_frame", lambda t, f=source._categorical_frame: batches.append(f(t)) or
+                        batches[-1])
+    if buffer_bytes:
+        monkeypatch.setattr(source, "OBS_READ_BUFFER_BYTES", buffer_bytes)
     cols = ["soma_joinid", "dataset_id", "cell_type", "disease"]
     flt = "tissue_general == 'lung'"
     with CellSource(Query(atlas_dir, obs_filter=flt)) as src:
@@ -208,3 +218,4 @@ def test_obs_reads_labels_as_categories_with_the_same_values(atlas_dir):
     assert len(obs) == len(plain) > 0 and all(isinstance(obs[c].dtype, pd.CategoricalDtype) for c in labels)
     pd.testing.assert_frame_equal(obs.astype({c: object for c in labels}), plain)
     assert all(obs[c].cat.codes.dtype.itemsize == 1 for c in labels)  # a byte per label, not an 8-byte pointer
+    assert (len(batches) > 3) == bool(buffer_bytes)

@@ -13,7 +13,7 @@ import pytest
 
 from clopdit_dist.data.loader import CellLoader, LoaderConfig
 from clopdit_dist.data.manifest import CELL_SPLITS, CONDITION_KEYS, SPLITS, Manifest
-from clopdit_dist.data.shards import BUILD_DIR, ShardConfig, build_shards, split_cells
+from clopdit_dist.data.shards import BUILD_DIR, ShardConfig, build_shards, load_plan, split_cells
 from clopdit_dist.data.source import CellSource, Query
 
 from conftest import ATLAS_CFG, shard_config
@@ -90,6 +90,17 @@ def test_chunked_reads_of_scattered_cells_equal_one_read(atlas_dir, monkeypatch)
     assert (X != X_one).nnz == 0 and X.nnz == X_one.nnz > 0
 
 
+def test_rows_of_ids_dense_or_scattered_is_their_position():
+    """read_cells maps each returned id to its row with a table over the ids' range when they are
+    dense (a train shard) and by binary search when they are scattered over the atlas."""
+    from clopdit_dist.data.source import _rows_of
+
+    rng = np.random.default_rng(0)
+    for unique_ids in (np.arange(1000, 1500), np.sort(rng.choice(10**7, 500, replace=False))):
+        returned = rng.choice(unique_ids, 5000)
+        assert (_rows_of(returned, unique_ids) == np.searchsorted(unique_ids, returned)).all()
+
+
 def test_dry_run_prints_counts_and_writes_nothing(atlas_dir, tmp_path):
     lines = []
     assert build_shards(shard_config(atlas_dir, str(tmp_path / "s")), dry_run=True, log=lines.append) is None
@@ -112,6 +123,30 @@ def test_obs_filter_selects_and_bad_filters_are_explained(atlas_dir, tmp_path):
 
 def test_other_settings_in_the_same_out_are_refused(atlas_dir, shards_dir):
     cfg = shard_config(atlas_dir, shards_dir)
+    cfg.cells_per_block = 32
+    with pytest.raises(ValueError, match="other settings.*cells_per_block"):
+        build_shards(cfg, progress=False)
+
+
+def test_a_plan_saved_by_an_older_version_is_still_checked(atlas_dir, shards_dir, tmp_path):
+    """Builds started before the plan's ids moved to a memory-mapped .npy kept them in plan.npz;
+    such a build is still recognised, so other settings are still refused."""
+    import shutil
+
+    legacy = str(tmp_path / "legacy")
+    shutil.copytree(shards_dir, legacy)
+    build = os.path.join(legacy, BUILD_DIR)
+    new = load_plan(build)
+    with open(os.path.join(build, "plan.json")) as f:
+        meta = json.load(f)
+    del meta["offsets"]
+    with open(os.path.join(build, "plan.json"), "w") as f:
+        json.dump(meta, f)
+    np.savez(os.path.join(build, "plan.npz"), joinids=np.asarray(new.joinids), offsets=new.offsets)
+    os.remove(os.path.join(build, "plan.joinids.npy"))
+    old = load_plan(build)
+    assert (old.joinids == new.joinids).all() and (old.offsets == new.offsets).all() and old.shards == new.shards
+    cfg = shard_config(atlas_dir, legacy)
     cfg.cells_per_block = 32
     with pytest.raises(ValueError, match="other settings.*cells_per_block"):
         build_shards(cfg, progress=False)
@@ -242,12 +277,48 @@ def test_cell_split_is_a_pure_function_of_obs_and_settings():
         split_cells(obs, study, cfg)
 
 
+def test_cell_split_equals_the_groupby_definition():
+    """split_cells works on integer codes (the planner holds every cell of the atlas); it must give
+    what the plain definition gives: (study, condition) groups from a pandas groupby (missing
+    labels in no group), visited in the order of their labels as text, cells in id order."""
+    from clopdit_dist.data.shards import CELL_SPLITS
+
+    rng = np.random.default_rng(3)
+    n = 5000
+    obs = pd.DataFrame({"soma_joinid": np.arange(n), "dataset_id": rng.choice(["s1", "s2", "s3", "s4"], n),
+                        "cell_type": rng.choice(["T", "B", "NK", None], n, p=[0.5, 0.3, 0.15, 0.05]),
+                        "tissue_general": rng.choice(["blood", "lung"], n), "disease": rng.choice(["normal", "flu"], n)})
+    study = {"s1": "train", "s2": "train", "s3": "val", "s4": "train"}
+    cfg = ShardConfig(source="-", out="-", heldout_cell_fraction=0.04, seed=5)
+
+    split = obs["dataset_id"].map(study).to_numpy().astype(object)
+    train = np.flatnonzero(split == "train")
+    groups = obs.iloc[train].groupby(["dataset_id", *CONDITION_KEYS], sort=True, observed=True).indices
+    rng_ref = np.random.default_rng([cfg.seed, 17])
+    for key in sorted(groups, key=lambda k: tuple(map(str, k))):
+        rows = train[groups[key]]
+        take = [int(np.floor(len(rows) * cfg.heldout_cell_fraction + rng_ref.random())) for _ in CELL_SPLITS]
+        perm, start = rng_ref.permutation(rows), 0
+        for name, k in zip(CELL_SPLITS, take):
+            k = min(k, len(rows) - start)
+            split[perm[start:start + k]] = name
+            start += k
+    for frame in (obs, obs.astype({c: "category" for c in ["dataset_id", *CONDITION_KEYS]})):
+        got = split_cells(frame, study, cfg)
+        assert got.codes.dtype.itemsize == 1 and list(got.categories) == list(SPLITS)
+        assert (np.asarray(got) == split).all()
+    assert (split[obs["cell_type"].isna().to_numpy()] == np.where(obs["dataset_id"] == "s3", "val", "train")[
+        obs["cell_type"].isna().to_numpy()]).all()
+
+
 def test_shards_do_not_depend_on_the_worker_count(atlas_dir, shards_dir, tmp_path):
     out = str(tmp_path / "two_workers")
     build_shards(shard_config(atlas_dir, out, workers=2), progress=False, log=lambda *_: None)
     a, b = Manifest.load(shards_dir), Manifest.load(out)
     assert [(s["name"], s["sha256"]) for s in a.data["shards"]] == [(s["name"], s["sha256"]) for s in b.data["shards"]]
     assert a.data["conditions"] == b.data["conditions"] and a.data["held_out_cells"] == b.data["held_out_cells"]
+    plan = load_plan(os.path.join(out, BUILD_DIR))  # what each worker loads: ids mapped, not read in
+    assert isinstance(plan.joinids, np.memmap) and plan.offsets[-1] == len(plan.joinids) == ATLAS_CFG.n_cells
 
 
 def test_two_nodes_build_one_shard_set(atlas_dir, shards_dir, tmp_path):

@@ -3,7 +3,7 @@
     SOMA query ─ plan (splits by study and cell, blocks, shards) ─ workers: read cells, write tar ─ manifest
 
 The plan is a pure function of the query and the build settings and is saved first
-(``_build/plan.json`` + ``plan.npz``), so a run killed at any point and started again with
+(``_build/plan.json`` + ``plan.joinids.npy``), so a run killed at any point and started again with
 the same arguments rebuilds only the shards that are missing, with exactly the same cells:
 each soma_joinid lands in exactly one shard. A shard is complete when its tar has been
 renamed into place and its ``_build/<name>.json`` written; anything else is rebuilt.
@@ -57,6 +57,7 @@ from .source import CELL_COLUMNS, CellSource, Query
 from .stats import ShardStats, SplitStats
 
 BUILD_DIR = "_build"
+PLAN_IDS = "plan.joinids.npy"
 
 
 @dataclass
@@ -113,10 +114,13 @@ def assign_splits(obs: pd.DataFrame, cfg: ShardConfig) -> dict[str, str]:
         split.update({s: "test" for s in cfg.test_studies})
         return split
     labels = {s: set() for s in names}  # study -> {(column, value)}
+    study_codes, studies = _codes(obs["dataset_id"])
     for col in CONDITION_KEYS:
         if col in obs:
-            for s, values in obs.groupby("dataset_id", observed=True)[col].agg(lambda v: set(v)).items():
-                labels[s] |= {(col, v) for v in values}
+            codes, values = _codes(obs[col])
+            known = (study_codes >= 0) & (codes >= 0)
+            for pair in np.unique(study_codes[known].astype(np.int64) * len(values) + codes[known]):
+                labels[studies[pair // len(values)]].add((col, values[pair % len(values)]))
 
     def keeps_labels_in_train(study: str) -> bool:
         others = set().union(*(labels[s] for s in names if split[s] == "train" and s != study))
@@ -140,38 +144,68 @@ def assign_splits(obs: pd.DataFrame, cfg: ShardConfig) -> dict[str, str]:
     return split
 
 
-def split_cells(obs: pd.DataFrame, study_split: dict[str, str], cfg: ShardConfig) -> np.ndarray:
-    """The split of every cell of ``obs`` (in its row order): its study's split, except for a
-    seeded ``heldout_cell_fraction`` of each training study's cells in ``val_cells`` and as
-    many again in ``test_cells``.
+def split_cells(obs: pd.DataFrame, study_split: dict[str, str], cfg: ShardConfig) -> pd.Categorical:
+    """The split of every cell of ``obs`` (in its row order; categories ``SPLITS``, one byte a
+    cell): its study's split, except for a seeded ``heldout_cell_fraction`` of each training
+    study's cells in ``val_cells`` and as many again in ``test_cells``.
 
     Stratified: within a study, every (cell_type, tissue_general, disease) condition gives
     ``n · fraction`` cells to each, rounded down or up at random with the remainder as the
     chance of rounding up, so a condition of at least 1/fraction cells always gives one.
     A pure function of ``obs`` (sorted by soma_joinid, as ``CellSource.obs`` returns it) and
-    the settings."""
-    split = obs["dataset_id"].map(study_split).to_numpy().astype(object)
+    the settings. Works on integer codes, not labels: the planner holds every cell of the atlas."""
     f = cfg.heldout_cell_fraction
     if not 0 <= f <= 0.5:
         raise ShardError(f"heldout_cell_fraction={f}: choose a fraction in [0, 0.5] (0 turns cell-level "
                          "held-out splits off)")
-    if f == 0:
-        return split
+    study_codes, studies = _codes(obs["dataset_id"])
+    split_of_study = np.array([SPLITS.index(study_split[s]) if s in study_split else -1 for s in studies], np.int8)
+    split = np.where(study_codes >= 0, split_of_study[study_codes], -1).astype(np.int8)
+    if f > 0:
+        _hold_out_cells(obs, split, f, cfg.seed)
+    return pd.Categorical.from_codes(split, categories=SPLITS)
+
+
+def _hold_out_cells(obs: pd.DataFrame, split: np.ndarray, fraction: float, seed: int) -> None:
+    """Move each training (study, condition) group's share of cells to ``CELL_SPLITS`` in
+    ``split`` (codes into ``SPLITS``). Groups are visited in the order of their labels as text
+    and a group's cells in id order, so one seed gives one split; a cell with a missing label
+    is in no group and stays in train."""
     keys = ["dataset_id"] + [k for k in CONDITION_KEYS if k in obs]
-    train = np.flatnonzero(split == "train")
-    groups = obs.iloc[train].groupby(keys, sort=True, observed=True).indices  # key -> positions in train
-    rng = np.random.default_rng([cfg.seed, 17])
-    for key in sorted(groups, key=lambda k: tuple(map(str, k if isinstance(k, tuple) else (k,)))):
-        rows = train[groups[key]]
+    train = np.flatnonzero(split == SPLITS.index("train"))
+    group, labelled = np.zeros(len(train), np.int64), np.ones(len(train), bool)
+    columns = []
+    for k in keys:  # one integer per (study, condition): mixed-radix over the keys' codes
+        codes, values = _codes(obs[k])
+        codes = codes[train]
+        labelled &= codes >= 0
+        group = group * len(values) + np.maximum(codes, 0)
+        columns.append((codes, values))
+    train, group = train[labelled], group[labelled]
+    columns = [(codes[labelled], values) for codes, values in columns]
+    order = np.argsort(group, kind="stable")  # a group's cells stay in id order
+    starts = np.flatnonzero(np.r_[True, group[order][1:] != group[order][:-1]])
+    bounds = np.r_[starts, len(order)]
+    text = [tuple(str(values[codes[order[a]]]) for codes, values in columns) for a in starts]
+    rng = np.random.default_rng([seed, 17])
+    for g in sorted(range(len(starts)), key=text.__getitem__):
+        rows = train[order[bounds[g]:bounds[g + 1]]]
         n = len(rows)
-        take = [int(np.floor(n * f + rng.random())) for _ in CELL_SPLITS]
+        take = [int(np.floor(n * fraction + rng.random())) for _ in CELL_SPLITS]
         perm = rng.permutation(rows)
         start = 0
         for name, k in zip(CELL_SPLITS, take):
             k = min(k, n - start)
-            split[perm[start:start + k]] = name
+            split[perm[start:start + k]] = SPLITS.index(name)
             start += k
-    return split
+
+
+def _codes(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes of a label column (-1 where missing) and the labels they stand for."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return column.cat.codes.to_numpy(), column.cat.categories.to_numpy()
+    codes, labels = pd.factorize(column)
+    return codes, np.asarray(labels)
 
 
 # ---------------------------------------------------------------------- plan
@@ -190,14 +224,17 @@ class Plan:
 
 def make_plan(obs: pd.DataFrame, cfg: ShardConfig) -> Plan:
     splits = assign_splits(obs, cfg)
-    split_of_cell = split_cells(obs, splits, cfg)
-    counts = pd.crosstab(split_of_cell, obs["dataset_id"].to_numpy())
-    cells_per_study = {k: {s: int(n) for s, n in counts.loc[k].items() if n} if k in counts.index else {}
-                       for k in SPLITS}
+    split_of_cell = split_cells(obs, splits, cfg).codes
+    study_codes, studies = _codes(obs["dataset_id"])
+    known = (split_of_cell >= 0) & (study_codes >= 0)
+    counts = np.bincount(split_of_cell[known].astype(np.int64) * len(studies) + study_codes[known],
+                         minlength=len(SPLITS) * len(studies)).reshape(len(SPLITS), len(studies))
+    by_name = sorted(range(len(studies)), key=lambda j: studies[j])
+    cells_per_study = {k: {studies[j]: int(counts[i, j]) for j in by_name if counts[i, j]} for i, k in enumerate(SPLITS)}
     B = cfg.cells_per_block
     shards, parts, offsets = [], [], [0]
     for si, split in enumerate(SPLITS):
-        ids = obs["soma_joinid"].to_numpy()[split_of_cell == split]
+        ids = obs["soma_joinid"].to_numpy()[split_of_cell == si]
         if len(ids) == 0:
             continue
         rng = np.random.default_rng([cfg.seed, si])
@@ -218,23 +255,31 @@ def make_plan(obs: pd.DataFrame, cfg: ShardConfig) -> Plan:
 def save_plan(plan: Plan, build_dir: str) -> None:
     """Atomically (nodes of one build may save the same plan at once; none reads a half-written one)."""
     os.makedirs(build_dir, exist_ok=True)
-    tmp = os.path.join(build_dir, f"plan.{os.getpid()}.{socket.gethostname()}.npz")
-    np.savez(tmp, joinids=plan.joinids, offsets=plan.offsets)
-    os.replace(tmp, os.path.join(build_dir, "plan.npz"))
+    tmp = os.path.join(build_dir, f"plan.{os.getpid()}.{socket.gethostname()}.npy")
+    np.save(tmp, plan.joinids)
+    os.replace(tmp, os.path.join(build_dir, PLAN_IDS))
     write_json_atomic(os.path.join(build_dir, "plan.json"), {"key": plan.key, "splits": plan.splits,
                                                              "shards": plan.shards,
+                                                             "offsets": plan.offsets.tolist(),
                                                              "cells_per_study": plan.cells_per_study})
 
 
 def load_plan(build_dir: str) -> Plan | None:
-    meta = os.path.join(build_dir, "plan.json")
-    arrays = os.path.join(build_dir, "plan.npz")
-    if not (os.path.exists(meta) and os.path.exists(arrays)):
+    """The saved plan, its cell ids memory-mapped: a worker pages in its shards' ids, not the
+    atlas's (8 bytes a cell, ~0.5 GB per worker at 60M cells)."""
+    meta, ids, legacy = (os.path.join(build_dir, f) for f in ("plan.json", PLAN_IDS, "plan.npz"))
+    if not os.path.exists(meta):
         return None
     with open(meta) as f:
         m = json.load(f)
-    with np.load(arrays, allow_pickle=False) as z:
-        return Plan(m["key"], m["splits"], m["shards"], z["joinids"], z["offsets"], m.get("cells_per_study", {}))
+    if "offsets" in m and os.path.exists(ids):
+        joinids, offsets = np.load(ids, mmap_mode="r"), np.asarray(m["offsets"], np.int64)
+    elif os.path.exists(legacy):  # saved before the ids moved out of plan.npz
+        with np.load(legacy, allow_pickle=False) as z:
+            joinids, offsets = z["joinids"], z["offsets"]
+    else:
+        return None
+    return Plan(m["key"], m["splits"], m["shards"], joinids, offsets, m.get("cells_per_study", {}))
 
 
 # ---------------------------------------------------------------------- workers
@@ -375,9 +420,10 @@ def build_shards(cfg: ShardConfig, dry_run: bool = False, progress: bool = True,
         if obs.empty:
             raise FilterError(f"obs filter {cfg.obs_filter!r} matches no cell in {cfg.source} ({cfg.organism})")
         var = src.var
-    plan = make_plan(obs, cfg)
+    plan, n_cells = make_plan(obs, cfg), len(obs)
+    del obs  # the plan is all the build needs; the labels are ~12 bytes a cell
     if dry_run:
-        log(json.dumps({"cells": len(obs), "genes": len(var), "studies": len(plan.splits),
+        log(json.dumps({"cells": n_cells, "genes": len(var), "studies": len(plan.splits),
                         "cells_per_split": {k: sum(plan.cells_per_study[k].values()) for k in SPLITS},
                         "studies_per_split": {k: sum(v == k for v in plan.splits.values()) for k in STUDY_SPLITS},
                         "shards": len(plan.shards), "cells_per_block": cfg.cells_per_block,
@@ -391,6 +437,7 @@ def build_shards(cfg: ShardConfig, dry_run: bool = False, progress: bool = True,
                          "use a new --out, or delete it to rebuild")
     if existing is None:
         save_plan(plan, build_dir)
+    plan = load_plan(build_dir)  # its ids memory-mapped, not held
     mine = range(cfg.node_rank, len(plan.shards), cfg.num_nodes)
     todo = [i for i in mine if _completed(cfg.out, build_dir, plan.shards[i]["name"]) is None]
     pending = set(todo)

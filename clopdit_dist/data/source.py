@@ -28,6 +28,15 @@ from ..errors import FilterError, GeneVocabularyError, SourceError
 # (benchmarks/shard_build_memory.py).
 READ_CHUNK_RUNS = 256
 
+# TileDB-SOMA's result buffer per column for the planner's obs read ("soma.init_buffer_bytes";
+# cellxgene_census sets 1 GiB). A read whose result fits comes back whole, and meanwhile TileDB's
+# unordered reader holds the tiles of the whole query: the obs read of a 1M-cell atlas peaked ~245 MB
+# above the interpreter, ~240 bytes per cell, ~15 GB at the Census's 60M cells. With 16 MiB buffers
+# and a row-major read it comes in batches of ~250k rows, and its peak levels off (47 / 63 / 69 MB for
+# 250k / 500k / 1M cells, benchmarks/shard_build_memory.py). X reads keep the large buffers: they are
+# bounded by a shard's cells, and many small batches left a shard build's peak higher.
+OBS_READ_BUFFER_BYTES = 16 * 2**20
+
 # Columns carried with every cell from the source into shards and batches.
 CELL_COLUMNS = (
     "soma_joinid", "dataset_id", "cell_type", "cell_type_ontology_term_id", "tissue_general", "tissue",
@@ -107,9 +116,11 @@ class CellSource:
         pointer; pyarrow shares equal strings), as categorical codes 1 (12 instead of 40 bytes a
         cell with four labels: ~0.7 instead of ~2.4 GB for the 60M-cell Census)."""
         flt = self.query.obs_filter
+        context = self.exp.context.replace(tiledb_config={"soma.init_buffer_bytes": OBS_READ_BUFFER_BYTES})
         try:
-            frames = [_categorical_frame(t) for t in
-                      self.exp.obs.read(value_filter=flt or None, column_names=list(columns))]
+            with soma.DataFrame.open(self.exp.obs.uri, context=context) as obs:
+                frames = [_categorical_frame(t) for t in obs.read(
+                    value_filter=flt or None, column_names=list(columns), result_order="row-major")]
         except Exception as exc:  # tiledbsoma raises several types for a bad filter
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise FilterError(
@@ -121,7 +132,9 @@ class CellSource:
         obs = pd.DataFrame({c: union_categoricals([f[c] for f in frames]) if isinstance(frames[0][c].dtype,
                             pd.CategoricalDtype) else np.concatenate([f[c].to_numpy() for f in frames])
                             for c in frames[0].columns})
-        return obs.sort_values("soma_joinid", kind="stable").reset_index(drop=True)
+        if not obs["soma_joinid"].is_monotonic_increasing:  # row-major is joinid order; another source may not be
+            obs = obs.sort_values("soma_joinid", kind="stable").reset_index(drop=True)
+        return obs
 
     def read_cells(self, joinids: np.ndarray, columns=CELL_COLUMNS) -> tuple[pd.DataFrame, sp.csr_matrix]:
         """obs rows and raw counts (CSR over ``self.var``) of ``joinids``, in the order given
@@ -130,9 +143,6 @@ class CellSource:
         unique_ids, inverse = np.unique(joinids, return_inverse=True)
         if len(unique_ids) == 0:
             return pd.DataFrame(columns=list(columns)), sp.csr_matrix((0, len(self.var)), dtype=np.float32)
-        lo = int(unique_ids[0])
-        pos = np.full(int(unique_ids[-1]) - lo + 1, -1, np.int64)  # joinid -> row, without a search
-        pos[unique_ids - lo] = np.arange(len(unique_ids))
         cols = [c for c in columns if c in self.obs_columns]
         obs = self.exp.obs.read(coords=(unique_ids,), column_names=cols).concat().to_pandas()
         obs = obs.set_index("soma_joinid").loc[unique_ids].reset_index()
@@ -141,7 +151,7 @@ class CellSource:
         bounds = np.r_[run_starts[::READ_CHUNK_RUNS], len(unique_ids)]
         table = pa.concat_tables(self._X.read(coords=(unique_ids[a:b], var_coords)).tables().concat()
                                  for a, b in zip(bounds[:-1], bounds[1:]))
-        rows = pos[table["soma_dim_0"].to_numpy() - lo]
+        rows = _rows_of(table["soma_dim_0"].to_numpy(), unique_ids)
         gene_cols = self._var_col[table["soma_dim_1"].to_numpy()]
         X = sp.csr_matrix((table["soma_data"].to_numpy(), (rows, gene_cols)), shape=(len(unique_ids), len(self.var)))
         return obs.iloc[inverse].reset_index(drop=True), X[inverse]
@@ -154,6 +164,18 @@ class CellSource:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _rows_of(joinids: np.ndarray, unique_ids: np.ndarray) -> np.ndarray:
+    """The position of each of ``joinids`` in the sorted ``unique_ids``: a lookup table over the
+    ids' range when they are dense (a train shard's blocks), a binary search when they are
+    scattered over the atlas (held-out-cell shards), where a table would take 8 bytes per atlas cell."""
+    lo, span = int(unique_ids[0]), int(unique_ids[-1]) - int(unique_ids[0]) + 1
+    if span > 4 * len(unique_ids):
+        return np.searchsorted(unique_ids, joinids)
+    pos = np.full(span, -1, np.int64)
+    pos[unique_ids - lo] = np.arange(len(unique_ids))
+    return pos[joinids - lo]
 
 
 def _categorical_frame(table: pa.Table) -> pd.DataFrame:
