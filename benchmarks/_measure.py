@@ -11,9 +11,24 @@ import time
 import psutil
 
 
+def commit() -> str | None:
+    """The checkout's commit the benchmark runs on (``-dirty`` with uncommitted changes), or None outside git."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
 def emit(out: str | None, results: list[dict], **row) -> dict:
-    """Print ``row`` (with host facts) as one JSON line, append it to ``out`` and ``results``."""
-    row = {**row, "host_cpus": os.cpu_count(), "python": platform.python_version()}
+    """Print ``row`` (with host facts and the commit) as one JSON line, append it to ``out`` and ``results``."""
+    row = {**row, "host_cpus": os.cpu_count(), "python": platform.python_version(), "commit": _COMMIT}
     results.append(row)
     line = json.dumps(row)
     print(line, flush=True)
@@ -21,6 +36,9 @@ def emit(out: str | None, results: list[dict], **row) -> dict:
         with open(out, "a") as f:
             f.write(line + "\n")
     return row
+
+
+_COMMIT = commit()
 
 
 class PeakRSS:

@@ -1,0 +1,146 @@
+"""Issue 11's floors, per atlas seed and across seeds, from the demos' ``metrics.json`` files.
+
+Each demo (``clopdit demo --out DIR --seed S``) synthesizes an atlas of its own seed, trains
+every stage and scores the test studies and held-out cells with ``clopdit evaluate``. This
+script only reads those files; every quantity is one that README's floors name, computed the
+same way for every seed:
+
+* identity: model (canonical prompts) over the real-half ceiling, per judge, macro over every
+  held-out-study condition (``macro``) and over those some training study has (``macro_seen``);
+* fidelity: held-out cells of training studies (``cells`` set, macro), the model against the
+  per-condition Gaussian and the type mean + NB counts on MMD, energy, W2 (lower is better) and
+  coverage; coverage over the real half's;
+* generalisation: held-out studies, seen conditions, the model over copies of training cells;
+* diversity: decoded-mean diversity (already a ratio to real cells) beside the codec's own;
+  coverage against the Gaussian's; AUC minus the copies' AUC;
+* wording: reworded and free-form identity against canonical; tissue-only total variation;
+  unseen combinations' cell-type and disease identity over their ceilings;
+* memorisation ratio; rare-type F1 without and with generated cells;
+* the earlier stages' floors from ``demo_summary.json`` (autoencoder gene-mean Pearson, CLOP
+  zero-shot accuracy).
+
+Across seeds: the mean, the lowest and the highest, and how many seeds meet each floor.
+
+    python benchmarks/seed_summary.py benchmarks/results/demo benchmarks/results/demo_seed1 \\
+        benchmarks/results/demo_seed2 --out benchmarks/results/seed_summary.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+LOWER_IS_BETTER = ("mmd", "energy", "w2")
+
+
+def _mean(block: dict, metric: str) -> float | None:
+    v = block.get(metric) if block else None
+    return None if v is None else float(v["mean"] if isinstance(v, dict) else v)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def floors(metrics: dict, summary: dict) -> dict[str, dict]:
+    """name -> {"value": v, "floor": text, "met": bool} for one seed's demo."""
+    S, C = metrics["sets"]["studies"]["generators"], metrics["sets"]["cells"]["generators"]
+    out: dict[str, dict] = {}
+
+    def put(name, value, floor, met=None):  # met=None: a reference beside a floor, not a floor
+        out[name] = {"value": None if value is None else round(value, 4), "floor": floor,
+                     "met": None if value is None or met is None else bool(met(value))}
+
+    model, real = S["model_canonical"], S["real_half"]
+    for judge, need in (("cell_type", 0.95), ("tissue_general", 0.9), ("disease", 0.9)):
+        for part in ("macro", "macro_seen"):
+            put(f"identity_{judge}_{part}_over_ceiling",
+                _ratio(_mean(model.get(part), f"identity_{judge}"), _mean(real.get(part), f"identity_{judge}")),
+                f">= {need}", lambda v, n=need: v >= n)
+    for metric in (*LOWER_IS_BETTER, "coverage"):
+        mine = _mean(C["model_canonical"]["macro"], metric)
+        for base in ("gaussian", "type_mean_nb"):
+            other = _mean(C[base]["macro"], metric)
+            if mine is None or other is None:
+                continue
+            if metric in LOWER_IS_BETTER:
+                put(f"fidelity_{metric}_over_{base}", mine / other, "< 1", lambda v: v < 1)
+            else:
+                put(f"fidelity_{metric}_over_{base}", mine / other, ">= 1", lambda v: v >= 1)
+    put("fidelity_coverage_over_real_half", _ratio(_mean(C["model_canonical"]["macro"], "coverage"),
+                                                   _mean(C["real_half"]["macro"], "coverage")), ">= 0.8", lambda v: v >= 0.8)
+    seen = "macro_seen"
+    for metric in (*LOWER_IS_BETTER, "coverage"):
+        r = _ratio(_mean(model[seen], metric), _mean(S["training_copies"][seen], metric))
+        if metric in LOWER_IS_BETTER:
+            put(f"generalisation_{metric}_over_copies", r, "<= 1.1", lambda v: v <= 1.1)
+        else:
+            put(f"generalisation_{metric}_over_copies", r, ">= 0.9", lambda v: v >= 0.9)
+    put("decoded_mean_diversity", _mean(model[seen], "diversity_means"), "0.9 .. 1.1", lambda v: 0.9 <= v <= 1.1)
+    put("decoded_mean_diversity_codec_ceiling", _mean(S["codec_roundtrip"][seen], "diversity_means"), "(reference)")
+    put("coverage_over_gaussian", _ratio(_mean(model[seen], "coverage"), _mean(S["gaussian"][seen], "coverage")),
+        ">= 1", lambda v: v >= 1)
+    auc_model, auc_copies = _mean(model[seen], "auc"), _mean(S["training_copies"][seen], "auc")
+    put("auc_minus_copies", None if auc_model is None or auc_copies is None else auc_model - auc_copies, "<= 0.1",
+        lambda v: v <= 0.1)
+    canon = _mean(model[seen], "identity_cell_type")
+    put("reworded_minus_canonical_identity", _mean(S["model_reworded"][seen], "identity_cell_type") - canon,
+        ">= -0.03", lambda v: v >= -0.03)
+    put("freeform_over_canonical_identity", _ratio(_mean(S["model_freeform"][seen], "identity_cell_type"), canon),
+        ">= 0.8", lambda v: v >= 0.8)
+    put("tissue_only_tv", metrics.get("field_subset", {}).get("mean_tv"), "<= 0.25", lambda v: v <= 0.25)
+    if model.get("macro_novel"):
+        for judge, need in (("cell_type", 0.9), ("disease", 0.8)):
+            put(f"unseen_{judge}_over_ceiling", _ratio(_mean(model["macro_novel"], f"identity_{judge}"),
+                                                       _mean(real["macro_novel"], f"identity_{judge}")),
+                f">= {need}", lambda v, n=need: v >= n)
+    for name, gens in (("studies", S), ("cells", C)):
+        put(f"memorisation_{name}", _mean(gens["model_canonical"]["macro"], "memorisation_ratio"), ">= 1",
+            lambda v: v >= 1)
+        put(f"memorisation_{name}_gaussian", _mean(gens["gaussian"]["macro"], "memorisation_ratio"), "(reference)")
+    aug = metrics.get("augmentation", {})
+    if "real_only" in aug:
+        before, after = aug["real_only"]["f1_rare_mean"], aug["plus_generated"]["f1_rare_mean"]
+        put("augmentation_f1_gain", after - before, "> 0", lambda v: v > 0)
+    put("ae_gene_mean_pearson", summary.get("ae", {}).get("gene_mean_pearson"), ">= 0.95", lambda v: v >= 0.95)
+    put("clop_zero_shot_canonical", summary.get("clop", {}).get("zero_shot_canonical", {}).get("accuracy"),
+        ">= 0.90", lambda v: v >= 0.90)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("demos", nargs="+", help="directories holding a demo's metrics.json and demo_summary.json")
+    p.add_argument("--out", default=None, help="write the summary here (JSON)")
+    args = p.parse_args()
+    per_seed = {}
+    for d in args.demos:
+        with open(os.path.join(d, "metrics.json")) as f:
+            metrics = json.load(f)
+        summary_path = os.path.join(d, "demo_summary.json")
+        summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+        per_seed[d] = floors(metrics, summary)
+    names = list(next(iter(per_seed.values())))
+    across = {}
+    for name in names:
+        rows = [s[name] for s in per_seed.values() if name in s and s[name]["value"] is not None]
+        if not rows:
+            continue
+        values = [r["value"] for r in rows]
+        across[name] = {"floor": rows[0]["floor"], "mean": round(sum(values) / len(values), 4), "min": min(values),
+                        "max": max(values), "seeds": len(rows),
+                        "seeds_met": None if rows[0]["met"] is None else sum(bool(r["met"]) for r in rows)}
+    result = {"demos": args.demos, "per_seed": per_seed, "across_seeds": across}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    width = max(map(len, across))
+    print(f"{'floor':<{width}}  {'need':>11}  {'mean':>7}  {'min':>7}  {'max':>7}  met")
+    for name, a in across.items():
+        met = "-" if a["seeds_met"] is None else f"{a['seeds_met']}/{a['seeds']}"
+        print(f"{name:<{width}}  {a['floor']:>11}  {a['mean']:>7.3f}  {a['min']:>7.3f}  {a['max']:>7.3f}  {met}")
+
+
+if __name__ == "__main__":
+    main()
