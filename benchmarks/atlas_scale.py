@@ -22,6 +22,9 @@ intercept = fixed cost) and the peak RSS per size per case.
         --out benchmarks/results/atlas_scale_cpu2.jsonl --workdir /tmp/atlas_scale
     nice -n 19 python benchmarks/atlas_scale.py --sizes 1000000 --workdir /tmp/atlas_scale \
         --out benchmarks/results/atlas_scale_cpu2.jsonl --fit-from benchmarks/results/atlas_scale_cpu2.jsonl
+    # shard builds only, on atlases made beforehand as W/atlas_<cells> (e.g. clopdit data synth --out W/atlas_3000000 ...)
+    python benchmarks/atlas_scale.py --sizes 100000,300000,1000000,3000000 --cases shard_build --workdir W \
+        --out benchmarks/results/atlas_scale_memory_cpu2.jsonl
 """
 
 from __future__ import annotations
