@@ -151,7 +151,7 @@ class CellSource:
         bounds = np.r_[run_starts[::READ_CHUNK_RUNS], len(unique_ids)]
         table = pa.concat_tables(self._X.read(coords=(unique_ids[a:b], var_coords)).tables().concat()
                                  for a, b in zip(bounds[:-1], bounds[1:]))
-        rows = _rows_of(table["soma_dim_0"].to_numpy(), unique_ids)
+        rows = _rows_of(table["soma_dim_0"].to_numpy(), unique_ids, run_starts)
         gene_cols = self._var_col[table["soma_dim_1"].to_numpy()]
         X = sp.csr_matrix((table["soma_data"].to_numpy(), (rows, gene_cols)), shape=(len(unique_ids), len(self.var)))
         return obs.iloc[inverse].reset_index(drop=True), X[inverse]
@@ -166,16 +166,15 @@ class CellSource:
         self.close()
 
 
-def _rows_of(joinids: np.ndarray, unique_ids: np.ndarray) -> np.ndarray:
-    """The position of each of ``joinids`` in the sorted ``unique_ids``: a lookup table over the
-    ids' range when they are dense (a train shard's blocks), a binary search when they are
-    scattered over the atlas (held-out-cell shards), where a table would take 8 bytes per atlas cell."""
-    lo, span = int(unique_ids[0]), int(unique_ids[-1]) - int(unique_ids[0]) + 1
-    if span > 4 * len(unique_ids):
-        return np.searchsorted(unique_ids, joinids)
-    pos = np.full(span, -1, np.int64)
-    pos[unique_ids - lo] = np.arange(len(unique_ids))
-    return pos[joinids - lo]
+def _rows_of(joinids: np.ndarray, unique_ids: np.ndarray, run_starts: np.ndarray) -> np.ndarray:
+    """The position of each of ``joinids`` in the sorted ``unique_ids``, whose runs of consecutive
+    ids begin at ``run_starts``: a binary search over the runs (16 blocks for a train shard, each
+    cell for a held-out-cell shard). A lookup table over the ids' range was as fast, but a shard's
+    blocks are spread over the atlas, so it took 8 bytes per atlas cell; a search over every id
+    made train-shard reads 17% slower."""
+    first = unique_ids[run_starts]
+    run = np.searchsorted(first, joinids, side="right") - 1
+    return run_starts[run] + (joinids - first[run])
 
 
 def _categorical_frame(table: pa.Table) -> pd.DataFrame:
