@@ -90,19 +90,6 @@ def test_chunked_reads_of_scattered_cells_equal_one_read(atlas_dir, monkeypatch)
     assert (X != X_one).nnz == 0 and X.nnz == X_one.nnz > 0
 
 
-def test_rows_of_ids_in_runs_or_scattered_is_their_position():
-    """read_cells maps each returned id to its row through the runs of consecutive ids: one run,
-    a train shard's 16 blocks spread over the atlas, or ids scattered one by one."""
-    from clopdit_dist.data.source import _rows_of
-
-    rng = np.random.default_rng(0)
-    blocks = np.concatenate([np.arange(s, s + 256) for s in np.sort(rng.choice(10**6, 16, replace=False)) * 300])
-    for unique_ids in (np.arange(1000, 1500), blocks, np.sort(rng.choice(10**7, 500, replace=False))):
-        run_starts = np.r_[0, np.flatnonzero(np.diff(unique_ids) != 1) + 1]
-        returned = rng.choice(unique_ids, 5000)
-        assert (_rows_of(returned, unique_ids, run_starts) == np.searchsorted(unique_ids, returned)).all()
-
-
 def test_dry_run_prints_counts_and_writes_nothing(atlas_dir, tmp_path):
     lines = []
     assert build_shards(shard_config(atlas_dir, str(tmp_path / "s")), dry_run=True, log=lines.append) is None
