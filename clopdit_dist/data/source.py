@@ -32,9 +32,10 @@ READ_CHUNK_RUNS = 256
 # cellxgene_census sets 1 GiB). A read whose result fits comes back whole, and meanwhile TileDB's
 # unordered reader holds the tiles of the whole query: the obs read of a 1M-cell atlas peaked ~245 MB
 # above the interpreter, ~240 bytes per cell, ~15 GB at the Census's 60M cells. With 16 MiB buffers
-# and a row-major read it comes in batches of ~250k rows, and its peak levels off (47 / 63 / 69 MB for
-# 250k / 500k / 1M cells, benchmarks/shard_build_memory.py). X reads keep the large buffers: they are
-# bounded by a shard's cells, and many small batches left a shard build's peak higher.
+# and a row-major read it comes in batches of ~250k rows, and reading them levels off (47 / 63 / 69 MB
+# for 250k / 500k / 1M cells; the whole planning phase: docs/atlas_scale.md, "Driver memory"). X reads
+# keep the large buffers: they are bounded by a shard's cells, and many small batches left a shard
+# build's peak higher.
 OBS_READ_BUFFER_BYTES = 16 * 2**20
 
 # Columns carried with every cell from the source into shards and batches.
