@@ -126,10 +126,11 @@ def bench_size(n: int, args, work: str, text_model: str, stages: list[str]) -> N
         emit(out, case="synthesize", cells=n, genes=args.genes, workers=2, seconds=round(dt, 2),
              cpu_seconds=CPU["last"], cells_per_s=round(n / dt), peak_rss_mb=round(rss / 2**20), nnz=nnz,
              nnz_per_cell=round(nnz / n, 1), atlas_bytes_per_cell=round(dir_bytes(atlas) / n, 1))
-    elif not os.path.isdir(atlas):
+    elif os.path.isdir(atlas):
+        nnz = atlas_nnz(atlas)
+    else:
         sys.exit(f"{atlas} does not exist: add synthesize to --cases, or make it with "
                  f"`clopdit data synth --out {atlas} --cells {n} --genes {args.genes}`")
-    nnz = atlas_nnz(atlas)
 
     from clopdit_dist.data.manifest import Manifest
 

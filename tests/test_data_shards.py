@@ -13,7 +13,7 @@ import pytest
 
 from clopdit_dist.data.loader import CellLoader, LoaderConfig
 from clopdit_dist.data.manifest import CELL_SPLITS, CONDITION_KEYS, SPLITS, Manifest
-from clopdit_dist.data.shards import BUILD_DIR, ShardConfig, build_shards, load_plan, split_cells
+from clopdit_dist.data.shards import BUILD_DIR, PLAN_IDS, ShardConfig, build_shards, load_plan, split_cells
 from clopdit_dist.data.source import CellSource, Query
 
 from conftest import ATLAS_CFG, shard_config
@@ -132,7 +132,7 @@ def test_a_plan_saved_by_an_older_version_is_still_checked(atlas_dir, shards_dir
     with open(os.path.join(build, "plan.json"), "w") as f:
         json.dump(meta, f)
     np.savez(os.path.join(build, "plan.npz"), joinids=np.asarray(new.joinids), offsets=new.offsets)
-    os.remove(os.path.join(build, "plan.joinids.npy"))
+    os.remove(os.path.join(build, PLAN_IDS))
     old = load_plan(build)
     assert (old.joinids == new.joinids).all() and (old.offsets == new.offsets).all() and old.shards == new.shards
     cfg = shard_config(atlas_dir, legacy)
