@@ -27,7 +27,7 @@ genuinely new.
 
     python benchmarks/atlas_discrimination.py --cells 20000 --seeds 0 1
 
-It needs only ``SyntheticAtlas``, ``SynthConfig``, ``assign_splits`` and ``ShardConfig``,
+It needs only ``SyntheticAtlas``, ``SynthConfig``, ``assign_splits`` (with ``count_groups``) and ``ShardConfig``,
 so it also runs against older versions of the package (``PYTHONPATH=old_checkout``).
 """
 
@@ -43,7 +43,8 @@ import scipy.sparse as sp
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
-from clopdit_dist.data.shards import ShardConfig, assign_splits
+from clopdit_dist.data.plan import assign_splits, count_groups
+from clopdit_dist.data.shards import ShardConfig
 from clopdit_dist.data.synthetic import SynthConfig, SyntheticAtlas
 
 KEYS = ["cell_type", "tissue_general", "disease"]
@@ -89,7 +90,7 @@ def run(seed: int, args, label: str) -> None:
     _, obs, X, elapsed = synthesize(args.cells, seed, args.genes, args.studies)
     emit(label=label, seed=seed, result="synthesis_seconds", cells=args.cells, genes=args.genes,
          seconds=round(elapsed, 2))
-    splits = assign_splits(obs, ShardConfig(source="-", out="-", seed=args.split_seed))
+    splits = assign_splits(count_groups([obs]), ShardConfig(source="-", out="-", seed=args.split_seed))
     study_split = obs["dataset_id"].map(splits).to_numpy()
     held = np.isin(study_split, ["val", "test"])
     train = study_split == "train"

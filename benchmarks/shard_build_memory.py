@@ -1,8 +1,10 @@
 """Where a shard build's memory goes: peak RSS per phase of one in-process build (one worker).
 
 Samples this process's RSS every 5 ms and reports, per phase, the highest peak above the
-interpreter's RSS before the build: the obs read and the plan (the driver's share, which
-grows with the atlas; ``obs_held`` gives the bytes per cell of the labels it keeps), then ``read_cells`` and the whole shard, separately for train shards
+interpreter's RSS before the build: the plan's two passes over obs (the driver's share, the part
+that reads the whole atlas: ``plan_pass1_count`` counts cells per group, ``plan_pass2_write``
+assigns and writes every cell's id; lines before the streaming planner have ``obs_read`` and
+``make_plan`` instead), then ``read_cells`` and the whole shard, separately for train shards
 (blocks of consecutive ids) and for held-out-cell shards (``val_cells`` / ``test_cells``:
 ids scattered over the array, the case that held most of the array before reads were chunked,
 see docs/atlas_scale.md), then the manifest. One JSON line per phase.
@@ -26,25 +28,6 @@ from _measure import PeakRSS, emit
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def frame_bytes(df) -> int:
-    """Bytes a DataFrame holds: each object column's pointers plus each distinct object once
-    (``memory_usage(deep=True)`` counts a string once per row, but pyarrow's ``to_pandas``
-    shares one Python object among equal strings), categoricals' codes plus categories."""
-    import pandas as pd
-
-    total = 0
-    for name in df.columns:
-        col = df[name]
-        if isinstance(col.dtype, pd.CategoricalDtype):
-            total += col.cat.codes.nbytes + int(col.cat.categories.memory_usage(deep=True))
-        elif col.dtype == object:
-            values = col.to_numpy()
-            total += values.nbytes + sum(sys.getsizeof(v) for v in {id(v): v for v in values}.values())
-        else:
-            total += col.to_numpy().nbytes
-    return total
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--atlas", required=True, help="a Census-shaped atlas (clopdit data synth)")
@@ -53,8 +36,8 @@ def main() -> None:
     p.add_argument("--read-chunk-runs", type=int, default=None,
                    help="override source.READ_CHUNK_RUNS (e.g. 1000000000: one read per shard, as before the fix)")
     p.add_argument("--plan-only", action="store_true",
-                   help="stop after the plan (a dry run): the driver's phases only, which are the ones that "
-                        "grow with the atlas; seconds at 3M cells instead of a quarter of an hour")
+                   help="stop after the plan (both passes, ids written): the driver's phases only, the ones "
+                        "that read the whole atlas's obs; seconds at 3M cells instead of a quarter of an hour")
     args = p.parse_args()
 
     from clopdit_dist.data import shards as S
@@ -66,7 +49,6 @@ def main() -> None:
     peak = PeakRSS([os.getpid()], interval=0.005)
     phases: dict[str, dict] = {}
     current = {"shard": ""}
-    held: dict[str, float] = {}
 
     def record(name: str, seconds: float) -> None:
         row = phases.setdefault(name, {"calls": 0, "peak_over_base_mb": 0, "seconds": 0.0})
@@ -87,31 +69,32 @@ def main() -> None:
             t = time.perf_counter()
             out = orig(*a, **k)
             record(label() if callable(label) else label, time.perf_counter() - t)
-            if fn == "obs":  # what the driver keeps until the plan is made, per cell
-                held["obs_bytes_per_cell"] = round(frame_bytes(out) / max(len(out), 1), 1)
-                held["obs_cells"] = len(out)
             return out
         setattr(owner, fn, wrapped)
 
-    wrap(source.CellSource, "obs", "obs_read")
-    wrap(S, "make_plan", "make_plan")
+    wrap(S, "count_groups", "plan_pass1_count")  # reads obs once
+    wrap(S, "make_plan", "plan_pass2_write")  # reads obs again, writes the plan's ids
     wrap(source.CellSource, "read_cells", lambda: f"read_cells/{kind()}")
     wrap(S, "build_shard", lambda: f"build_shard/{kind()}")
     wrap(S, "write_manifest", "write_manifest")
     shutil.rmtree(args.out_dir, ignore_errors=True)
     base = proc.memory_info().rss
     t0 = time.perf_counter()
+    cfg = S.ShardConfig(source=args.atlas, out=args.out_dir, workers=1)
     with peak:
-        manifest = S.build_shards(S.ShardConfig(source=args.atlas, out=args.out_dir, workers=1), progress=False,
-                                  log=lambda *_: None, dry_run=args.plan_only)
-    cells = sum(manifest["n_cells"].values()) if manifest else held["obs_cells"]
+        if args.plan_only:  # the driver's planning, as build_shards does it
+            with source.CellSource(cfg.query()) as src:
+                columns = ("soma_joinid", "dataset_id") + tuple(k for k in S.CONDITION_KEYS if k in src.obs_columns)
+                groups = S.count_groups(src.obs_batches(columns))
+                S.make_plan(groups, cfg, lambda: src.obs_batches(columns), os.path.join(args.out_dir, S.BUILD_DIR))
+            cells = groups.n_cells
+        else:
+            cells = sum(S.build_shards(cfg, progress=False, log=lambda *_: None)["n_cells"].values())
     results: list[dict] = []
     for name, row in phases.items():
         emit(args.out, results, bench="shard_build_memory", phase=name, cells=cells, plan_only=args.plan_only,
              read_chunk_runs=source.READ_CHUNK_RUNS, base_rss_mb=base >> 20, **row,
              seconds_total=round(time.perf_counter() - t0, 1))
-    emit(args.out, results, bench="shard_build_memory", phase="obs_held", cells=cells,
-         obs_bytes_per_cell=held["obs_bytes_per_cell"])
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import pytest
 
 from clopdit_dist.data.loader import CellLoader, LoaderConfig
 from clopdit_dist.data.manifest import CELL_SPLITS, CONDITION_KEYS, SPLITS, Manifest
-from clopdit_dist.data.shards import BUILD_DIR, PLAN_IDS, ShardConfig, build_shards, load_plan, split_cells
+from clopdit_dist.data.plan import PLAN_IDS, load_plan, split_cells
+from clopdit_dist.data.shards import BUILD_DIR, ShardConfig, build_shards
 from clopdit_dist.data.source import CellSource, Query
 
 from conftest import ATLAS_CFG, shard_config
@@ -267,7 +268,7 @@ def test_cell_split_is_a_pure_function_of_obs_and_settings():
 
 
 def test_cell_split_equals_the_groupby_definition():
-    """split_cells works on integer codes (the planner holds every cell of the atlas); it must give
+    """split_cells streams obs in batches and works on integer codes and ranks; it must give
     what the plain definition gives: (study, condition) groups from a pandas groupby (missing
     labels in no group), visited in the order of their labels as text, cells in id order."""
     from clopdit_dist.data.shards import CELL_SPLITS
@@ -293,9 +294,10 @@ def test_cell_split_equals_the_groupby_definition():
             split[perm[start:start + k]] = name
             start += k
     for frame in (obs, obs.astype({c: "category" for c in ["dataset_id", *CONDITION_KEYS]})):
-        got = split_cells(frame, study, cfg)
-        assert got.codes.dtype.itemsize == 1 and list(got.categories) == list(SPLITS)
-        assert (np.asarray(got) == split).all()
+        for batch_rows in (None, 613):  # the planner streams obs: a group's ranks carry over between batches
+            got = split_cells(frame, study, cfg, batch_rows=batch_rows)
+            assert got.codes.dtype.itemsize == 1 and list(got.categories) == list(SPLITS)
+            assert (np.asarray(got) == split).all()
     assert (split[obs["cell_type"].isna().to_numpy()] == np.where(obs["dataset_id"] == "s3", "val", "train")[
         obs["cell_type"].isna().to_numpy()]).all()
 
@@ -338,3 +340,24 @@ def test_old_manifests_and_joined_split_names_are_explained(shards_dir, tmp_path
         json.dump(old, f)
     with pytest.raises(ValueError, match="version 1.*val_cells.*Rebuild"):
         Manifest.load(str(tmp_path))
+
+
+def test_the_plan_streamed_in_small_obs_batches_is_the_same_plan(atlas_dir, shards_dir, tmp_path, monkeypatch):
+    """The planner reads obs twice in TileDB's batches and keeps none; batches of a few hundred
+    rows (as the Census's 60M cells come in ~250k-row batches) must give the saved plan exactly."""
+    from clopdit_dist.data import source
+    from clopdit_dist.data.plan import count_groups, make_plan
+
+    monkeypatch.setattr(source, "OBS_READ_BUFFER_BYTES", 2048)
+    cfg = shard_config(atlas_dir, shards_dir)
+    with source.CellSource(cfg.query()) as src:
+        columns = ("soma_joinid", "dataset_id", *CONDITION_KEYS)
+        assert len([len(b) for b in src.obs_batches(columns)]) > 4
+        plan = make_plan(count_groups(src.obs_batches(columns)), cfg, lambda: src.obs_batches(columns),
+                         str(tmp_path / "build"))
+    saved = load_plan(os.path.join(shards_dir, BUILD_DIR))
+    assert plan.shards == saved.shards and plan.cells_per_study == saved.cells_per_study
+    assert (plan.offsets == saved.offsets).all() and (np.asarray(plan.joinids) == np.asarray(saved.joinids)).all()
+    assert sorted(os.listdir(tmp_path / "build")) == ["plan.joinids.npy", "plan.json"]  # no spool left behind
+    with pytest.raises(ValueError, match="soma_joinid order"):
+        count_groups([pd.DataFrame({"soma_joinid": [3, 1], "dataset_id": ["a", "a"]})])
