@@ -29,15 +29,16 @@ from ..errors import FilterError, GeneVocabularyError, SourceError
 # (benchmarks/shard_build_memory.py).
 READ_CHUNK_RUNS = 256
 
-# TileDB-SOMA's result buffer per column for the planner's obs read ("soma.init_buffer_bytes";
+# TileDB-SOMA's result buffer per column for the planner's obs reads ("soma.init_buffer_bytes";
 # cellxgene_census sets 1 GiB). A read whose result fits comes back whole, and meanwhile TileDB's
 # unordered reader holds the tiles of the whole query: the obs read of a 1M-cell atlas peaked ~245 MB
-# above the interpreter, ~240 bytes per cell, ~15 GB at the Census's 60M cells. With 16 MiB buffers
-# and a row-major read it comes in batches of ~250k rows, and reading them levels off (47 / 63 / 69 MB
-# for 250k / 500k / 1M cells; the whole planning phase: docs/atlas_scale.md, "Driver memory"). X reads
-# keep the large buffers: they are bounded by a shard's cells, and many small batches left a shard
-# build's peak higher.
-OBS_READ_BUFFER_BYTES = 16 * 2**20
+# above the interpreter, ~240 bytes per cell, ~15 GB at the Census's 60M cells. A row-major read with
+# small buffers comes in batches that the streaming planner (plan.py) processes and drops: 4 MiB is
+# ~65k rows of the synthetic atlas and ~100k of the Census (36-character dataset ids); 16 MiB, 4x the
+# rows, planned a 3M-cell atlas ~5% faster and peaked 480 instead of 185 MB above the interpreter
+# (benchmarks/planner_scale.py; docs/atlas_scale.md, "Driver memory"). X reads keep the large buffers:
+# they are bounded by a shard's cells, and many small batches left a shard build's peak higher.
+OBS_READ_BUFFER_BYTES = 4 * 2**20
 
 # Columns carried with every cell from the source into shards and batches.
 CELL_COLUMNS = (
