@@ -15,7 +15,10 @@ number of (study, condition) groups grows with the atlas as it does in the Censu
         --out benchmarks/results/planner_scale_cpu2.jsonl
 
 One JSON line per size: cells, groups, seconds per pass, peak RSS and peak above the
-interpreter (MB), the plan's ids on disk; then one line with the fitted bytes per cell.
+interpreter (MB), the plan's ids on disk; then one line with the fitted bytes per cell. The
+planner before it streamed, for comparison (``pass1`` is its obs read, ``pass2`` its planning):
+
+    PYTHONPATH=OLD_CHECKOUT python benchmarks/planner_scale.py --sizes ... --workdir /tmp/planner
 """
 
 from __future__ import annotations
@@ -79,21 +82,30 @@ def write_obs_atlas(path: str, n_cells: int, seed: int = 0) -> None:
 
 
 def plan_once(atlas: str, build_dir: str) -> dict:
-    """Plan ``atlas`` as ``build_shards`` does, in this process; what each pass took."""
+    """Plan ``atlas`` as ``build_shards`` does, in this process; what each pass took. With an
+    older checkout on PYTHONPATH (no ``data/plan.py``), its in-memory planner instead: the obs
+    table read whole, then planned."""
+    from clopdit_dist.data import shards as S
     from clopdit_dist.data.manifest import CONDITION_KEYS
-    from clopdit_dist.data.plan import count_groups, make_plan
-    from clopdit_dist.data.shards import ShardConfig
     from clopdit_dist.data.source import CellSource
 
-    cfg = ShardConfig(source=atlas, out=os.path.dirname(build_dir))
+    cfg = S.ShardConfig(source=atlas, out=os.path.dirname(build_dir))
     with CellSource(cfg.query()) as src:
         columns = ("soma_joinid", "dataset_id") + tuple(k for k in CONDITION_KEYS if k in src.obs_columns)
         t0 = time.perf_counter()
-        groups = count_groups(src.obs_batches(columns))
-        t1 = time.perf_counter()
-        plan = make_plan(groups, cfg, lambda: src.obs_batches(columns), build_dir)
+        if hasattr(S, "count_groups"):
+            groups = S.count_groups(src.obs_batches(columns))
+            t1 = time.perf_counter()
+            plan = S.make_plan(groups, cfg, lambda: src.obs_batches(columns), build_dir)
+            planner, n_groups = "streaming", len(groups.counts)
+        else:
+            obs = src.obs(columns)
+            t1 = time.perf_counter()
+            plan = S.make_plan(obs, cfg)
+            S.save_plan(plan, build_dir)
+            planner, n_groups = "in_memory", None
         t2 = time.perf_counter()
-    return {"cells": groups.n_cells, "groups": len(groups.counts), "studies": len(plan.splits),
+    return {"planner": planner, "cells": int(plan.offsets[-1]), "groups": n_groups, "studies": len(plan.splits),
             "shards": len(plan.shards), "pass1_seconds": round(t1 - t0, 1), "pass2_seconds": round(t2 - t1, 1),
             "plan_ids_bytes": os.path.getsize(os.path.join(build_dir, "plan.joinids.npy"))}
 
@@ -138,7 +150,7 @@ def main() -> None:
         x = np.array([r["cells"] for r in results], float)
         y = np.array([r["peak_over_base_mb"] * 2**20 for r in results], float)
         slope, intercept = np.polyfit(x, y, 1)
-        emit(args.out, results, bench="planner_scale", fit="peak_over_base_bytes_per_cell",
+        emit(args.out, results, bench="planner_scale", planner=results[0]["planner"], fit="peak_over_base_bytes_per_cell",
              bytes_per_cell=round(float(slope), 2), intercept_mb=round(float(intercept) / 2**20, 1),
              sizes=[r["cells"] for r in results])
 
