@@ -35,7 +35,8 @@ import numpy as np
 import pandas as pd
 from _measure import PeakRSS, emit
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# appended, not prepended: an older checkout on PYTHONPATH must win (see the docstring)
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CHUNK = 2_000_000
 
