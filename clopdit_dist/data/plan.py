@@ -20,8 +20,8 @@ within each block.
 The plan is a pure function of the obs rows (in soma_joinid order) and the settings. It is made
 in two streaming passes over obs, so the planner's memory does not grow with the atlas: it holds
 one obs batch, one row per (study, condition) group, and the drawn held-out cells (9 bytes each:
-two ``heldout_cell_fraction``s of the training cells); the ids go to disk, one spool file per
-split, and from there block by block into ``plan.joinids.npy``. Holding every cell's labels
+two ``heldout_cell_fraction``s of the training cells); the ids go to disk, one local spool file
+per split, and from there block by block into ``plan.joinids.npy``. Holding every cell's labels
 instead cost ~0.1 kB a cell, ~6 GB for the Census's 60M (docs/atlas_scale.md, "Driver memory").
 """
 
@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -325,13 +326,13 @@ def make_plan(groups: CellGroups, cfg: ShardConfig, read_obs: Callable[[], Itera
 
 def _write_joinids(batches: Iterable[pd.DataFrame], groups: CellGroups, cells: CellSplit, per_split: np.ndarray,
                    cfg: ShardConfig, build_dir: str) -> None:
-    """Pass 2: spool each split's ids (in soma_joinid order) to a file, then write them block by
-    block in shard order into ``plan.joinids.npy`` (atomically: nodes of one build may plan at
-    once; none reads a half-written file)."""
+    """Pass 2: spool each split's ids (in soma_joinid order) to a local temporary file (``TMPDIR``;
+    8 bytes a cell), then write them block by block in shard order into ``plan.joinids.npy``
+    (atomically: nodes of one build may plan at once into one shared directory; none reads a
+    half-written file)."""
     os.makedirs(build_dir, exist_ok=True)
     me = f"{os.getpid()}.{socket.gethostname()}"
-    spool = os.path.join(build_dir, f"plan.spool.{me}")
-    os.makedirs(spool, exist_ok=True)
+    spool = tempfile.mkdtemp(prefix="clopdit-plan-")
     try:
         paths = [os.path.join(spool, f"{split}.ids") for split in SPLITS]
         files = [open(p, "wb") for p in paths]
