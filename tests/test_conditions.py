@@ -230,3 +230,17 @@ def test_text_plus_code_separates_near_identical_texts_and_keeps_some_of_their_l
     assert float(base @ near) > 0.97 and cos[0, 1] < 0.7  # told apart
     assert cos[0, 1] > cos[0, 2] + 0.2  # but still nearer each other than an unrelated label
     assert torch.equal(mix_field_codes(texts, conds), mix_field_codes(texts, conds))  # a function of the names
+
+
+def test_a_group_synonym_inside_a_name_is_that_name(resolver):
+    """"T lymphocyte" and "T cell" name one group (parents.yaml), so "cytotoxic T lymphocytes" is
+    the training name "cytotoxic T cell" (CD8), not the T-cell mixture; a modifier that makes no
+    known name ("activated") leaves the group. Cell-type groups only: "lung tumour" stays the
+    cancer group (test_free_text_prompt)."""
+    r = resolver.resolve("cytotoxic T lymphocytes")
+    assert r.fields["cell_type"] == "CD8-positive, alpha-beta T cell" and r.groups["cell_type"] is None
+    assert r.confidence["cell_type"] == 1.0
+    assert resolver.resolve("CD16+ mono").fields["cell_type"] == "non-classical monocyte"
+    r = resolver.resolve("activated T lymphocytes")
+    assert r.groups["cell_type"] == "T cell" and len(r.candidates["cell_type"]) == 3
+    assert resolver.resolve("T lymphocytes").groups["cell_type"] == "T cell"  # the group name alone stays the group

@@ -17,9 +17,11 @@ Method
    every field -- the label, its TRAINING synonyms and generic rewrites
    (:func:`~clopdit_dist.data.conditions.train_names`) and the parent-group names of
    ``vocab/parents.yaml`` -- as 1.0 for an exact normalised match (case, accents, plurals,
-   hyphens, "+"/"positive"; acronyms of <= 2 letters case-sensitively) and otherwise as the
-   cosine similarity of the frozen tower's embeddings of span and name (name embeddings
-   computed once). Per field, the best-scoring span at or above the field's threshold wins,
+   hyphens, "+"/"positive"; acronyms of <= 2 letters case-sensitively), also when the span
+   equals a cell-type name once a group name inside it is swapped for another name of that
+   group ("classical monocyte" for "classical mono": "mono" and "monocyte" name one group of
+   ``parents.yaml``; :data:`SYNONYM_GROUP_FIELDS`), and otherwise as the cosine similarity of the frozen tower's embeddings
+   of span and name (name embeddings computed once). Per field, the best-scoring span at or above the field's threshold wins,
    greedily by score over fields, no two fields on overlapping spans (a tissue inside a
    longer disease span is allowed: "lung cancer").
 3. Parent names ("T cells", "B cell", "monocytes", "immune cells", "tumour") resolve to the
@@ -95,6 +97,10 @@ from .text import TextEmbeddingCache, TextTower
 # synthetic atlas's vocabulary>) gave 0.6657, 0.5995, 0.5533 (training side only; see the
 # module docstring). Recalibrate for another text tower or vocabulary.
 DEFAULT_THRESHOLDS = {"cell_type": 0.666, "tissue_general": 0.600, "disease": 0.553}
+# fields whose parent-group names are synonyms of one term, interchangeable inside a longer name: the
+# cell-type groups' names are Cell Ontology synonyms ("T cell", "T lymphocyte"); the disease group's
+# span broader and narrower terms ("neoplasm", "cancer"), so "lung tumour" stays the cancer group
+SYNONYM_GROUP_FIELDS = ("cell_type",)
 GROUP_DISCOUNT = 0.8  # confidence of a parent-group resolution relative to a leaf match
 # keys of "key: value" pairs that name no condition field: ignored
 IGNORED_KEYS = frozenset({"organism", "species", "markers", "marker genes", "genes", "organism_ontology_term_id"})
@@ -130,6 +136,15 @@ class PromptResolver:
         self._is_group = np.array([bool(e.group) for e in self.entries])
         self._acronym = np.array([e.acronym for e in self.entries])
         self._name_emb = self._embed([e.name for e in self.entries])
+        # field -> each group's non-acronym names as word tuples: interchangeable inside a longer name
+        groups: dict[tuple[str, str], list[tuple[str, ...]]] = {}
+        for e in self.entries:
+            if e.group and not e.acronym and e.field in SYNONYM_GROUP_FIELDS:
+                groups.setdefault((e.field, e.label), []).append(tuple(e.norm.split()))
+        self._group_names: dict[str, list[list[tuple[str, ...]]]] = {}
+        for (f, _), names in groups.items():
+            if len(set(names)) > 1:
+                self._group_names.setdefault(f, []).append(list(dict.fromkeys(names)))
 
     @classmethod
     def from_manifest(cls, tower: TextTower, manifest, **kw) -> PromptResolver:
@@ -162,6 +177,10 @@ class PromptResolver:
         for i, n in enumerate(span_norms):
             for j in norm_index.get(n, ()):
                 sims[i, j] = 1.0
+            for f, variant in self._group_synonym_variants(n):
+                for j in norm_index.get(variant, ()):
+                    if self._field_of[j] == f:
+                        sims[i, j] = 1.0
         allowed = np.isin(self._field_of, list(fields))
         if exclude_norms:
             allowed &= ~np.isin(np.array(self._norms, dtype=object), list(exclude_norms))
@@ -171,6 +190,19 @@ class PromptResolver:
                 if not acronym_allowed(self.entries[j], s.text):
                     sims[i, j] = -np.inf
         return sims
+
+    def _group_synonym_variants(self, norm: str) -> list[tuple[str, str]]:
+        """(field, ``norm`` with one group name inside it, not all of it, swapped for another
+        name of that group)."""
+        words, out = norm.split(), []
+        for f, groups in self._group_names.items():
+            for names in groups:
+                for g in names:
+                    k = len(g)
+                    for a in range(len(words) - k + 1 if k < len(words) else 0):
+                        if tuple(words[a:a + k]) == g:
+                            out += [(f, " ".join(words[:a] + list(h) + words[a + k:])) for h in names if h != g]
+        return out
 
     def _matches(self, spans: list[Span], scores: np.ndarray, fields) -> list[Match]:
         """Per span and field, the best leaf name and the best group name (two matches)."""
