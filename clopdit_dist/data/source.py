@@ -36,7 +36,7 @@ READ_CHUNK_RUNS = 256
 # small buffers comes in batches that the streaming planner (plan.py) processes and drops: 4 MiB is
 # ~65k rows of the synthetic atlas and ~100k of the Census (36-character dataset ids); 16 MiB, 4x the
 # rows, planned a 3M-cell atlas ~5% faster and peaked 480 instead of 185 MB above the interpreter
-# (benchmarks/planner_scale.py; docs/atlas_scale.md, "Driver memory"). X reads keep the large buffers:
+# (benchmarks/planner_scale.py; docs/atlas_scale.md, "The streaming planner"). X reads keep the large buffers:
 # they are bounded by a shard's cells, and many small batches left a shard build's peak higher.
 OBS_READ_BUFFER_BYTES = 4 * 2**20
 
@@ -114,7 +114,7 @@ class CellSource:
 
     def obs_batches(self, columns=("soma_joinid", "dataset_id")) -> Iterator[pd.DataFrame]:
         """obs rows matching the filter, only ``columns``, in soma_joinid order, a batch of
-        ~250k rows at a time (``OBS_READ_BUFFER_BYTES``); string columns as categoricals (one
+        ~65-100k rows at a time (``OBS_READ_BUFFER_BYTES``); string columns as categoricals (one
         byte a label instead of an 8-byte pointer). The shard planner reads these twice and
         keeps none."""
         flt = self.query.obs_filter

@@ -19,11 +19,12 @@ Method
    ``vocab/parents.yaml`` -- as 1.0 for an exact normalised match (case, accents, plurals,
    hyphens, "+"/"positive"; acronyms of <= 2 letters case-sensitively), also when the span
    equals a cell-type name once a group name inside it is swapped for another name of that
-   group ("classical monocyte" for "classical mono": "mono" and "monocyte" name one group of
-   ``parents.yaml``; :data:`SYNONYM_GROUP_FIELDS`), and otherwise as the cosine similarity of the frozen tower's embeddings
-   of span and name (name embeddings computed once). Per field, the best-scoring span at or above the field's threshold wins,
-   greedily by score over fields, no two fields on overlapping spans (a tissue inside a
-   longer disease span is allowed: "lung cancer").
+   group ("cytotoxic T lymphocyte" is "cytotoxic T cell": "T lymphocyte" and "T cell" name one
+   group of ``parents.yaml``; :data:`SYNONYM_GROUP_FIELDS`), and otherwise as the cosine
+   similarity of the frozen tower's embeddings of span and name (name embeddings computed
+   once). Per field, the best-scoring span at or above the field's threshold wins, greedily
+   by score over fields, no two fields on overlapping spans (a tissue inside a longer disease
+   span is allowed: "lung cancer").
 3. Parent names ("T cells", "B cell", "monocytes", "immune cells", "tumour") resolve to the
    group's children in the vocabulary, as ``candidates`` with equal weights (the prompt
    does not say which child; the generator can mix them, e.g. reweighted by the tissue's
