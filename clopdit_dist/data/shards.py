@@ -213,14 +213,14 @@ def build_shards(cfg: ShardConfig, dry_run: bool = False, progress: bool = True,
         raise ShardError(f"node rank {cfg.node_rank} of {cfg.num_nodes} nodes: use --node-rank 0 .. "
                          f"{cfg.num_nodes - 1} (e.g. --node-rank $SLURM_NODEID --num-nodes $SLURM_NNODES)")
     build_dir = os.path.join(cfg.out, BUILD_DIR)
-    existing = None if dry_run else load_plan(build_dir)
-    if existing is not None and existing.key != cfg.plan_key():
-        diff = sorted(k for k in cfg.plan_key() if existing.key.get(k) != cfg.plan_key()[k])
+    key, plan = cfg.plan_key(), None if dry_run else load_plan(build_dir)
+    if plan is not None and plan.key != key:
+        diff = sorted(k for k in key if plan.key.get(k) != key[k])
         raise ShardError(f"{cfg.out} holds a shard build with other settings ({', '.join(diff)} differ); "
                          "use a new --out, or delete it to rebuild")
     with CellSource(cfg.query()) as src:
         var = src.var
-        if existing is None:  # a resumed build keeps its saved plan: no second look at obs
+        if plan is None:  # a resumed build keeps its saved plan: no second look at obs
             columns = ("soma_joinid", "dataset_id") + tuple(k for k in CONDITION_KEYS if k in src.obs_columns)
 
             def read_obs(desc: str):
@@ -242,8 +242,7 @@ def build_shards(cfg: ShardConfig, dry_run: bool = False, progress: bool = True,
                                 "shards": len(plan.shards), "cells_per_block": cfg.cells_per_block,
                                 "blocks_per_shard": cfg.blocks_per_shard}, indent=1))
                 return None
-            make_plan(groups, cfg, lambda: read_obs("plan: assigning"), build_dir)
-    plan = load_plan(build_dir)  # its ids memory-mapped, not held
+            plan = make_plan(groups, cfg, lambda: read_obs("plan: assigning"), build_dir)  # ids memory-mapped
     mine = range(cfg.node_rank, len(plan.shards), cfg.num_nodes)
     todo = [i for i in mine if _completed(cfg.out, build_dir, plan.shards[i]["name"]) is None]
     pending = set(todo)
