@@ -298,5 +298,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The ``clopdit`` command: :func:`main`, then :func:`exit_process` (a training rank leaves
+    without interpreter finalization; see there why)."""
+    from .train.distributed import exit_process
+
     main(sys.argv[1:])
+    exit_process(0)
+
+
+if __name__ == "__main__":
+    entry()

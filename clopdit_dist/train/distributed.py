@@ -7,7 +7,9 @@ import atexit
 import json
 import os
 import socket
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -15,6 +17,7 @@ import torch.distributed as dist
 from .config import OptimConfig, TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+_GROUP_STARTED = False  # whether this process ever started a process group (see exit_process)
 
 
 def accelerator() -> str:
@@ -54,6 +57,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
         deepspeed.init_distributed(dist_backend="gloo" if dev == "cpu" else "nccl", verbose=False)
         atexit.unregister(_destroy_process_group)  # once, however many runs this process starts
         atexit.register(_destroy_process_group)
+        global _GROUP_STARTED
+        _GROUP_STARTED = True
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cpu") if dev == "cpu" else torch.device("cuda", local_rank)
     if dev == "cuda":
@@ -62,12 +67,35 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def _destroy_process_group() -> None:
-    """At exit, tear the process group down before interpreter teardown does it in whatever order:
-    once in CI a rank that had finished its run aborted on the way out ("terminate called without
-    an active exception", SIGABRT, tests/test_elastic.py zero3 on 7bfd0af), failing the job.
-    Not reproduced in reruns, so this is the likely cause, not a proven one."""
+    """At exit, tear the process groups down, and DeepSpeed's references to them, while the
+    interpreter is whole."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        import deepspeed.comm
+
+        if deepspeed.comm.is_initialized():
+            deepspeed.comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
+
+
+def exit_process(code: int = 0) -> NoReturn:
+    """End the process. One that started a process group runs the atexit handlers (process-group
+    teardown, W&B), flushes and leaves without interpreter finalization; any other exits as usual.
+
+    Finalization is where a launched rank could abort after its run had finished ("terminate
+    called without an active exception", SIGABRT; twice in CI, tests/test_elastic.py zero3,
+    about 1 run in 50 here): Gloo's worker threads outlive ``destroy_process_group`` because
+    ZeRO-3 parameters (``ds_process_group``) and DeepSpeed module globals (its forward-module
+    stack, an lru_cache in the parameter coordinator) still hold the groups, and a worker thread
+    that drops a tensor once finalization has begun needs the GIL, which Python 3.11 answers with
+    pthread_exit, fatal inside C++. The same hazard is described in pytorch/pytorch#179291.
+    Entry points call this after a run that succeeded; a failed run exits as usual."""
+    if not _GROUP_STARTED:
+        raise SystemExit(code)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def resolve_path(path: str) -> str:
