@@ -1,8 +1,8 @@
 """Which cell types does a run's codec lose? Per cell type of a held-out split: real cells encoded
 and sampled back to counts (the evaluator's ``codec_roundtrip``), judged by that split's kNN
-cell-type judge (``HeldoutSet``), beside the real cells' own accuracy (the cells the judge was fitted on: a reference, not a
-ceiling) and the type's training count.
-The evaluation's conditions leave out most rare types; this scores every type with >= 15 cells.
+cell-type judge (``HeldoutSet``). Beside it: the real cells' own accuracy (the cells the judge was
+fitted on: a reference, not a ceiling) and the type's training count. The evaluation's conditions
+leave out most rare types; this scores every type with >= 15 cells.
 
     python benchmarks/codec_types.py --run RUN --shards SHARDS [--split val] --name NAME --out F.jsonl
 
