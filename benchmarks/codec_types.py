@@ -32,14 +32,11 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
-    import torch
-
     from clopdit_dist.evaluate.baselines import codec_roundtrip, real_half
     from clopdit_dist.evaluate.evaluator import EvalConfig, HeldoutSet, read_cells
     from clopdit_dist.models.codec import load_codec
     from clopdit_dist.run import RunDir
 
-    torch.manual_seed(0)
     codec = load_codec(RunDir(args.run))
     with open(os.path.join(args.shards, "manifest.json")) as f:
         train_counts = json.load(f)["cell_types"]["train"]

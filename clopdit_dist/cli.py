@@ -298,12 +298,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
-def entry() -> None:
-    """The ``clopdit`` command: :func:`main`, then :func:`exit_process` (a training rank leaves
-    without interpreter finalization; see there why)."""
+def entry(argv: list[str] | None = None) -> None:
+    """The ``clopdit`` command and the launchers: :func:`main`, then :func:`exit_process` (a
+    training rank leaves without interpreter finalization; see there why)."""
     from .train.distributed import exit_process
 
-    main(sys.argv[1:])
+    main(sys.argv[1:] if argv is None else argv)
     exit_process(0)
 
 

@@ -11,9 +11,7 @@ KEY=VALUE (e.g. train.zero_stage=3 train.precision=bf16 data.batch_size=512).
 
 import sys
 
-from clopdit_dist.cli import main
-from clopdit_dist.train.distributed import exit_process
+from clopdit_dist.cli import entry
 
 if __name__ == "__main__":
-    main(["train", "dit", *sys.argv[1:]])
-    exit_process(0)
+    entry(["train", "dit", *sys.argv[1:]])
