@@ -74,6 +74,7 @@ class CellGenerator:
                 weight[key] = weight.get(key, 0.0) + g["n"]
             self._train_conditions, self._train_weight = list(weight), np.array(list(weight.values()))
             self._train_combinations = set(weight)
+            self._latent_means = condition_latent_means(groups)
 
     @classmethod
     def from_run(cls, run_dir: str, device="cpu", precision: str = "fp32", compile: bool = False) -> "CellGenerator":
@@ -197,10 +198,12 @@ class CellGenerator:
               for i in range(len(prompts))]
         items = [(c, m) for plan in plans for c, m in plan]  # (condition, cells), prompt after prompt
         counts_per = torch.tensor([m for _, m in items])
-        cond = self.cond.encode_fields([c for c, _ in items]).repeat_interleave(counts_per, dim=0)
-        drop = torch.tensor([[c.get(f) is None for f in CONDITION_FIELDS] for c, _ in items])
+        shifts = [self.disease_shift(c, sampler) for c, _ in items]
+        sampled = [c if sh is None else sh[0] for (c, _), sh in zip(items, shifts)]  # what the DiT is given
+        cond = self.cond.encode_fields(sampled).repeat_interleave(counts_per, dim=0)
+        drop = torch.tensor([[c.get(f) is None for f in CONDITION_FIELDS] for c in sampled])
         drop = drop.repeat_interleave(counts_per, dim=0) if drop.any() else None
-        samplers = [self.sampler_for(c, sampler) for c, _ in items]  # per item, in plan order
+        samplers = [self.sampler_for(c, sampler) for c in sampled]  # per item, in plan order
         composed = torch.tensor([s is not sampler for s in samplers]).repeat_interleave(counts_per)
         x0 = torch.cat(x0)
         z = torch.empty((len(cond), self.dit.latent_mean.numel()))
@@ -208,7 +211,12 @@ class CellGenerator:
             if rows.any():
                 z[rows] = self.latents(cond[rows], int(rows.sum()), smp, seed, batch_size,
                                        None if drop is None else drop[rows], x0[rows]).float().cpu()
-        parts, start, item_samplers = [], 0, iter(samplers)
+        if any(sh is not None for sh in shifts):
+            z += torch.cat([torch.zeros((m, z.shape[1])) if sh is None else sh[1].expand(m, -1)
+                            for (_, m), sh in zip(items, shifts)])
+        modes = ["disease_shift" if sh is not None else "composed" if smp is not sampler else "joint"
+                 for sh, smp in zip(shifts, samplers)]
+        parts, start, item_modes = [], 0, iter(modes)
         for i, (prompt, plan) in enumerate(zip(prompts, plans)):
             rng = np.random.default_rng([seed, i, 8])
             groups = [g for c, m in plan for g in self.library_groups(c, m, rng)]
@@ -218,8 +226,8 @@ class CellGenerator:
             for c, m in plan:
                 rows = slice(at, at + m)
                 at += m
-                parts.append(self._anndata(counts[rows], zi[rows], prompt, groups[rows], next(item_samplers),
-                                           prompt_seed(seed, i), lib[rows], c))
+                parts.append(self._anndata(counts[rows], zi[rows], prompt, groups[rows], sampler,
+                                           prompt_seed(seed, i), lib[rows], c, next(item_modes)))
             start += n[i]
         return self._concat(parts, "gen")
 
@@ -241,6 +249,32 @@ class CellGenerator:
                 condition[f] for f in CONDITION_FIELDS) in self._train_combinations):
             return sampler
         return replace(sampler, field_weights=(sampler.guidance,) * len(CONDITION_FIELDS))
+
+    def disease_shift(self, condition: dict, sampler: SamplerConfig) -> tuple[dict, torch.Tensor] | None:
+        """For a full combination (T, S, D) no training study has, with D not normal: the seen
+        healthy combination (T, S, normal) to sample, and the latent shift to add to its cells,
+        the disease's mean effect on type T in the tissues S' where training has both (T, S', D)
+        and (T, S', normal): sum_S' w_S' (mean z(T,S',D) - mean z(T,S',normal)), w_S' ∝ the
+        smaller cell count of the two. This is scGen's latent vector arithmetic (Lotfollahi et
+        al., Nat. Methods 2019) per cell type; the DiT keeps the healthy cells' spread. None
+        where it does not apply (the option off, a partial or seen combination, no healthy
+        counterpart, or no tissue to estimate the shift in): compositional guidance then."""
+        if not sampler.disease_shift or self.cond.mode != "fields" or not self._latent_means:
+            return None
+        if any(condition.get(f) is None for f in CONDITION_FIELDS):
+            return None
+        t, s, d = (condition[f] for f in CONDITION_FIELDS)
+        healthy = (t, s, HEALTHY)
+        if d == HEALTHY or (t, s, d) in self._train_combinations or healthy not in self._train_combinations:
+            return None
+        pairs = [(min(n, self._latent_means[(t, s2, HEALTHY)][0]), mu - self._latent_means[(t, s2, HEALTHY)][1])
+                 for (t2, s2, d2), (n, mu) in self._latent_means.items()
+                 if t2 == t and d2 == d and (t, s2, HEALTHY) in self._latent_means]
+        if not pairs:
+            return None
+        w = torch.tensor([n for n, _ in pairs], dtype=torch.float32)
+        shift = (w[:, None] * torch.stack([delta for _, delta in pairs])).sum(0) / w.sum()
+        return dict(zip(CONDITION_FIELDS, healthy)), shift
 
     def _concat(self, parts, prefix: str) -> ad.AnnData:
         for k, part in enumerate(parts):  # unique names before concat; renamed below
@@ -282,16 +316,20 @@ class CellGenerator:
             parts.append(part)
         return self._concat(parts, "traj")
 
-    def _anndata(self, counts, z, prompt, groups, sampler, seed, lib, condition: dict | None = None) -> ad.AnnData:
+    def _anndata(self, counts, z, prompt, groups, sampler, seed, lib, condition: dict | None = None,
+                 fields_mode: str | None = None) -> ad.AnnData:
         """Cells of one prompt: ``condition`` is what the cells were generated under (field
         mode; its None fields were left to the null), else the fields parsed from the prompt;
-        ``matched_*`` is the training group each cell's library size was drawn from."""
+        ``matched_*`` is the training group each cell's library size was drawn from;
+        ``guidance_fields`` says how the condition was applied (joint, composed over fields, or
+        a healthy combination with a disease shift)."""
         n = counts.shape[0]
         fields = condition if condition is not None else parse_fields(prompt)
         obs = pd.DataFrame({
             "prompt": prompt, **{f: fields.get(f) or "" for f in CONDITION_FIELDS},
             **{f"matched_{k}": [g[k] for g in groups] for k in (*CONDITION_FIELDS, "assay")},
-            "guidance": sampler.guidance, "guidance_fields": "composed" if sampler.field_weights else "joint",
+            "guidance": sampler.guidance,
+            "guidance_fields": fields_mode or ("composed" if sampler.field_weights else "joint"),
             "steps": sampler.steps,
             "sampler": sampler.method, "noise": sampler.noise, "seed": seed, "library_size": lib.astype(np.float32),
         }, index=[f"{seed}-{i}" for i in range(n)])
@@ -344,6 +382,22 @@ def _slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     omega = torch.arccos((a_n * b_n).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))
     so = torch.sin(omega)
     return (torch.sin((1 - alpha) * omega) / so) * a + (torch.sin(alpha * omega) / so) * b
+
+
+HEALTHY = "normal"  # Census's disease label of healthy donors
+
+
+def condition_latent_means(groups: list[dict]) -> dict[tuple, tuple[int, torch.Tensor]]:
+    """(cell type, tissue, disease) -> (cells, mean latent) pooled over assays, from the
+    library groups of ``latent_stats.json`` (runs whose statistics predate ``z_mean``: empty)."""
+    pooled: dict[tuple, tuple[int, torch.Tensor]] = {}
+    for g in groups:
+        if "z_mean" not in g:
+            return {}
+        key = tuple(g[f] for f in CONDITION_FIELDS)
+        n0, s0 = pooled.get(key, (0, 0.0))
+        pooled[key] = (n0 + g["n"], s0 + g["n"] * torch.tensor(g["z_mean"], dtype=torch.float32))
+    return {k: (n, s / n) for k, (n, s) in pooled.items()}
 
 
 def sampler_from(base: SamplerConfig, **kw) -> SamplerConfig:

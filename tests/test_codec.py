@@ -132,3 +132,61 @@ def test_a_new_combination_is_sampled_with_compositional_guidance(pca_run):
     np.testing.assert_array_equal(cells.X[:6].toarray(), explicit.X.toarray())
     assert not np.array_equal(cells.obsm["X_latent"][:6], joint.obsm["X_latent"])
     assert (joint.obs["guidance_fields"] == "joint").all()
+
+
+def test_a_new_disease_combination_is_its_healthy_combination_shifted_by_the_disease(pca_run, shards_dir):
+    """disease_shift: a new (type, tissue, disease) is sampled as (type, tissue, normal) and moved
+    by the disease's mean latent effect on that type in the tissues training has it in."""
+    import json
+    import os
+    from dataclasses import replace
+
+    import torch
+
+    from clopdit_dist.data.conditions import CONDITION_FIELDS
+    from clopdit_dist.data.loader import CellLoader, LoaderConfig
+    from clopdit_dist.generate import CellGenerator
+
+    gen = CellGenerator.from_run(pca_run)
+    seen = gen._train_combinations
+    candidates = [(t, s, d) for (t, s2, d) in seen for s in {c[1] for c in seen}
+                  if d != "normal" and (t, s, d) not in seen and (t, s, "normal") in seen and (t, s2, "normal") in seen]
+    assert candidates, "the test atlas has no new disease combination with a healthy counterpart"
+    t, s, d = new = sorted(candidates)[0]
+    prompt = "cell type: {}; tissue: {}; disease: {}".format
+    on = replace(gen.default_sampler, disease_shift=True)
+    cells = gen.generate([prompt(*new)], n=6, seed=3, sampler=on)
+    healthy = gen.generate([prompt(t, s, "normal")], n=6, seed=3, sampler=on)
+    assert (cells.obs["guidance_fields"] == "disease_shift").all() and (healthy.obs["guidance_fields"] == "joint").all()
+    assert tuple(cells.obs[list(CONDITION_FIELDS)].iloc[0]) == new
+
+    # the shift, from the training cells the DiT stage took its statistics from (the first batch of
+    # 1,024 at the fixture's stats_cells=500): mean latent with the disease minus without it, per
+    # tissue where those cells have both, weighted by the smaller of the two cell counts
+    batch = next(iter(CellLoader(shards_dir, LoaderConfig(split="train", genes=gen.codec.genes, batch_size=1024,
+                                                          num_workers=0, resampled=False, fields=CONDITION_FIELDS),
+                                 rank=0, world_size=1)))
+    z = gen.codec.encode(batch["counts"]).numpy()
+    meta = {f: np.asarray(batch[f]) for f in CONDITION_FIELDS}
+    deltas, weights = [], []
+    for tissue in sorted(set(meta["tissue_general"])):
+        sick = (meta["cell_type"] == t) & (meta["tissue_general"] == tissue) & (meta["disease"] == d)
+        well = (meta["cell_type"] == t) & (meta["tissue_general"] == tissue) & (meta["disease"] == "normal")
+        if sick.any() and well.any():
+            deltas.append(z[sick].mean(0) - z[well].mean(0))
+            weights.append(min(sick.sum(), well.sum()))
+    shift = np.average(deltas, axis=0, weights=weights)
+    np.testing.assert_allclose(cells.obsm["X_latent"] - healthy.obsm["X_latent"], np.broadcast_to(shift, (6, len(shift))),
+                               atol=1e-3)
+    assert np.abs(shift).max() > 1e-2
+
+    # off by default, and never for a seen or a partial combination
+    assert (gen.generate([prompt(*new)], n=2, seed=3).obs["guidance_fields"] == "composed").all()
+    assert gen.disease_shift({"cell_type": t, "tissue_general": s, "disease": "normal"}, on) is None
+    assert gen.disease_shift({"cell_type": t, "tissue_general": None, "disease": d}, on) is None
+    # a run whose statistics predate the per-group latent means falls back to compositional guidance
+    with open(os.path.join(pca_run, "dit", "latent_stats.json")) as f:
+        groups = json.load(f)["library"]["groups"]
+    assert all("z_mean" in g for g in groups)
+    gen._latent_means = {}
+    assert (gen.generate([prompt(*new)], n=2, seed=3, sampler=on).obs["guidance_fields"] == "composed").all()

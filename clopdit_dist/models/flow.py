@@ -62,6 +62,11 @@ class SamplerConfig:
     # field mode: a full (type, tissue, disease) combination no training study has is sampled
     # with compositional guidance, every field at ``guidance`` (the generator applies it)
     compose_unseen: bool = True
+    # field mode: a new combination whose healthy counterpart (type, tissue, normal) a training study
+    # has, and whose disease the type has in another tissue, is sampled healthy and shifted in the
+    # latent by that disease's mean effect on the type (the generator applies it; takes precedence
+    # over compose_unseen for those combinations)
+    disease_shift: bool = False
     interval: tuple[float, float] = (0.0, 1.0)  # apply guidance only for t in [lo, hi]
     noise: float = 0.0  # eta of the SDE sampler
 

@@ -114,8 +114,10 @@ class DiTStage(Stage):
 
     @torch.no_grad()
     def _statistics(self, run: RunDir) -> dict:
-        """Per-dimension latent mean/std and log library size (over the autoencoder's genes)
-        per (cell_type, tissue_general, disease, assay), from up to ``stats_cells`` cells."""
+        """Per-dimension latent mean/std, and per (cell_type, tissue_general, disease, assay)
+        the log library size (over the autoencoder's genes) and the mean latent (what a
+        disease shift is estimated from, :meth:`CellGenerator.disease_shift`), from up to
+        ``stats_cells`` cells."""
         loader = CellLoader(self.cfg.data.shards, LoaderConfig(
             split="train", genes=self.codec.genes, batch_size=1024, num_workers=0, resampled=False,
             fields=LIBRARY_KEYS), rank=0, world_size=1)
@@ -133,7 +135,8 @@ class DiTStage(Stage):
         for k in np.unique(keys):
             v = lib[keys == k]
             groups.append({**dict(zip(LIBRARY_KEYS, k.split("\x1f"))), "n": int(len(v)),
-                           "mean_log": float(v.mean()), "sd_log": float(v.std()) if len(v) > 1 else 0.3})
+                           "mean_log": float(v.mean()), "sd_log": float(v.std()) if len(v) > 1 else 0.3,
+                           "z_mean": [round(float(x), 5) for x in z[torch.from_numpy(keys == k)].mean(0)]})
         return {"latent_mean": z.mean(0).tolist(), "latent_std": z.std(0).clamp_min(1e-3).tolist(),
                 "library": {"keys": list(LIBRARY_KEYS), "unit": "total counts over the autoencoder's genes",
                             "groups": groups}}
