@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
-from .errors import ClopditError, IngestError, PromptError, ShardError
+from .errors import ClopditError, IngestError, PromptError, PromptWarning, ShardError
 
 
 def _csv(text: str) -> list[str]:
@@ -136,7 +137,14 @@ def cmd_generate(args) -> None:
     if args.interpolate:
         adata = gen.interpolate(*args.interpolate, points=args.points, n=args.n, sampler=sampler, seed=args.seed)
     else:
-        adata = gen.generate(prompts, n=args.n, sampler=sampler, seed=args.seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PromptWarning)
+            adata = gen.generate(prompts, n=args.n, sampler=sampler, seed=args.seed)
+        for w in caught:  # a prompt's warning as one line; any other as Python shows it
+            if issubclass(w.category, PromptWarning):
+                print(f"warning: {w.message}", file=sys.stderr)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     adata.write_h5ad(args.out)
     print(f"wrote {adata.n_obs} cells x {adata.n_vars} genes to {args.out}")
 

@@ -49,3 +49,9 @@ class IngestError(ClopditError, ValueError, KeyError):
 
 class PromptError(ClopditError, ValueError):
     """A prompt that names nothing the model can generate."""
+
+
+class PromptWarning(UserWarning):
+    """A prompt that names something the model cannot give (a tissue it was not trained on)
+    beside what it can: the cells are generated over all values of that field, and ``clopdit
+    generate`` prints this as one line."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import replace
 
 import anndata as ad
@@ -26,6 +27,7 @@ import scipy.sparse as sp
 import torch
 
 from .config import load_config_section
+from .errors import PromptWarning
 from .data.conditions import CONDITION_FIELDS, parse_fields, vocab_from_conditions
 from .models.codec import LatentCodec, load_codec
 from .models.condition import check_prompts, load_condition_encoder
@@ -151,11 +153,16 @@ class CellGenerator:
         them in proportion to their training cell counts: ancestral sampling of p(missing |
         named), so "lung" yields lung's cell-type composition. Where none agrees (a new
         combination), the named fields are used as given and the missing ones stay on the
-        DiT's learned null (compositional conditioning). A prompt that names nothing raises
-        :class:`~clopdit_dist.errors.PromptError` unless ``strict=False`` (evaluation), where it
-        gets the training marginal.
+        DiT's learned null (compositional conditioning). A prompt that names nothing this
+        model can give raises :class:`~clopdit_dist.errors.PromptError` unless ``strict=False``
+        (evaluation), where it gets the training marginal. A field it names but the model cannot
+        give (a tissue it was not trained on, "kidney") is left out, as if not named, with a
+        :class:`~clopdit_dist.errors.PromptWarning` (not under ``strict=False``).
         """
         r = self.resolver.resolve(prompt, allow_empty=not strict)
+        if strict and r.unresolved:
+            warnings.warn(PromptWarning(f"prompt {prompt!r}: {self.resolver.unresolved_reason(r)}; generated over "
+                                        "all of its values instead"), stacklevel=3)
         allowed = {f: {v for v, _ in r.candidates.get(f) or []} or ({r.fields[f]} if r.fields[f] else None)
                    for f in CONDITION_FIELDS}
         ok = np.array([all(allowed[f] is None or c[i] in allowed[f] for i, f in enumerate(CONDITION_FIELDS))

