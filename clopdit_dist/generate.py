@@ -27,8 +27,8 @@ import scipy.sparse as sp
 import torch
 
 from .config import load_config_section
-from .errors import PromptWarning
 from .data.conditions import CONDITION_FIELDS, parse_fields, vocab_from_conditions
+from .errors import PromptWarning
 from .models.codec import LatentCodec, load_codec
 from .models.condition import check_prompts, load_condition_encoder
 from .models.dit import DiTConfig, LatentDiT
@@ -221,7 +221,7 @@ class CellGenerator:
         if any(sh is not None for sh in shifts):
             z += torch.cat([torch.zeros((m, z.shape[1])) if sh is None else sh[1].expand(m, -1)
                             for (_, m), sh in zip(items, shifts)])
-        modes = ["disease_shift" if sh is not None else "composed" if smp is not sampler else "joint"
+        modes = ["disease_shift" if sh is not None else "composed" if smp.field_weights else "joint"
                  for sh, smp in zip(shifts, samplers)]
         parts, start, item_modes = [], 0, iter(modes)
         for i, (prompt, plan) in enumerate(zip(prompts, plans)):

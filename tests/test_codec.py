@@ -142,6 +142,7 @@ def test_a_new_combination_is_sampled_with_compositional_guidance(pca_run):
     explicit = gen.generate([prompt(*new)], n=6, seed=3, sampler=replace(gen.default_sampler, field_weights=(w, w, w)))
     joint = gen.generate([prompt(*new)], n=6, seed=3, sampler=replace(gen.default_sampler, compose_unseen=False))
     np.testing.assert_array_equal(cells.X[:6].toarray(), explicit.X.toarray())
+    assert (explicit.obs["guidance_fields"] == "composed").all()
     assert not np.array_equal(cells.obsm["X_latent"][:6], joint.obsm["X_latent"])
     assert (joint.obs["guidance_fields"] == "joint").all()
 
