@@ -400,7 +400,8 @@ class ResolvedPrompt:
     ``groups``: the parent group named, if any. ``unresolved``: per field, the prompt's text
     for it where it names something this model cannot give: a structured value that matched
     no label above the threshold, or a Census label outside the vocabulary (the field is then
-    None; the generator refuses such a prompt, evaluation marginalises the field).
+    None: the generator leaves it out with a warning, or refuses the prompt if it names nothing
+    else; evaluation marginalises it). ``absent``: for the latter, the Census label named.
     ``structured``: whether the prompt had recognised "key: value" pairs.
     """
 
@@ -410,7 +411,7 @@ class ResolvedPrompt:
     candidates: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
     groups: dict[str, str | None] = field(default_factory=dict)
     unresolved: dict[str, str] = field(default_factory=dict)
-    absent: dict[str, str] = field(default_factory=dict)  # field -> the Census label named, of unresolved ones
+    absent: dict[str, str] = field(default_factory=dict)
     structured: bool = False
     prompt: str = ""
 

@@ -34,6 +34,11 @@ Method
    than the group (e.g. "CD8-positive T lymphocyte" around "T lymphocyte") refines the group
    to that child. Why candidates rather than one leaf: "T cells" is a mixture, and picking
    the nearest leaf would silently generate CD4 T cells only.
+4. Names the model lacks: the CELLxGENE Census labels of ``vocab/census_labels.yaml`` that
+   are not in the vocabulary take part in step 2 with exact matches only. A field won by one
+   ("kidney", "podocytes") is None and listed in ``unresolved`` / ``absent``, so the
+   generator can say so instead of reading the name as the nearest label by meaning (the
+   tower puts "kidney" at 0.62 from "liver", above the tissue threshold).
 
 The held-out "reworded" and "rare" tables are never read: they are the evaluation's wording.
 
@@ -264,8 +269,7 @@ class PromptResolver:
                     continue
                 others = [c.span for g, c in picked.items() if g != f]
                 chosen[f] = self._refine(m, spans, scores, others)
-        out = self._result(prompt, chosen, unresolved, structured=bool(known))
-        out.absent.update(absent)
+        out = self._result(prompt, chosen, unresolved, absent, structured=bool(known))
         if not allow_empty and all(v is None for v in out.fields.values()):
             why = self.unresolved_reason(out) if unresolved else \
                 "it names no cell type, tissue or disease this model knows"
@@ -308,7 +312,7 @@ class PromptResolver:
                 best = Match(m.field, s, self.entries[j], leaf)
         return best or m
 
-    def _result(self, prompt: str, chosen: dict[str, Match], unresolved: dict[str, str],
+    def _result(self, prompt: str, chosen: dict[str, Match], unresolved: dict[str, str], absent: dict[str, str],
                 structured: bool) -> ResolvedPrompt:
         fields, conf, spans, cands, groups = {}, {}, {}, {}, {}
         for f in CONDITION_FIELDS:
@@ -326,8 +330,8 @@ class PromptResolver:
             conf[f] = round(GROUP_DISCOUNT * m.score * w, 4)
             cands[f] = [(c, w) for c in children]
             groups[f] = m.entry.label
-        return ResolvedPrompt(fields, conf, spans, cands, groups, unresolved=unresolved, structured=structured,
-                              prompt=prompt)
+        return ResolvedPrompt(fields, conf, spans, cands, groups, unresolved=unresolved, absent=absent,
+                              structured=structured, prompt=prompt)
 
     def _nearest_child(self, text: str, f: str, children: list[str]) -> str:
         e = self._embed([text])[0]
