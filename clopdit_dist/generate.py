@@ -27,7 +27,7 @@ import scipy.sparse as sp
 import torch
 
 from .config import load_config_section
-from .data.conditions import CONDITION_FIELDS, parse_fields, vocab_from_conditions
+from .data.conditions import CONDITION_FIELDS, organisms_named, parse_fields, vocab_from_conditions
 from .errors import PromptWarning
 from .models.codec import LatentCodec, load_codec
 from .models.condition import check_prompts, load_condition_encoder
@@ -57,6 +57,8 @@ class CellGenerator:
         self._velocity = Compiled(self.dit) if compile else self.dit
         self.library = library
         manifest = run.manifest()
+        organism = (manifest.data.get("source") or {}).get("organism") or ""  # Census style: "homo_sapiens"
+        self.organism = organism.replace("_", " ").capitalize() or None  # "Homo sapiens"
         ids = codec.genes
         index = {f: i for i, f in enumerate(manifest.feature_ids)}
         self.var = pd.DataFrame({"feature_id": ids, "feature_name": [manifest.feature_names[index[f]] for f in ids]},
@@ -157,12 +159,17 @@ class CellGenerator:
         model can give raises :class:`~clopdit_dist.errors.PromptError` unless ``strict=False``
         (evaluation), where it gets the training marginal. A field it names but the model cannot
         give (a tissue it was not trained on, "kidney") is left out, as if not named, with a
-        :class:`~clopdit_dist.errors.PromptWarning` (not under ``strict=False``).
+        :class:`~clopdit_dist.errors.PromptWarning` (not under ``strict=False``); so is another
+        organism than the one the model was trained on ("mouse" of a human model).
         """
         r = self.resolver.resolve(prompt, allow_empty=not strict)
         if strict and r.unresolved:
             warnings.warn(PromptWarning(f"prompt {prompt!r}: {self.resolver.unresolved_reason(r)}; generated over "
                                         "all of its values instead"), stacklevel=3)
+        other = sorted(organisms_named(prompt) - {self.organism}) if strict and self.organism else []
+        if other:
+            warnings.warn(PromptWarning(f"prompt {prompt!r} names {' and '.join(other)}, but this model was trained "
+                                        f"on {self.organism} cells only: these are {self.organism} cells"), stacklevel=3)
         allowed = {f: {v for v, _ in r.candidates.get(f) or []} or ({r.fields[f]} if r.fields[f] else None)
                    for f in CONDITION_FIELDS}
         ok = np.array([all(allowed[f] is None or c[i] in allowed[f] for i, f in enumerate(CONDITION_FIELDS))

@@ -104,6 +104,8 @@ def test_a_run_on_the_pca_codec_trains_clop_and_the_dit_and_generates(pca_run, s
     with pytest.warns(PromptWarning, match="tissue 'kidney' is a Census tissue this model was not trained on"):
         kidney = gen.generate(["cell type: B cell; tissue: kidney"], n=8, seed=0)
     assert set(kidney.obs["cell_type"]) <= {"naive B cell", "memory B cell"} and "kidney" not in set(kidney.obs["tissue_general"])
+    with pytest.warns(PromptWarning, match="trained on Homo sapiens cells only"):  # the test atlas is human
+        gen.generate(["mouse B cells"], n=2, seed=0)
     out = str(tmp_path / "g.h5ad")
     r = subprocess.run([sys.executable, "-m", "clopdit_dist.cli", "generate", "--run", run, "--prompt", "B cells, kidney",
                         "--n", "4", "--out", out], env=env, capture_output=True, text=True)

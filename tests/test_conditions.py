@@ -104,6 +104,15 @@ def test_resolver_never_uses_heldout_names():
             assert set(train_names(FIELD_KIND[f], label)) <= {e.name for e in entries if e.label == label}
 
 
+def test_organisms_named_word_for_word():
+    from clopdit_dist.data.conditions import organisms_named
+
+    assert organisms_named("mouse lung macrophages") == {"Mus musculus"}
+    assert organisms_named("T cells from mice; organism: Homo sapiens") == {"Mus musculus", "Homo sapiens"}
+    assert organisms_named("healthy human liver") == {"Homo sapiens"}
+    assert organisms_named("mousetrap B cells") == organisms_named("lung") == set()
+
+
 # ------------------------------------------------------------------ with the text tower
 
 @pytest.fixture(scope="module")

@@ -338,6 +338,24 @@ def candidate_spans(text: str, max_words: int = 6) -> list[Span]:
     return spans
 
 
+def organisms_named(text: str) -> set[str]:
+    """The organisms ("Homo sapiens", "Mus musculus") that ``text`` names by one of their names
+    in train_names.yaml or census_labels.yaml, word for word: {"Mus musculus"} for "mouse lung
+    macrophages" or "murine monocytes"."""
+    extra = vocab_file("census_labels").get("organism") or {}
+    names = {normalize_name(n): label for label in train_tables()["organism"]
+             for n in [*train_names("organism", label), *(extra.get(label) or ())]}
+    found = set()
+    for words in prompt_words(text):
+        w = [x[0] for x in words]
+        for i in range(len(w)):
+            for j in range(i + 1, min(len(w), i + 2) + 1):
+                label = names.get(normalize_name(" ".join(w[i:j])))
+                if label:
+                    found.add(label)
+    return found
+
+
 def has_words(text: str) -> bool:
     return bool(re.search(r"\w", text or ""))
 
