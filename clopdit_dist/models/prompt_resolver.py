@@ -143,7 +143,9 @@ class PromptResolver:
         self._is_group = np.array([bool(e.group) for e in self.entries])
         self._in_model = np.array([e.in_model for e in self.entries])
         self._acronym = np.array([e.acronym for e in self.entries])
-        self._name_emb = self._embed([e.name for e in self.entries])
+        # names of labels the model lacks match exactly or not at all: no embedding needed
+        self._name_emb = np.zeros((len(self.entries), self.tower.dim), dtype=np.float32)
+        self._name_emb[self._in_model] = self._embed([e.name for e in self.entries if e.in_model])
         # field -> each group's non-acronym names as word tuples: interchangeable inside a longer name
         groups: dict[tuple[str, str], list[tuple[str, ...]]] = {}
         for e in self.entries:
