@@ -281,9 +281,11 @@ class CellGenerator:
         healthy = (t, s, HEALTHY)
         if d == HEALTHY or (t, s, d) in self._train_combinations or healthy not in self._train_combinations:
             return None
-        pairs = [(min(n, self._latent_means[(t, s2, HEALTHY)][0]), mu - self._latent_means[(t, s2, HEALTHY)][1])
-                 for (t2, s2, d2), (n, mu) in self._latent_means.items()
-                 if t2 == t and d2 == d and (t, s2, HEALTHY) in self._latent_means]
+        pairs = []  # (weight, mean z with the disease - mean z without it) per tissue that has both
+        for (t2, s2, d2), (n, mu) in self._latent_means.items():
+            well = self._latent_means.get((t, s2, HEALTHY))
+            if t2 == t and d2 == d and well is not None:
+                pairs.append((min(n, well[0]), mu - well[1]))
         if not pairs:
             return None
         w = torch.tensor([n for n, _ in pairs], dtype=torch.float32)

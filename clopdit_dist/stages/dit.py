@@ -133,10 +133,11 @@ class DiTStage(Stage):
         groups = []
         keys = np.array(keys)
         for k in np.unique(keys):
-            v = lib[keys == k]
+            rows = keys == k
+            v = lib[rows]
             groups.append({**dict(zip(LIBRARY_KEYS, k.split("\x1f"))), "n": int(len(v)),
                            "mean_log": float(v.mean()), "sd_log": float(v.std()) if len(v) > 1 else 0.3,
-                           "z_mean": [round(float(x), 5) for x in z[torch.from_numpy(keys == k)].mean(0)]})
+                           "z_mean": [round(float(x), 5) for x in z[torch.from_numpy(rows)].mean(0)]})
         return {"latent_mean": z.mean(0).tolist(), "latent_std": z.std(0).clamp_min(1e-3).tolist(),
                 "library": {"keys": list(LIBRARY_KEYS), "unit": "total counts over the autoencoder's genes",
                             "groups": groups}}
