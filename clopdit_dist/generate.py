@@ -29,6 +29,7 @@ import torch
 from .config import load_config_section
 from .data.conditions import CONDITION_FIELDS, organisms_named, parse_fields, vocab_from_conditions
 from .errors import PromptWarning
+from .models.autoencoder import draw_counts
 from .models.codec import LatentCodec, load_codec
 from .models.condition import check_prompts, load_condition_encoder
 from .models.dit import DiTConfig, LatentDiT
@@ -125,12 +126,21 @@ class CellGenerator:
         return torch.cat(out)
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, groups: list[dict], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    def decode(self, z: torch.Tensor, groups: list[dict], seed: int,
+               log_shift: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Counts of latents ``z`` with library sizes drawn from ``groups``; ``log_shift`` (n, genes),
+        where given, is added to the decoded log-proportions before the draw."""
         g = torch.Generator(device=self.device).manual_seed(seed + 1)
         mean = torch.tensor([gr["mean_log"] for gr in groups], device=self.device)
         sd = torch.tensor([gr["sd_log"] for gr in groups], device=self.device)
         lib = torch.exp(mean + sd * torch.randn(len(groups), generator=g, device=self.device)).round().clamp_min(1)
-        counts = self.codec.sample(z, lib, generator=g)
+        if log_shift is None:
+            counts = self.codec.sample(z, lib, generator=g)
+        else:
+            params = self.codec.decode(z, lib)
+            mu = params["mu"] * log_shift.to(params["mu"]).exp()
+            params["mu"] = mu / mu.sum(-1, keepdim=True) * lib.unsqueeze(-1)
+            counts = draw_counts(params, g)
         return counts.cpu().numpy(), lib.cpu().numpy()
 
     def library_groups(self, condition: dict, n: int, rng: np.random.Generator) -> list[dict]:
@@ -225,9 +235,15 @@ class CellGenerator:
             if rows.any():
                 z[rows] = self.latents(cond[rows], int(rows.sum()), smp, seed, batch_size,
                                        None if drop is None else drop[rows], x0[rows]).float().cpu()
+        log_shift = None
         if any(sh is not None for sh in shifts):
-            z += torch.cat([torch.zeros((m, z.shape[1])) if sh is None else sh[1].expand(m, -1)
-                            for (_, m), sh in zip(items, shifts)])
+            width = z.shape[1] if sampler.disease_shift == "latent" else len(self.codec.genes)
+            shift = torch.cat([torch.zeros((m, width)) if sh is None else sh[1].expand(m, -1)
+                               for (_, m), sh in zip(items, shifts)])
+            if sampler.disease_shift == "latent":
+                z += shift
+            else:
+                log_shift = shift
         modes = ["disease_shift" if sh is not None else "composed" if smp.field_weights else "joint"
                  for sh, smp in zip(shifts, samplers)]
         parts, start, item_modes = [], 0, iter(modes)
@@ -235,7 +251,9 @@ class CellGenerator:
             rng = np.random.default_rng([seed, i, 8])
             groups = [g for c, m in plan for g in self.library_groups(c, m, rng)]
             zi = z[start:start + n[i]]
-            counts, lib = self.decode(zi, groups, prompt_seed(seed, i))
+            shift_i = None if log_shift is None else log_shift[start:start + n[i]]
+            counts, lib = self.decode(zi, groups, prompt_seed(seed, i),
+                                      shift_i if shift_i is not None and shift_i.any() else None)
             at = 0
             for c, m in plan:
                 rows = slice(at, at + m)
@@ -266,14 +284,20 @@ class CellGenerator:
 
     def disease_shift(self, condition: dict, sampler: SamplerConfig) -> tuple[dict, torch.Tensor] | None:
         """For a full combination (T, S, D) no training study has, with D not normal: the seen
-        healthy combination (T, S, normal) to sample, and the latent shift to add to its cells,
-        the disease's mean effect on type T in the tissues S' where training has both (T, S', D)
-        and (T, S', normal): sum_S' w_S' (mean z(T,S',D) - mean z(T,S',normal)), w_S' ∝ the
-        smaller cell count of the two. This is scGen's latent vector arithmetic (Lotfollahi et
-        al., Nat. Methods 2019) per cell type; the DiT keeps the healthy cells' spread. None
-        where it does not apply (the option off, a partial or seen combination, no healthy
-        counterpart, or no tissue to estimate the shift in): compositional guidance then."""
-        if not sampler.disease_shift or self.cond.mode != "fields" or not self._latent_means:
+        healthy combination (T, S, normal) to sample, and the disease's mean effect on type T in
+        the tissues S' where training has both (T, S', D) and (T, S', normal), weighted by the
+        smaller cell count of the two, to add to its cells.
+
+        ``latent``: the effect in the latent, sum_S' w_S' (mean z(T,S',D) - mean z(T,S',normal)):
+        scGen's latent vector arithmetic (Lotfollahi et al., Nat. Methods 2019) per cell type.
+        ``expression``: the same pairs' effect on the decoded log-proportions, log p(mean
+        z(T,S',D)) - log p(mean z(T,S',normal)), added to the healthy cells' decoded
+        log-proportions: the additive model of perturbation effects in log expression, which
+        linear baselines of perturbation prediction use (Ahlmann-Eltze et al., Nat. Methods 2025).
+        Either way the DiT keeps the healthy cells' spread. None where it does not apply (the
+        option off, a partial or seen combination, no healthy counterpart, or no tissue to
+        estimate the effect in): compositional guidance then."""
+        if sampler.disease_shift == "off" or self.cond.mode != "fields" or not self._latent_means:
             return None
         if any(condition.get(f) is None for f in CONDITION_FIELDS):
             return None
@@ -281,16 +305,22 @@ class CellGenerator:
         healthy = (t, s, HEALTHY)
         if d == HEALTHY or (t, s, d) in self._train_combinations or healthy not in self._train_combinations:
             return None
-        pairs = []  # (weight, mean z with the disease - mean z without it) per tissue that has both
+        pairs = []  # (weight, mean z with the disease, mean z without it) per tissue that has both
         for (t2, s2, d2), (n, mu) in self._latent_means.items():
             well = self._latent_means.get((t, s2, HEALTHY))
             if t2 == t and d2 == d and well is not None:
-                pairs.append((min(n, well[0]), mu - well[1]))
+                pairs.append((min(n, well[0]), mu, well[1]))
         if not pairs:
             return None
-        w = torch.tensor([n for n, _ in pairs], dtype=torch.float32)
-        shift = (w[:, None] * torch.stack([delta for _, delta in pairs])).sum(0) / w.sum()
-        return dict(zip(CONDITION_FIELDS, healthy)), shift
+        w = torch.tensor([n for n, _, _ in pairs], dtype=torch.float32)[:, None]
+        sick, well = torch.stack([p[1] for p in pairs]), torch.stack([p[2] for p in pairs])
+        if sampler.disease_shift == "expression":
+            with torch.no_grad():
+                one = torch.ones(len(pairs), device=self.device)
+                log_p = [self.codec.decode(x.to(self.device), one)["mu"].float().clamp_min(1e-12).log().cpu()
+                         for x in (sick, well)]
+            sick, well = log_p
+        return dict(zip(CONDITION_FIELDS, healthy)), (w * (sick - well)).sum(0) / w.sum()
 
     def _concat(self, parts, prefix: str) -> ad.AnnData:
         for k, part in enumerate(parts):  # unique names before concat; renamed below

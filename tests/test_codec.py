@@ -151,7 +151,8 @@ def test_a_new_combination_is_sampled_with_compositional_guidance(pca_run):
 
 def test_a_new_disease_combination_is_its_healthy_combination_shifted_by_the_disease(pca_run, shards_dir):
     """disease_shift: a new (type, tissue, disease) is sampled as (type, tissue, normal) and moved
-    by the disease's mean latent effect on that type in the tissues training has it in."""
+    by the disease's mean effect on that type in the tissues training has it in, in the latent
+    or in the decoded log-proportions."""
     import json
     import os
     from dataclasses import replace
@@ -182,17 +183,35 @@ def test_a_new_disease_combination_is_its_healthy_combination_shifted_by_the_dis
                                  rank=0, world_size=1)))
     z = gen.codec.encode(batch["counts"]).numpy()
     meta = {f: np.asarray(batch[f]) for f in CONDITION_FIELDS}
-    deltas, weights = [], []
+    sick_means, well_means, weights = [], [], []
     for tissue in sorted(set(meta["tissue_general"])):
         sick = (meta["cell_type"] == t) & (meta["tissue_general"] == tissue) & (meta["disease"] == d)
         well = (meta["cell_type"] == t) & (meta["tissue_general"] == tissue) & (meta["disease"] == "normal")
         if sick.any() and well.any():
-            deltas.append(z[sick].mean(0) - z[well].mean(0))
+            sick_means.append(z[sick].mean(0))
+            well_means.append(z[well].mean(0))
             weights.append(min(sick.sum(), well.sum()))
-    shift = np.average(deltas, axis=0, weights=weights)
+    shift = np.average(np.subtract(sick_means, well_means), axis=0, weights=weights)
     np.testing.assert_allclose(cells.obsm["X_latent"] - healthy.obsm["X_latent"], np.broadcast_to(shift, (6, len(shift))),
                                atol=1e-3)
     assert np.abs(shift).max() > 1e-2
+
+    # in expression space: the same healthy latents; the same pairs' difference of decoded
+    # log-proportions (of the mean latents) added before the draw, so the genes it raises most
+    # take a larger share of the counts than in the healthy cells of the same latents
+    log_p = [gen.codec.decode(torch.from_numpy(np.stack(means)).float(), torch.ones(len(means)))["mu"].clamp_min(1e-12).log()
+             for means in (sick_means, well_means)]
+    expected = np.average((log_p[0] - log_p[1]).numpy(), axis=0, weights=weights)
+    expr = replace(gen.default_sampler, disease_shift="expression")
+    healthy_condition, log_shift = gen.disease_shift(dict(zip(CONDITION_FIELDS, new)), expr)
+    assert tuple(healthy_condition.values()) == (t, s, "normal")
+    np.testing.assert_allclose(log_shift.numpy(), expected, atol=1e-4)
+    sick_cells = gen.generate([prompt(*new)], n=400, seed=3, sampler=expr)
+    well_cells = gen.generate([prompt(t, s, "normal")], n=400, seed=3, sampler=expr)
+    assert (sick_cells.obs["guidance_fields"] == "disease_shift").all()
+    np.testing.assert_allclose(sick_cells.obsm["X_latent"], well_cells.obsm["X_latent"], atol=1e-5)
+    up = np.argsort(-expected)[:20]
+    assert sick_cells.X[:, up].sum() / sick_cells.X.sum() > 1.2 * well_cells.X[:, up].sum() / well_cells.X.sum()
 
     # off by default, and never for a seen or a partial combination
     assert (gen.generate([prompt(*new)], n=2, seed=3).obs["guidance_fields"] == "composed").all()

@@ -103,3 +103,17 @@ def test_a_small_dit_learns_two_conditions():
                    torch.Generator().manual_seed(1))
         assert math.copysign(1, x.mean().item()) == math.copysign(1, target)
         assert abs(x.mean().item() - target) < 0.6
+
+
+def test_the_disease_shift_option_reads_its_old_boolean_and_names_its_choices(tmp_path):
+    from clopdit_dist.config import load_config_section
+    from clopdit_dist.errors import ConfigError
+
+    old = tmp_path / "dit.yaml"  # a run's saved config from when the option was a bool
+    old.write_text("sampler:\n  disease_shift: false\n")
+    assert load_config_section(SamplerConfig, str(old), "sampler").disease_shift == "off"
+    old.write_text("sampler:\n  disease_shift: true\n")
+    assert load_config_section(SamplerConfig, str(old), "sampler").disease_shift == "latent"
+    assert SamplerConfig(disease_shift="expression").disease_shift == "expression"
+    with pytest.raises(ConfigError, match="choose off, latent, expression"):
+        SamplerConfig(disease_shift="genes")

@@ -140,13 +140,18 @@ class CountAutoencoder(nn.Module):
     @torch.no_grad()
     def sample(self, z: torch.Tensor, library_size: torch.Tensor, generator: torch.Generator | None = None):
         """Counts drawn from the decoded NB/ZINB (Gamma-Poisson), as float32 integers."""
-        p = self.decode(z, library_size)
-        mu, theta = p["mu"], p["theta"]
-        x = torch.poisson(_gamma(theta, generator) * (mu / theta), generator=generator)
-        if "pi_logits" in p:
-            drop = torch.rand(x.shape, generator=generator, device=x.device) < torch.sigmoid(p["pi_logits"])
-            x = x.masked_fill(drop, 0.0)
-        return x
+        return draw_counts(self.decode(z, library_size), generator)
+
+
+def draw_counts(params: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+    """Counts (float32 integers) from decoded NB parameters (``mu``, ``theta``) as a Gamma-Poisson
+    mixture, zero-inflated where ``pi_logits`` is given."""
+    mu, theta = params["mu"], params["theta"]
+    x = torch.poisson(_gamma(theta, generator) * (mu / theta), generator=generator)
+    if "pi_logits" in params:
+        drop = torch.rand(x.shape, generator=generator, device=x.device) < torch.sigmoid(params["pi_logits"])
+        x = x.masked_fill(drop, 0.0)
+    return x
 
 
 def _gamma(alpha: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from ..data.manifest import write_json_atomic
 from ..run import RunDir, RunDirError
-from .autoencoder import AEConfig, CountAutoencoder, _gamma, log_normalize
+from .autoencoder import AEConfig, CountAutoencoder, _gamma, draw_counts, log_normalize
 
 
 @runtime_checkable
@@ -147,8 +147,7 @@ class PCACodec(nn.Module):
 
     @torch.no_grad()
     def sample(self, z, library_size, generator=None):
-        p = self.decode(z, library_size)
-        return nb_sample(p["mu"], p["theta"], generator)
+        return draw_counts(self.decode(z, library_size), generator)
 
     @classmethod
     def fit(cls, counts: np.ndarray, genes: list[str], n_components: int, seed: int = 0) -> "PCACodec":

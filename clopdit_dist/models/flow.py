@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
+
 
 @dataclass
 class FlowConfig:
@@ -53,6 +55,9 @@ def flow_matching_loss(model, x1: torch.Tensor, cond: torch.Tensor, cfg: FlowCon
     return err.mean() if weight is None else (err.flatten(1).mean(1) * weight.to(err)).mean()
 
 
+DISEASE_SHIFTS = ("off", "latent", "expression")
+
+
 @dataclass
 class SamplerConfig:
     method: str = "euler"  # euler, heun, midpoint, sde
@@ -63,12 +68,19 @@ class SamplerConfig:
     # with compositional guidance, every field at ``guidance`` (the generator applies it)
     compose_unseen: bool = True
     # field mode: a new combination whose healthy counterpart (type, tissue, normal) a training study
-    # has, and whose disease the type has in another tissue, is sampled healthy and shifted in the
-    # latent by that disease's mean effect on the type (the generator applies it; takes precedence
-    # over compose_unseen for those combinations)
-    disease_shift: bool = False
+    # has, and whose disease the type has in another tissue, is sampled healthy and shifted by that
+    # disease's mean effect on the type (the generator applies it; takes precedence over compose_unseen
+    # for those combinations): "latent" adds it to the latent, "expression" to the decoded
+    # log-proportions; "off" (or false) leaves such combinations to compose_unseen
+    disease_shift: str = "off"
     interval: tuple[float, float] = (0.0, 1.0)  # apply guidance only for t in [lo, hi]
     noise: float = 0.0  # eta of the SDE sampler
+
+    def __post_init__(self):
+        legacy = {"false": "off", "true": "latent"}  # configs written when the option was a bool
+        self.disease_shift = legacy.get(str(self.disease_shift).lower(), str(self.disease_shift))
+        if self.disease_shift not in DISEASE_SHIFTS:
+            raise ConfigError(f"sampler.disease_shift={self.disease_shift!r}: choose {', '.join(DISEASE_SHIFTS)}")
 
     def nfe_per_step(self, guided: bool = True) -> int:
         evals = 2 if self.method in ("heun", "midpoint") else 1
