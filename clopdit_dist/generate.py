@@ -27,7 +27,7 @@ import scipy.sparse as sp
 import torch
 
 from .config import load_config_section
-from .data.conditions import CONDITION_FIELDS, organisms_named, parse_fields, vocab_from_conditions
+from .data.conditions import CONDITION_FIELDS, FIELD_NAMES, organisms_named, parse_fields, vocab_from_conditions
 from .errors import PromptWarning
 from .models.autoencoder import draw_counts
 from .models.codec import LatentCodec, load_codec
@@ -170,12 +170,18 @@ class CellGenerator:
         (evaluation), where it gets the training marginal. A field it names but the model cannot
         give (a tissue it was not trained on, "kidney") is left out, as if not named, with a
         :class:`~clopdit_dist.errors.PromptWarning` (not under ``strict=False``); so is another
-        organism than the one the model was trained on ("mouse" of a human model).
+        organism than the one the model was trained on ("mouse" of a human model). A field it
+        names more narrowly than the model knows ("Kupffer cells") is generated as the model's
+        label ("macrophage"), with a warning that says so.
         """
         r = self.resolver.resolve(prompt, allow_empty=not strict)
         if strict and r.unresolved:
             warnings.warn(PromptWarning(f"prompt {prompt!r}: {self.resolver.unresolved_reason(r)}; generated over "
                                         "all of its values instead"), stacklevel=3)
+        if strict and r.narrowed:
+            said = "; ".join(f"{FIELD_NAMES[f]} {text!r} is generated as {r.fields[f]!r}, the nearest {FIELD_NAMES[f]} "
+                             "this model was trained on" for f, text in r.narrowed.items())
+            warnings.warn(PromptWarning(f"prompt {prompt!r}: {said}"), stacklevel=3)
         other = sorted(organisms_named(prompt) - {self.organism}) if strict and self.organism else []
         if other:
             warnings.warn(PromptWarning(f"prompt {prompt!r} names {' and '.join(other)}, but this model was trained "

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from clopdit_dist.data.conditions import vocab_file
 from clopdit_dist.data.loader import CellLoader, LoaderConfig
 from clopdit_dist.errors import PromptWarning
 from clopdit_dist.models.autoencoder import AEConfig, CountAutoencoder
@@ -106,6 +107,12 @@ def test_a_run_on_the_pca_codec_trains_clop_and_the_dit_and_generates(pca_run, s
     assert set(kidney.obs["cell_type"]) <= {"naive B cell", "memory B cell"} and "kidney" not in set(kidney.obs["tissue_general"])
     with pytest.warns(PromptWarning, match="trained on Homo sapiens cells only"):  # the test atlas is human
         gen.generate(["mouse B cells"], n=2, seed=0)
+    # a name narrower than the model's label is generated as that label, and said so
+    label, name = next((label, names[0]) for label, names in vocab_file("narrower")["cell_type"].items()
+                       if label in gen.resolver.vocab["cell_type"])
+    with pytest.warns(PromptWarning, match=f"cell type '{name}' is generated as '{label}'"):
+        narrowed = gen.generate([name], n=4, seed=0)
+    assert set(narrowed.obs["cell_type"]) == {label}
     out = str(tmp_path / "g.h5ad")
     r = subprocess.run([sys.executable, "-m", "clopdit_dist.cli", "generate", "--run", run, "--prompt", "B cells, kidney",
                         "--n", "4", "--out", out], env=env, capture_output=True, text=True)

@@ -284,3 +284,34 @@ def test_a_group_synonym_inside_a_name_is_that_name(resolver):
     r = resolver.resolve("activated T lymphocytes")
     assert r.groups["cell_type"] == "T cell" and len(r.candidates["cell_type"]) == 3
     assert resolver.resolve("T lymphocytes").groups["cell_type"] == "T cell"  # the group name alone stays the group
+
+
+def test_a_narrower_census_name_is_answered_with_the_models_label(resolver):
+    """"Kupffer cells" of a model that knows only "macrophage" is generated as macrophages and
+    said so (``narrowed``); a newer disease name (MASLD) likewise. Exact names only."""
+    r = resolver.resolve("Kupffer cells from a fatty liver")
+    assert r.fields == {"cell_type": "macrophage", "tissue_general": "liver",
+                        "disease": "non-alcoholic fatty liver disease"}
+    assert r.narrowed == {"cell_type": "Kupffer cells"} and r.absent == {}
+    r = resolver.resolve("hepatocytes from a patient with NASH")
+    assert r.fields["disease"] == "non-alcoholic fatty liver disease" and r.narrowed == {"disease": "NASH"}
+    assert resolver.resolve("T follicular helper cells in lymph node").fields["cell_type"] == \
+        "CD4-positive, alpha-beta T cell"
+    # the model's own names are not narrowed; a near-miss of a narrower name pulls nothing
+    assert resolver.resolve("macrophages in the liver").narrowed == {}
+    assert resolver.resolve("Kupffer-like stellate thing", allow_empty=True).narrowed == {}
+    # a model that has the narrower label resolves it as its own
+    from clopdit_dist.models.prompt_resolver import PromptResolver
+
+    with_kupffer = PromptResolver(resolver.tower, {**VOCAB, "cell_type": [*VOCAB["cell_type"], "Kupffer cell"]})
+    r = with_kupffer.resolve("Kupffer cells")
+    assert r.fields["cell_type"] == "Kupffer cell" and r.narrowed == {}
+
+
+def test_a_child_named_beside_its_group_wins(resolver):
+    """"ciliated" (a ciliated cell's name) and "epithelial cells" (a group with ciliated cells in it)
+    both match exactly; the longer group span used to win and give a mixture of epithelial types."""
+    r = resolver.resolve("ciliated airway epithelial cells")
+    assert r.candidates["cell_type"] == [("ciliated cell", 1.0)] and r.groups["cell_type"] is None
+    # a group whose children the other name is not among stays a group
+    assert resolver.resolve("T cells and dendritic cells").groups["cell_type"] is not None

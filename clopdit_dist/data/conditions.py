@@ -80,7 +80,7 @@ def vocab_from_conditions(conditions: list[dict]) -> dict[str, list[str]]:
 # ---------------------------------------------------------------------------------------
 
 VOCAB_FILES = ("train_names", "heldout_reworded", "heldout_rare", "templates", "caption_style", "parents",
-               "census_labels")
+               "census_labels", "narrower")
 
 
 @functools.cache
@@ -225,23 +225,36 @@ class NameEntry:
     group: tuple[str, ...] = ()  # a parent name: its children in the vocabulary; () for a leaf name
     acronym: bool = False
     in_model: bool = True  # False: a Census label the vocabulary lacks (census_labels.yaml)
+    narrower: bool = False  # a name more specific than ``label``, answered with it (narrower.yaml)
+
+    @property
+    def exact_only(self) -> bool:
+        """Census names (lacking or narrower) count only when a span is one of them exactly."""
+        return not self.in_model or self.narrower
 
 
 def resolver_names(vocab: dict[str, list[str]]) -> list[NameEntry]:
     """The names the prompt resolver matches spans against: per field, each vocabulary label,
     its TRAINING synonyms and generic rewrites (:func:`train_names`), and the names of the
-    ``parents.yaml`` groups that have children in the vocabulary; then (``in_model=False``)
-    the names of ``census_labels.yaml`` labels outside the vocabulary whose normalised form is
-    none of the former's. Never a held-out name."""
+    ``parents.yaml`` groups that have children in the vocabulary; then (``narrower=True``) the
+    ``narrower.yaml`` names of labels in the vocabulary, and (``in_model=False``) the names of
+    ``census_labels.yaml`` labels outside it, each where its normalised form is none of the
+    former's. Never a held-out name."""
     out = _model_names(vocab)
     own = {e.norm for e in out}
+    present = {f: {str(x) for x in vocab.get(f, ())} for f in CONDITION_FIELDS}
     for f in CONDITION_FIELDS:
-        present = {str(x) for x in vocab.get(f, ())}
+        for label, names in (vocab_file("narrower").get(FIELD_KIND[f]) or {}).items():
+            for name in dict.fromkeys([n for name in names for n in (name, *generic_rewrites(name))]):
+                if label in present[f] and normalize_name(name) not in own:
+                    out.append(NameEntry(f, label, name, normalize_name(name), (), is_acronym(name), narrower=True))
+    taken = {e.norm for e in out}
+    for f in CONDITION_FIELDS:
         for label, names in (vocab_file("census_labels").get(FIELD_KIND[f]) or {}).items():
-            if label in present:
+            if label in present[f]:
                 continue
             for name in dict.fromkeys([label, *(names or ()), *generic_rewrites(label)]):
-                if normalize_name(name) not in own:
+                if normalize_name(name) not in taken:
                     out.append(NameEntry(f, label, name, normalize_name(name), (), is_acronym(name), False))
     return out
 
@@ -379,7 +392,8 @@ class Match:
 def select_matches(matches: list[Match], thresholds: dict[str, float]) -> dict[str, Match]:
     """Per field, the best-scoring span at or above the field's threshold, no two fields on
     overlapping spans — greedily by score (ties: the longer span, then a leaf name over a
-    group name). One exception: a tissue span may lie inside a strictly longer disease span
+    group name); a group is then replaced by one of its children that the prompt names as
+    well, at no lower score. One exception: a tissue span may lie inside a strictly longer disease span
     that is an exact name ("lung cancer" names lung and lung adenocarcinoma), since disease
     names carry their organ; a merely similar one ("human lung" ~ "lung cancer") may not."""
     order = sorted((m for m in matches if m.score >= thresholds[m.field]),
@@ -391,6 +405,12 @@ def select_matches(matches: list[Match], thresholds: dict[str, float]) -> dict[s
         if any(m.span.overlaps(c.span) and not _nested_ok(m, c) for c in chosen.values()):
             continue
         chosen[m.field] = m
+    for f, g in list(chosen.items()):  # "ciliated airway epithelial cells": the child named, not the group
+        others = [c.span for h, c in chosen.items() if h != f]
+        child = next((m for m in order if m.field == f and not m.entry.group and m.entry.label in g.entry.group
+                      and m.score >= g.score and not any(m.span.overlaps(o) for o in others)), None)
+        if g.entry.group and child is not None:
+            chosen[f] = child
     return chosen
 
 
@@ -420,6 +440,9 @@ class ResolvedPrompt:
     no label above the threshold, or a Census label outside the vocabulary (the field is then
     None: the generator leaves it out with a warning, or refuses the prompt if it names nothing
     else; evaluation marginalises it). ``absent``: for the latter, the Census label named.
+    ``narrowed``: per field, the prompt's text where it names a label narrower than the model's
+    (``narrower.yaml``: "Kupffer cells"), which ``fields`` answers with the model's label
+    ("macrophage"; the generator warns).
     ``structured``: whether the prompt had recognised "key: value" pairs.
     """
 
@@ -430,6 +453,7 @@ class ResolvedPrompt:
     groups: dict[str, str | None] = field(default_factory=dict)
     unresolved: dict[str, str] = field(default_factory=dict)
     absent: dict[str, str] = field(default_factory=dict)
+    narrowed: dict[str, str] = field(default_factory=dict)
     structured: bool = False
     prompt: str = ""
 

@@ -141,11 +141,12 @@ class PromptResolver:
         self._field_of = np.array([e.field for e in self.entries])
         self._norms = [e.norm for e in self.entries]
         self._is_group = np.array([bool(e.group) for e in self.entries])
-        self._in_model = np.array([e.in_model for e in self.entries])
+        self._exact_only = np.array([e.exact_only for e in self.entries])
         self._acronym = np.array([e.acronym for e in self.entries])
-        # names of labels the model lacks match exactly or not at all: no embedding needed
+        # Census names (labels the model lacks, or narrower than its own) match exactly or not at
+        # all: no embedding needed
         self._name_emb = np.zeros((len(self.entries), self.tower.dim), dtype=np.float32)
-        self._name_emb[self._in_model] = self._embed([e.name for e in self.entries if e.in_model])
+        self._name_emb[~self._exact_only] = self._embed([e.name for e in self.entries if not e.exact_only])
         # field -> each group's non-acronym names as word tuples: interchangeable inside a longer name
         groups: dict[tuple[str, str], list[tuple[str, ...]]] = {}
         for e in self.entries:
@@ -192,8 +193,8 @@ class PromptResolver:
                 for j in norm_index.get(variant, ()):
                     if self._field_of[j] == f:
                         sims[i, j] = 1.0
-        # a Census label the model lacks counts only when named exactly: it flags a prompt, it never guesses
-        sims[:, ~self._in_model] = np.where(sims[:, ~self._in_model] >= 1.0, 1.0, -np.inf)
+        # a Census name counts only when named exactly: it flags or narrows a prompt, it never guesses
+        sims[:, self._exact_only] = np.where(sims[:, self._exact_only] >= 1.0, 1.0, -np.inf)
         allowed = np.isin(self._field_of, list(fields))
         if exclude_norms:
             allowed &= ~np.isin(np.array(self._norms, dtype=object), list(exclude_norms))
@@ -316,13 +317,15 @@ class PromptResolver:
 
     def _result(self, prompt: str, chosen: dict[str, Match], unresolved: dict[str, str], absent: dict[str, str],
                 structured: bool) -> ResolvedPrompt:
-        fields, conf, spans, cands, groups = {}, {}, {}, {}, {}
+        fields, conf, spans, cands, groups, narrowed = {}, {}, {}, {}, {}, {}
         for f in CONDITION_FIELDS:
             m = chosen.get(f)
             if m is None:
                 fields[f], conf[f], spans[f], cands[f], groups[f] = None, 0.0, None, [], None
                 continue
             spans[f] = m.span.text
+            if m.entry.narrower:
+                narrowed[f] = m.span.text
             if not m.entry.group:
                 fields[f], conf[f], cands[f], groups[f] = m.entry.label, round(m.score, 4), [(m.entry.label, 1.0)], None
                 continue
@@ -333,13 +336,13 @@ class PromptResolver:
             cands[f] = [(c, w) for c in children]
             groups[f] = m.entry.label
         return ResolvedPrompt(fields, conf, spans, cands, groups, unresolved=unresolved, absent=absent,
-                              structured=structured, prompt=prompt)
+                              narrowed=narrowed, structured=structured, prompt=prompt)
 
     def _nearest_child(self, text: str, f: str, children: list[str]) -> str:
         e = self._embed([text])[0]
         best, best_s = children[0], -np.inf
         for j, entry in enumerate(self.entries):
-            if entry.field == f and not entry.group and entry.label in children:
+            if entry.field == f and not entry.group and not entry.exact_only and entry.label in children:
                 s = float(self._name_emb[j] @ e)
                 if s > best_s:
                     best, best_s = entry.label, s
@@ -350,7 +353,7 @@ class PromptResolver:
         """Each text's best score against the leaf names of field ``f``, the text taken whole
         as one span."""
         spans = [Span(0, 0, max(len(t.split()), 1), t) for t in texts]
-        scores = self.score_spans(spans, (f,))[:, (self._field_of == f) & ~self._is_group & self._in_model]
+        scores = self.score_spans(spans, (f,))[:, (self._field_of == f) & ~self._is_group & ~self._exact_only]
         return [float(v) for v in scores.max(1)] if len(spans) and scores.shape[1] else []
 
     def best_label(self, text: str, f: str, exclude_norms: frozenset[str] = frozenset()) -> tuple[str | None, float]:
@@ -358,7 +361,7 @@ class PromptResolver:
         score (no threshold; group names ignored): what a threshold is compared with."""
         spans = [Span(0, 0, max(len(text.split()), 1), text)]
         scores = self.score_spans(spans, (f,), exclude_norms)
-        cols = np.flatnonzero((self._field_of == f) & ~self._is_group & self._in_model)
+        cols = np.flatnonzero((self._field_of == f) & ~self._is_group & ~self._exact_only)
         if not spans or not len(cols):
             return None, -np.inf
         sub = scores[:, cols]
