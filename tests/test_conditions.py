@@ -78,6 +78,26 @@ def test_parse_structured_prompts():
     assert other == {"species": "human", "location": "lymph node"} and free == ["healthy"]
 
 
+@pytest.mark.parametrize("prompt", [
+    "cell_type=classical monocyte, tissue_general=blood, disease=COVID-19",  # AnnData obs style
+    "cell_type == 'classical monocyte' and tissue_general == 'blood' and disease == 'COVID-19'",  # Census value filter
+    "(cell_type == 'classical monocyte') and (tissue_general == 'blood') and (disease == 'COVID-19')",
+    '{"cell_type": "classical monocyte", "tissue": "blood", "disease": "COVID-19"}',  # JSON
+    "Cell type: classical monocyte. Tissue: blood. Disease: COVID-19.",  # sentences
+    "cell type: classical monocyte, tissue: blood, disease: COVID-19",
+])
+def test_structured_prompts_in_the_ecosystems_syntaxes(prompt):
+    assert parse_fields(prompt) == {"cell_type": "classical monocyte", "tissue_general": "blood", "disease": "COVID-19"}
+
+
+def test_a_structured_value_keeps_its_own_brackets_and_commas():
+    assert parse_fields("cell type: T cell (CD8+, alpha/beta); disease: ulcerative colitis (IBD)") == {
+        "cell_type": "T cell (CD8+, alpha/beta)", "disease": "ulcerative colitis (IBD)"}
+    assert parse_fields("cell type: CD4-positive, alpha-beta T cell") == {"cell_type": "CD4-positive, alpha-beta T cell"}
+    known, other, free = split_structured("B cells from diseased tissue: lung")
+    assert known == {"tissue_general": "lung"} and free == ["B cells from diseased"] and other == {}
+
+
 def test_normalised_names():
     assert normalize_name("CD8-positive T cells") == normalize_name("cd8+ T cell") == "cd8+ t cell"
     assert normalize_name("naïve B cells") == "naive b cell"

@@ -151,6 +151,27 @@ def _field_by_key() -> dict[str, str]:
     return {v: k for k, v in FIELD_NAMES.items()} | {"tissue_general": "tissue_general", "cell_type": "cell_type"}
 
 
+# a field key where a value follows ("cell type:", "tissue_general =", "disease=='...'"), also quoted
+# (JSON) and anywhere in a part, so "Cell type: B cell. Tissue: lung." and Census value filters
+# ("cell_type == 'B cell' and tissue_general == 'lung'") read as pairs
+_FIELD_KEY = re.compile(r"""(?:^|(?<=[\s,.{(\[]))["']?(cell[ _]type|tissue(?:[ _]general)?|disease)["']?\s*(?:==|=|:)""",
+                        re.IGNORECASE)
+_VALUE_EDGES = " \t\"'{},."  # and a closing bracket the value does not open (_strip_value)
+
+
+def _strip_value(value: str) -> str:
+    """A field value without the quotes, separators and closing brackets of its syntax around it
+    (``"B cell"},``, ``'lung' and``), keeping a name's own brackets ("T cell (CD8+, alpha/beta)")."""
+    while True:
+        v = re.sub(r"(?i)\s+and$", "", value.strip(_VALUE_EDGES).rstrip("(["))  # a value filter's "and ("
+        for open_, close in ("()", "[]"):
+            if v.endswith(close) and v.count(close) > v.count(open_):
+                v = v[:-1]
+        if v == value:
+            return v
+        value = v
+
+
 def parse_fields(prompt: str) -> dict[str, str]:
     """"cell type: B cell; tissue: lung" → {"cell_type": "B cell", "tissue_general": "lung"}.
 
@@ -162,22 +183,27 @@ def parse_fields(prompt: str) -> dict[str, str]:
 def split_structured(prompt: str) -> tuple[dict[str, str], dict[str, str], list[str]]:
     """A prompt's parts: ``(fields, other_pairs, free_text)``.
 
-    ``fields``: recognised ``key: value`` pairs by condition field (as :func:`parse_fields`);
-    ``other_pairs``: pairs with any other key (lower-cased key -> value), e.g. "organism:
-    human" or "location: lung"; ``free_text``: the parts with no colon. Parts are separated
-    by ";" or newlines."""
+    ``fields``: recognised field pairs, ``key: value`` (also ``key=value``, ``key == 'value'``,
+    JSON's ``"key": "value"``), keys as in :func:`parse_fields`, a value running to the next field
+    key or the end of its part; ``other_pairs``: ``key: value`` pairs with any other key
+    (lower-cased key -> value), e.g. "organism: human" or "location: lung"; ``free_text``: the
+    rest. Parts are separated by ";" or newlines."""
     names = _field_by_key()
     fields, other, free = {}, {}, []
     for part in prompt.replace("\n", ";").split(";"):
-        if ":" in part:
-            key, value = part.split(":", 1)
-            key = key.strip().lower()
-            if key in names and value.strip():
-                fields[names[key]] = value.strip()
-            elif value.strip():
-                other[key] = value.strip()
-        elif part.strip():
-            free.append(part.strip())
+        keys = list(_FIELD_KEY.finditer(part))
+        head = part[:keys[0].start()] if keys else part
+        for k, m in enumerate(keys):
+            value = _strip_value(part[m.end():keys[k + 1].start() if k + 1 < len(keys) else len(part)])
+            key = m.group(1).lower().replace("_", " ").replace("tissue general", "tissue_general")
+            if value:
+                fields[names.get(key, names.get(key.replace(" ", "_"), ""))] = value
+        if ":" in head and head.split(":", 1)[1].strip():
+            key, value = head.split(":", 1)
+            other[key.strip().lower()] = value.strip()
+        elif head.strip(_VALUE_EDGES + "()[]"):
+            free.append(head.strip())
+    fields.pop("", None)
     return fields, other, free
 
 
