@@ -72,7 +72,8 @@ class CellGenerator:
         if cond.mode == "fields":  # prompts are resolved to field values, then completed from training conditions
             from .models.prompt_resolver import PromptResolver
 
-            self.resolver = PromptResolver(cond.tower, vocab_from_conditions(groups))
+            self.resolver = PromptResolver(cond.tower, vocab_from_conditions(groups),
+                                           ontology_ids=manifest.ontology_term_ids())
             weight: dict[tuple, float] = {}
             for g in groups:
                 key = tuple(g[f] for f in CONDITION_FIELDS)

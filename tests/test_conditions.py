@@ -335,3 +335,28 @@ def test_a_child_named_beside_its_group_wins(resolver):
     assert r.candidates["cell_type"] == [("ciliated cell", 1.0)] and r.groups["cell_type"] is None
     # a group whose children the other name is not among stays a group
     assert resolver.resolve("T cells and dendritic cells").groups["cell_type"] is not None
+
+
+def test_a_label_may_be_named_by_its_ontology_term_id(resolver):
+    """Census users name labels by id ("cell_type_ontology_term_id"); the ids come from the
+    manifest (``Manifest.ontology_term_ids``), exact matches only."""
+    from clopdit_dist.models.prompt_resolver import PromptResolver
+
+    ids = {"cell_type": {c.name: c.ontology_id for c in biology.LEAF_TYPES},
+           "tissue_general": {t.name: t.ontology_id for t in biology.TISSUES},
+           "disease": {d.name: d.ontology_id for d in biology.DISEASES}}
+    with_ids = PromptResolver(resolver.tower, VOCAB, ontology_ids=ids)
+    cd4, lung = ids["cell_type"]["CD4-positive, alpha-beta T cell"], ids["tissue_general"]["lung"]
+    assert with_ids.resolve(f"{cd4} from {lung}").condition() == {"cell_type": "CD4-positive, alpha-beta T cell",
+                                                                  "tissue_general": "lung"}
+    covid = ids["disease"]["COVID-19"]
+    r = with_ids.resolve(f"cell_type_ontology_term_id: {cd4}; disease_ontology_term_id: {covid}")
+    assert r.condition() == {"cell_type": "CD4-positive, alpha-beta T cell", "disease": "COVID-19"}
+    assert with_ids.resolve(f"cell_type == '{cd4}' and tissue_general == 'lung'").condition() == {
+        "cell_type": "CD4-positive, alpha-beta T cell", "tissue_general": "lung"}
+    # an id of no label of the model, or a model built without ids: refused, the id named
+    for r_ in (with_ids, resolver):
+        with pytest.raises(PromptError, match="CL:9999999"):
+            r_.resolve("CL:9999999")
+    with pytest.raises(PromptError, match="ontology term id"):
+        resolver.resolve(cd4)

@@ -236,6 +236,15 @@ def test_manifest_lists_conditions_per_split_with_in_train(shards_dir):
     for key in CONDITION_KEYS:
         for split in ("val", "test"):
             assert set(cells[split][key]) <= set(cells["train"][key]), (split, key)
+    # each label's ontology term id, as the source's *_ontology_term_id columns have it
+    ids = m.ontology_term_ids()
+    columns = (*CONDITION_KEYS, *(f"{k}_ontology_term_id" for k in CONDITION_KEYS))
+    every = pd.concat([pd.DataFrame({k: b[k] for k in columns}) for split in SPLITS
+                       for b in read_split(shards_dir, split, fields=columns)])
+    for key in CONDITION_KEYS:
+        pairs = every[[key, f"{key}_ontology_term_id"]].drop_duplicates()
+        assert ids[key] == dict(zip(pairs[key], pairs[f"{key}_ontology_term_id"])), key
+    assert ids["disease"]["normal"] == "PATO:0000461"
 
 
 def test_fitted_statistics_use_the_train_split_only(shards_dir):

@@ -156,6 +156,7 @@ def _field_by_key() -> dict[str, str]:
 # ("cell_type == 'B cell' and tissue_general == 'lung'") read as pairs
 _FIELD_KEY = re.compile(r"""(?:^|(?<=[\s,.{(\[]))["']?(cell[ _]type|tissue(?:[ _]general)?|disease)["']?\s*(?:==|=|:)""",
                         re.IGNORECASE)
+_TERM_ID = re.compile(r"[A-Za-z]+:\d")  # "CL:0000236 from UBERON:0002048" is text, not a "CL" pair
 _VALUE_EDGES = " \t\"'{},."  # and a closing bracket the value does not open (_strip_value)
 
 
@@ -198,7 +199,7 @@ def split_structured(prompt: str) -> tuple[dict[str, str], dict[str, str], list[
             key = m.group(1).lower().replace("_", " ").replace("tissue general", "tissue_general")
             if value:
                 fields[names.get(key, names.get(key.replace(" ", "_"), ""))] = value
-        if ":" in head and head.split(":", 1)[1].strip():
+        if ":" in head and head.split(":", 1)[1].strip() and not _TERM_ID.match(head.strip()):
             key, value = head.split(":", 1)
             other[key.strip().lower()] = value.strip()
         elif head.strip(_VALUE_EDGES + "()[]"):
@@ -252,23 +253,29 @@ class NameEntry:
     acronym: bool = False
     in_model: bool = True  # False: a Census label the vocabulary lacks (census_labels.yaml)
     narrower: bool = False  # a name more specific than ``label``, answered with it (narrower.yaml)
+    ontology_id: bool = False  # ``name`` is the label's ontology term id ("CL:0000236")
 
     @property
     def exact_only(self) -> bool:
-        """Census names (lacking or narrower) count only when a span is one of them exactly."""
-        return not self.in_model or self.narrower
+        """Census names (lacking or narrower) and term ids count only when a span is one exactly."""
+        return not self.in_model or self.narrower or self.ontology_id
 
 
-def resolver_names(vocab: dict[str, list[str]]) -> list[NameEntry]:
+def resolver_names(vocab: dict[str, list[str]], ontology_ids: dict[str, dict[str, str]] | None = None
+                   ) -> list[NameEntry]:
     """The names the prompt resolver matches spans against: per field, each vocabulary label,
     its TRAINING synonyms and generic rewrites (:func:`train_names`), and the names of the
     ``parents.yaml`` groups that have children in the vocabulary; then (``narrower=True``) the
     ``narrower.yaml`` names of labels in the vocabulary, and (``in_model=False``) the names of
     ``census_labels.yaml`` labels outside it, each where its normalised form is none of the
-    former's. Never a held-out name."""
+    former's; and (``ontology_id=True``) the vocabulary labels' ontology term ids where given
+    (``Manifest.ontology_term_ids``). Never a held-out name."""
     out = _model_names(vocab)
     own = {e.norm for e in out}
     present = {f: {str(x) for x in vocab.get(f, ())} for f in CONDITION_FIELDS}
+    for f, table in (ontology_ids or {}).items():
+        out += [NameEntry(f, label, term, normalize_name(term), ontology_id=True)
+                for label, term in sorted(table.items()) if f in present and label in present[f] and ":" in term]
     for f in CONDITION_FIELDS:
         for label, names in (vocab_file("narrower").get(FIELD_KIND[f]) or {}).items():
             for name in dict.fromkeys([n for name in names for n in (name, *generic_rewrites(name))]):

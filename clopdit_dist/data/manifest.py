@@ -161,6 +161,11 @@ class Manifest:
         return [c for c in self.data["conditions"]["splits"][split]
                 if c["n_cells"] >= min_cells and not (unseen_only and c["in_train"])]
 
+    def ontology_term_ids(self) -> dict[str, dict[str, str]]:
+        """Field -> label -> ontology term id (CL, UBERON, MONDO / PATO) of the source's labels;
+        empty for shards built before they were kept."""
+        return self.data["conditions"].get("ontology_term_ids", {})
+
     def verify(self) -> list[str]:
         """Names of shards whose file is missing or whose sha256 differs from the manifest."""
         bad = []

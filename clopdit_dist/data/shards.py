@@ -320,10 +320,15 @@ def write_manifest(cfg: ShardConfig, plan: Plan, var: pd.DataFrame, build_dir: s
 def conditions(stats: dict[str, SplitStats]) -> dict:
     """Per split, every (cell_type, tissue_general, disease) with its cells and whether the train
     split has that exact combination (``in_train``), largest first: what an evaluator needs to
-    list "held-out conditions with >= 30 cells" or "combinations no training study has"."""
+    list "held-out conditions with >= 30 cells" or "combinations no training study has"; and each
+    label's ontology term id (``ontology_term_ids``), which prompts may name instead of the label."""
     per_split = {split: s.condition_counts() for split, s in stats.items()}
     seen = set(per_split["train"])
     rows = {split: [{**dict(zip(CONDITION_KEYS, key)), "n_cells": n, "in_train": key in seen}
                     for key, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
             for split, counts in per_split.items()}
-    return {"keys": list(CONDITION_KEYS), "splits": rows}
+    ids: dict[str, dict[str, str]] = {}
+    for s in stats.values():
+        for f, table in s.ontology_term_ids().items():
+            ids.setdefault(f, {}).update(table)
+    return {"keys": list(CONDITION_KEYS), "splits": rows, "ontology_term_ids": ids}

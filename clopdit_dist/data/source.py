@@ -42,9 +42,9 @@ OBS_READ_BUFFER_BYTES = 4 * 2**20
 
 # Columns carried with every cell from the source into shards and batches.
 CELL_COLUMNS = (
-    "soma_joinid", "dataset_id", "cell_type", "cell_type_ontology_term_id", "tissue_general", "tissue",
-    "disease", "assay", "sex", "development_stage", "donor_id", "suspension_type", "self_reported_ethnicity",
-    "is_primary_data",
+    "soma_joinid", "dataset_id", "cell_type", "cell_type_ontology_term_id", "tissue_general",
+    "tissue_general_ontology_term_id", "tissue", "disease", "disease_ontology_term_id", "assay", "sex",
+    "development_stage", "donor_id", "suspension_type", "self_reported_ethnicity", "is_primary_data",
 )
 
 

@@ -37,6 +37,7 @@ class ShardStats:
         self.type_sum_log: list[np.ndarray] = []
         self.type_nnz: list[np.ndarray] = []
         self.library: dict[tuple, list[float]] = {}  # key -> [n, sum log L, sum (log L)^2]
+        self.ontology: set[tuple[str, str, str]] = set()  # (field, label, ontology term id)
 
     def update(self, X: sp.csr_matrix, obs: pd.DataFrame) -> None:
         G = self.n_genes
@@ -65,6 +66,10 @@ class ShardStats:
             self.type_cells[i] += int((codes == t).sum())
             self.type_sum_log[i] += type_sum[t].astype(np.float32)
             self.type_nnz[i] += type_nnz[t].astype(np.int32)
+        for f in CONDITION_KEYS:
+            if f"{f}_ontology_term_id" in obs:
+                pairs = obs[[f, f"{f}_ontology_term_id"]].astype(str).drop_duplicates().to_numpy()
+                self.ontology |= {(f, label, term) for label, term in pairs}
         loglib = np.log(np.maximum(lib, 1.0))
         groups = pd.DataFrame({k: obs[k].astype(str).to_numpy() for k in LIBRARY_KEYS})
         groups["v"], groups["v2"] = loglib, loglib**2
@@ -86,7 +91,8 @@ class ShardStats:
                  type_names=np.array(self.type_names, dtype=str), type_cells=np.array(self.type_cells, np.int64),
                  type_sum_log=np.stack(self.type_sum_log) if T else np.zeros((0, self.n_genes), np.float32),
                  type_nnz=np.stack(self.type_nnz) if T else np.zeros((0, self.n_genes), np.int32),
-                 lib_keys=lib_keys, lib_vals=lib_vals)
+                 lib_keys=lib_keys, lib_vals=lib_vals,
+                 ontology=np.array(["\x1f".join(t) for t in sorted(self.ontology)], dtype=str))
 
 
 class SplitStats:
@@ -98,6 +104,7 @@ class SplitStats:
         self.arrays = {k: np.zeros(n_genes) for k in ("sum_log", "sumsq_log", "sum_cp10k", "sumsq_cp10k", "nnz")}
         self.types: dict[str, list] = {}  # name -> [cells, sum_log, nnz]
         self.library: dict[tuple, np.ndarray] = {}
+        self.ontology: set[tuple[str, ...]] = set()
 
     def add_file(self, path: str) -> None:
         with np.load(path, allow_pickle=False) as z:
@@ -112,6 +119,8 @@ class SplitStats:
             for key, vals in zip(z["lib_keys"], z["lib_vals"]):
                 k = tuple(str(key).split("\x1f"))
                 self.library[k] = self.library.get(k, np.zeros(3)) + vals
+            if "ontology" in z:  # statistics written before ontology term ids were kept have none
+                self.ontology |= {tuple(str(t).split("\x1f")) for t in z["ontology"]}
 
     # ---------------------------------------------------------------- results
     def gene_stats(self) -> dict[str, np.ndarray]:
@@ -184,6 +193,14 @@ class SplitStats:
         for key, (n, _, _) in self.library.items():
             k = tuple(key[: len(CONDITION_KEYS)])
             out[k] = out.get(k, 0) + int(n)
+        return out
+
+    def ontology_term_ids(self) -> dict[str, dict[str, str]]:
+        """Field -> label -> its ontology term id (CL, UBERON, MONDO / PATO), where the source has
+        the ``*_ontology_term_id`` columns."""
+        out: dict[str, dict[str, str]] = {}
+        for f, label, term in sorted(self.ontology):
+            out.setdefault(f, {})[label] = term
         return out
 
     def cell_type_counts(self) -> dict[str, int]:

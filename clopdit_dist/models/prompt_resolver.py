@@ -74,6 +74,8 @@ candidate spans at all (:func:`~clopdit_dist.data.conditions.generic_words`): Mi
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
@@ -128,15 +130,19 @@ class PromptResolver:
         Field -> minimum score (default :data:`DEFAULT_THRESHOLDS`).
     max_words
         Longest span, in words.
+    ontology_ids
+        Field -> label -> ontology term id (``Manifest.ontology_term_ids``): a prompt may name a
+        label by its id ("CL:0000236", "cell_type_ontology_term_id: CL:0000236"), exactly.
     """
 
     def __init__(self, tower: TextTower, vocab: dict[str, list[str]], thresholds: dict[str, float] | None = None,
-                 max_words: int = 6, *, _exclude: NameEntry | None = None):
+                 max_words: int = 6, *, ontology_ids: dict[str, dict[str, str]] | None = None,
+                 _exclude: NameEntry | None = None):
         self.tower = tower
         self.vocab = {f: [str(x) for x in vocab.get(f, ())] for f in CONDITION_FIELDS}
         self.thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
         self.max_words = max_words
-        self.entries: list[NameEntry] = resolver_names(self.vocab)
+        self.entries: list[NameEntry] = resolver_names(self.vocab, ontology_ids)
         self._cache = TextEmbeddingCache(tower) if tower.frozen else None
         self._field_of = np.array([e.field for e in self.entries])
         self._norms = [e.norm for e in self.entries]
@@ -162,7 +168,8 @@ class PromptResolver:
         """A resolver over the labels of the manifest's training conditions."""
         from ..data.conditions import train_conditions
 
-        return cls(tower, vocab_from_conditions(train_conditions(manifest)), **kw)
+        return cls(tower, vocab_from_conditions(train_conditions(manifest)),
+                   ontology_ids=manifest.ontology_term_ids(), **kw)
 
     # ------------------------------------------------------------------ embeddings
     @torch.no_grad()
@@ -276,6 +283,12 @@ class PromptResolver:
         if not allow_empty and all(v is None for v in out.fields.values()):
             why = self.unresolved_reason(out) if unresolved else \
                 "it names no cell type, tissue or disease this model knows"
+            terms = re.findall(r"\b[A-Za-z]+:\d+\b", prompt)
+            if terms:
+                why += (f"; ontology term id {', '.join(map(repr, terms))} is none of its labels' ids"
+                        if any(e.ontology_id for e in self.entries) else
+                        f"; it cannot read ontology term ids ({', '.join(map(repr, terms))}): its shards were built "
+                        "before they were kept, rebuild them with `clopdit data shards` to use ids")
             raise prompt_error(prompt, why)
         return out
 
