@@ -426,9 +426,10 @@ def select_matches(matches: list[Match], thresholds: dict[str, float]) -> dict[s
     """Per field, the best-scoring span at or above the field's threshold, no two fields on
     overlapping spans — greedily by score (ties: the longer span, then a leaf name over a
     group name); a group is then replaced by one of its children that the prompt names as
-    well, at no lower score. One exception: a tissue span may lie inside a strictly longer disease span
-    that is an exact name ("lung cancer" names lung and lung adenocarcinoma), since disease
-    names carry their organ; a merely similar one ("human lung" ~ "lung cancer") may not."""
+    well, at no lower score. One exception: a tissue span may lie inside a strictly longer
+    disease span that is an exact name ("lung cancer" names lung and lung adenocarcinoma),
+    since disease names carry their organ; a merely similar one ("human lung" ~ "lung cancer")
+    may not."""
     order = sorted((m for m in matches if m.score >= thresholds[m.field]),
                    key=lambda m: (-m.score, -m.span.length, bool(m.entry.group), m.span.segment, m.span.start))
     chosen: dict[str, Match] = {}
