@@ -352,8 +352,10 @@ def test_a_label_may_be_named_by_its_ontology_term_id(resolver):
     covid = ids["disease"]["COVID-19"]
     r = with_ids.resolve(f"cell_type_ontology_term_id: {cd4}; disease_ontology_term_id: {covid}")
     assert r.condition() == {"cell_type": "CD4-positive, alpha-beta T cell", "disease": "COVID-19"}
-    assert with_ids.resolve(f"cell_type == '{cd4}' and tissue_general == 'lung'").condition() == {
-        "cell_type": "CD4-positive, alpha-beta T cell", "tissue_general": "lung"}
+    for prompt in (f"cell_type == '{cd4}' and tissue_general == 'lung'",
+                   f"cell_type_ontology_term_id == '{cd4}' and tissue_general_ontology_term_id == '{lung}'"):
+        assert with_ids.resolve(prompt).condition() == {"cell_type": "CD4-positive, alpha-beta T cell",
+                                                        "tissue_general": "lung"}, prompt
     # an id of no label of the model, or a model built without ids: refused, the id named
     for r_ in (with_ids, resolver):
         with pytest.raises(PromptError, match="CL:9999999"):

@@ -151,11 +151,11 @@ def _field_by_key() -> dict[str, str]:
     return {v: k for k, v in FIELD_NAMES.items()} | {"tissue_general": "tissue_general", "cell_type": "cell_type"}
 
 
-# a field key where a value follows ("cell type:", "tissue_general =", "disease=='...'"), also quoted
-# (JSON) and anywhere in a part, so "Cell type: B cell. Tissue: lung." and Census value filters
+# a field key where a value follows ("cell type:", "tissue_general =", "disease=='...'",
+# "cell_type_ontology_term_id: CL:..."), also quoted (JSON) and anywhere in a part, so "Cell type: B cell. Tissue: lung." and Census value filters
 # ("cell_type == 'B cell' and tissue_general == 'lung'") read as pairs
-_FIELD_KEY = re.compile(r"""(?:^|(?<=[\s,.{(\[]))["']?(cell[ _]type|tissue(?:[ _]general)?|disease)["']?\s*(?:==|=|:)""",
-                        re.IGNORECASE)
+_FIELD_KEY = re.compile(r"""(?:^|(?<=[\s,.{(\[]))["']?(cell[ _]type|tissue(?:[ _]general)?|disease)(?:_ontology_term_id)?"""
+                        r"""["']?\s*(?:==|=|:)""", re.IGNORECASE)
 _TERM_ID = re.compile(r"[A-Za-z]+:\d")  # "CL:0000236 from UBERON:0002048" is text, not a "CL" pair
 _VALUE_EDGES = " \t\"'{},."  # and a closing bracket the value does not open (_strip_value)
 
