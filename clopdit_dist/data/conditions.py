@@ -147,15 +147,12 @@ def heldout_names(kind: str, label: str, tier: str = "reworded") -> list[str]:
 # Structured prompts
 # ---------------------------------------------------------------------------------------
 
-def _field_by_key() -> dict[str, str]:
-    return {v: k for k, v in FIELD_NAMES.items()} | {"tissue_general": "tissue_general", "cell_type": "cell_type"}
-
-
 # a field key where a value follows ("cell type:", "tissue_general =", "disease=='...'",
 # "cell_type_ontology_term_id: CL:..."), also quoted (JSON) and anywhere in a part, so "Cell type: B cell. Tissue: lung." and Census value filters
 # ("cell_type == 'B cell' and tissue_general == 'lung'") read as pairs
 _FIELD_KEY = re.compile(r"""(?:^|(?<=[\s,.{(\[]))["']?(cell[ _]type|tissue(?:[ _]general)?|disease)(?:_ontology_term_id)?"""
                         r"""["']?\s*(?:==|=|:)""", re.IGNORECASE)
+_FIELD_OF_KEY = {v: k for k, v in FIELD_NAMES.items()} | {f.replace("_", " "): f for f in CONDITION_FIELDS}
 _TERM_ID = re.compile(r"[A-Za-z]+:\d")  # "CL:0000236 from UBERON:0002048" is text, not a "CL" pair
 _VALUE_EDGES = " \t\"'{},."  # and a closing bracket the value does not open (_strip_value)
 
@@ -189,22 +186,19 @@ def split_structured(prompt: str) -> tuple[dict[str, str], dict[str, str], list[
     key or the end of its part; ``other_pairs``: ``key: value`` pairs with any other key
     (lower-cased key -> value), e.g. "organism: human" or "location: lung"; ``free_text``: the
     rest. Parts are separated by ";" or newlines."""
-    names = _field_by_key()
     fields, other, free = {}, {}, []
     for part in prompt.replace("\n", ";").split(";"):
         keys = list(_FIELD_KEY.finditer(part))
         head = part[:keys[0].start()] if keys else part
         for k, m in enumerate(keys):
             value = _strip_value(part[m.end():keys[k + 1].start() if k + 1 < len(keys) else len(part)])
-            key = m.group(1).lower().replace("_", " ").replace("tissue general", "tissue_general")
             if value:
-                fields[names.get(key, names.get(key.replace(" ", "_"), ""))] = value
+                fields[_FIELD_OF_KEY[m.group(1).lower().replace("_", " ")]] = value
         if ":" in head and head.split(":", 1)[1].strip() and not _TERM_ID.match(head.strip()):
             key, value = head.split(":", 1)
             other[key.strip().lower()] = value.strip()
         elif head.strip(_VALUE_EDGES + "()[]"):
             free.append(head.strip())
-    fields.pop("", None)
     return fields, other, free
 
 
