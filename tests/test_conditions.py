@@ -224,6 +224,8 @@ def test_parent_types_give_weighted_candidates(resolver):
                                                          "CD8-positive, alpha-beta T cell", "regulatory T cell"}
     assert np.isclose(sum(w for _, w in r.candidates["cell_type"]), 1.0)
     assert r.fields["cell_type"] in dict(r.candidates["cell_type"]) and r.confidence["cell_type"] < 0.5
+    assert {c for c, _ in resolver.resolve("cytotoxic lymphocytes in lung tumours").candidates["cell_type"]} == {
+        "CD8-positive, alpha-beta T cell", "natural killer cell"}
     for prompt, n in (("B cells in blood", 2), ("monocytes", 2), ("immune cells from the liver", 15)):
         r = resolver.resolve(prompt)
         assert len(r.candidates["cell_type"]) == n, prompt
@@ -317,6 +319,9 @@ def test_a_narrower_census_name_is_answered_with_the_models_label(resolver):
     assert r.fields["disease"] == "non-alcoholic fatty liver disease" and r.narrowed == {"disease": "NASH"}
     assert resolver.resolve("T follicular helper cells in lymph node").fields["cell_type"] == \
         "CD4-positive, alpha-beta T cell"
+    # a name that carries its organ still names the tissue
+    r = resolver.resolve("liver sinusoidal endothelial cells")
+    assert r.condition() == {"cell_type": "endothelial cell", "tissue_general": "liver"} and r.narrowed
     # the model's own names are not narrowed; a near-miss of a narrower name pulls nothing
     assert resolver.resolve("macrophages in the liver").narrowed == {}
     assert resolver.resolve("Kupffer-like stellate thing", allow_empty=True).narrowed == {}

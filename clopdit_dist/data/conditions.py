@@ -421,9 +421,9 @@ def select_matches(matches: list[Match], thresholds: dict[str, float]) -> dict[s
     overlapping spans — greedily by score (ties: the longer span, then a leaf name over a
     group name); a group is then replaced by one of its children that the prompt names as
     well, at no lower score. One exception: a tissue span may lie inside a strictly longer
-    disease span that is an exact name ("lung cancer" names lung and lung adenocarcinoma),
-    since disease names carry their organ; a merely similar one ("human lung" ~ "lung cancer")
-    may not."""
+    disease or cell-type span that is an exact name ("lung cancer" names lung and lung
+    adenocarcinoma, "liver sinusoidal endothelial cells" liver and endothelial cells), since such
+    names carry their organ; a merely similar one ("human lung" ~ "lung cancer") may not."""
     order = sorted((m for m in matches if m.score >= thresholds[m.field]),
                    key=lambda m: (-m.score, -m.span.length, bool(m.entry.group), m.span.segment, m.span.start))
     chosen: dict[str, Match] = {}
@@ -443,12 +443,16 @@ def select_matches(matches: list[Match], thresholds: dict[str, float]) -> dict[s
 
 
 def _nested_ok(a: Match, b: Match) -> bool:
-    pair = {a.field: a.span, b.field: b.span}
-    if set(pair) != {"tissue_general", "disease"}:
+    """A tissue span inside a strictly longer span that exactly names a disease, or a cell type
+    when the tissue is named exactly too ("lung cancer", "liver sinusoidal endothelial cell"):
+    names that carry their organ; not "lymphocyte" (near "lymph node") inside "B lymphocyte"."""
+    pair = {a.field: a, b.field: b}
+    if len(pair) != 2 or "tissue_general" not in pair:
         return False
-    d, t = pair["disease"], pair["tissue_general"]
-    exact = (a if a.field == "disease" else b).score >= 1.0
-    return exact and d.contains(t) and d.length > t.length
+    tissue = pair["tissue_general"]
+    outer = next(m for f, m in pair.items() if f != "tissue_general")
+    exact = outer.score >= 1.0 and (outer.field == "disease" or tissue.score >= 1.0)
+    return exact and outer.span.contains(tissue.span) and outer.span.length > tissue.span.length
 
 
 @dataclass
