@@ -153,7 +153,7 @@ def heldout_names(kind: str, label: str, tier: str = "reworded") -> list[str]:
 _FIELD_KEY = re.compile(r"""(?:^|(?<=[\s,.{(\[]))["']?(cell[ _]type|tissue(?:[ _]general)?|disease)(?:_ontology_term_id)?"""
                         r"""["']?\s*(?:==|=|:)""", re.IGNORECASE)
 _FIELD_OF_KEY = {v: k for k, v in FIELD_NAMES.items()} | {f.replace("_", " "): f for f in CONDITION_FIELDS}
-_TERM_ID = re.compile(r"[A-Za-z]+:\d")  # "CL:0000236 from UBERON:0002048" is text, not a "CL" pair
+TERM_ID = re.compile(r"\b[A-Za-z]+:\d+\b")  # "CL:0000236 from UBERON:0002048": ids, no "CL" pair
 _VALUE_EDGES = " \t\"'{},."  # and a closing bracket the value does not open (_strip_value)
 
 
@@ -194,7 +194,7 @@ def split_structured(prompt: str) -> tuple[dict[str, str], dict[str, str], list[
             value = _strip_value(part[m.end():keys[k + 1].start() if k + 1 < len(keys) else len(part)])
             if value:
                 fields[_FIELD_OF_KEY[m.group(1).lower().replace("_", " ")]] = value
-        if ":" in head and head.split(":", 1)[1].strip() and not _TERM_ID.match(head.strip()):
+        if ":" in head and head.split(":", 1)[1].strip() and not TERM_ID.match(head.strip()):
             key, value = head.split(":", 1)
             other[key.strip().lower()] = value.strip()
         elif head.strip(_VALUE_EDGES + "()[]"):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..models.codec import nb_sample
+from ..models.autoencoder import nb_sample
 from .metrics import EvalSpace
 
 

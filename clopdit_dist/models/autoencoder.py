@@ -146,12 +146,16 @@ class CountAutoencoder(nn.Module):
 def draw_counts(params: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
     """Counts (float32 integers) from decoded NB parameters (``mu``, ``theta``) as a Gamma-Poisson
     mixture, zero-inflated where ``pi_logits`` is given."""
-    mu, theta = params["mu"], params["theta"]
-    x = torch.poisson(_gamma(theta, generator) * (mu / theta), generator=generator)
+    x = nb_sample(params["mu"], params["theta"], generator)
     if "pi_logits" in params:
         drop = torch.rand(x.shape, generator=generator, device=x.device) < torch.sigmoid(params["pi_logits"])
         x = x.masked_fill(drop, 0.0)
     return x
+
+
+def nb_sample(mu: torch.Tensor, theta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Negative-binomial counts as a Gamma–Poisson mixture (mean ``mu``, inverse dispersion ``theta``)."""
+    return torch.poisson(_gamma(theta, generator) * (mu / theta), generator=generator)
 
 
 def _gamma(alpha: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

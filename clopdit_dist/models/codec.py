@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from ..data.manifest import write_json_atomic
 from ..run import RunDir, RunDirError
-from .autoencoder import AEConfig, CountAutoencoder, _gamma, draw_counts, log_normalize
+from .autoencoder import AEConfig, CountAutoencoder, draw_counts, log_normalize
 
 
 @runtime_checkable
@@ -72,11 +72,6 @@ def register_codec(name: str):
         CODECS[name] = cls
         return cls
     return deco
-
-
-def nb_sample(mu: torch.Tensor, theta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Negative-binomial counts as a Gamma–Poisson mixture (mean ``mu``, inverse dispersion ``theta``)."""
-    return torch.poisson(_gamma(theta, generator) * (mu / theta), generator=generator)
 
 
 # ----------------------------------------------------------------------------- autoencoder

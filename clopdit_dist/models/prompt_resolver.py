@@ -74,8 +74,6 @@ candidate spans at all (:func:`~clopdit_dist.data.conditions.generic_words`): Mi
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import torch
 
@@ -88,6 +86,7 @@ from ..data.conditions import (
     PromptError,
     ResolvedPrompt,
     Span,
+    TERM_ID,
     acronym_allowed,
     candidate_spans,
     has_words,
@@ -283,7 +282,7 @@ class PromptResolver:
         if not allow_empty and all(v is None for v in out.fields.values()):
             why = self.unresolved_reason(out) if unresolved else \
                 "it names no cell type, tissue or disease this model knows"
-            terms = re.findall(r"\b[A-Za-z]+:\d+\b", prompt)
+            terms = TERM_ID.findall(prompt)
             if terms:
                 why += (f"; ontology term id {', '.join(map(repr, terms))} is none of its labels' ids"
                         if any(e.ontology_id for e in self.entries) else
