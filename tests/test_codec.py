@@ -64,7 +64,7 @@ def test_autoencoder_codec_satisfies_the_contract_and_decodes_near_the_input(tra
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(200):
         batch = counts[torch.randint(0, len(counts), (256,))]
-        loss = model(batch)
+        loss = model(batch)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -41,6 +41,12 @@ class AEConfig:
     # the decoder is trained on z + latent_noise·ε, so latents a little off the data manifold
     # (a DiT's samples) decode to cells near it: the smoothing a VAE's KL term gives scLDM
     latent_noise: float = 0.0
+    # a linear cell-type classifier on z, trained with the NB loss (scANVI's classification term,
+    # Xu et al., Mol. Syst. Biol. 2021): the encoder must keep types linearly apart in z, rare ones
+    # included, where the reconstruction loss alone lets a type of a few dozen cells fold into its
+    # neighbour. Weight of its cross-entropy per cell (0 = no classifier); n_types is set from the data.
+    type_loss: float = 0.0
+    n_types: int = 0
 
     @property
     def latent_dim(self) -> int:
@@ -97,6 +103,7 @@ class CountAutoencoder(nn.Module):
         self.px_linear = nn.Linear(cfg.latent_dim, cfg.n_genes, bias=False) if cfg.decoder == "mlp+linear" else None
         self.px_dropout = nn.Linear(width, cfg.n_genes) if cfg.likelihood == "zinb" else None
         self.log_theta = nn.Parameter(torch.zeros(cfg.n_genes))
+        self.type_head = nn.Linear(cfg.latent_dim, cfg.n_types) if cfg.type_loss > 0 and cfg.n_types > 0 else None
 
     def encode(self, counts: torch.Tensor) -> torch.Tensor:
         x = log_normalize(counts.float())
@@ -124,18 +131,28 @@ class CountAutoencoder(nn.Module):
             lp = nb_log_prob(x, params["mu"], params["theta"])
         return lp.sum(-1)
 
-    def forward(self, counts: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean negative log-likelihood per cell (``weight``: optional per-cell weights): the training loss."""
+    def forward(self, counts: torch.Tensor, weight: torch.Tensor | None = None,
+                cell_type: torch.Tensor | None = None, type_weight: torch.Tensor | None = None) -> dict:
+        """The training loss: mean NB negative log-likelihood per cell (``weight``: optional per-cell
+        weights), plus ``type_loss`` × the type classifier's cross-entropy where ``cell_type`` (type
+        indices, -1 for none) is given, each cell weighted by ``type_weight``."""
         inputs = counts
         if self.training and self.cfg.input_noise > 0:
             keep = torch.rand_like(counts, dtype=torch.float32) > self.cfg.input_noise
             inputs = counts * keep
         z = self.encode(inputs)
+        out = {}
+        if self.type_head is not None and cell_type is not None:
+            ce = F.cross_entropy(self.type_head(z).float(), cell_type.clamp_min(0), reduction="none")
+            w = (cell_type >= 0).float() * (type_weight.to(ce) if type_weight is not None else 1.0)
+            out["type_ce"] = (ce * w).sum() / w.sum().clamp_min(1e-8)
         if self.training and self.cfg.latent_noise > 0:
             z = z + self.cfg.latent_noise * torch.randn_like(z)
         params = self.decode(z, counts.float().sum(-1))
         nll = -self.log_prob(counts, params)
-        return (nll * weight.to(nll)).mean() if weight is not None else nll.mean()
+        out["nll"] = (nll * weight.to(nll)).mean() if weight is not None else nll.mean()
+        out["loss"] = out["nll"] + self.cfg.type_loss * out["type_ce"] if "type_ce" in out else out["nll"]
+        return out
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, library_size: torch.Tensor, generator: torch.Generator | None = None):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..data.balance import CellTypeWeights
 from ..data.loader import CellLoader, iter_split
 from ..evaluate.reconstruction import reconstruction_metrics
 from ..models.autoencoder import AEConfig, CountAutoencoder
@@ -18,6 +19,11 @@ from ..models.codec import record_codec
 from ..run import RunDir
 from ..train.config import StageConfig
 from ..train.stage import Stage
+
+
+# the type classifier's cross-entropy weighs a cell n_type ** -0.5 (as the DiT's flow loss does), so
+# rare types count in it without one type of ten cells steering it
+TYPE_LOSS_BALANCE = 0.5
 
 
 @dataclass
@@ -36,14 +42,25 @@ class AEStage(Stage):
         self.gene_ids = loader.gene_ids
         self.device = device
         self.balance = self.balance_weights(run)
+        train_types = run.manifest().data["cell_types"]["train"]
+        self.type_index = {t: i for i, t in enumerate(sorted(t for t, n in train_types.items() if n > 0))}
+        self.type_weights = CellTypeWeights(train_types, TYPE_LOSS_BALANCE)
+        self.cfg.model.n_types = len(self.type_index)
 
     def build_model(self) -> torch.nn.Module:
         return CountAutoencoder(self.cfg.model)
 
     def loss(self, model, batch, generator):
-        counts = batch["counts"].to(self.device, non_blocking=True)
-        nll = model(counts, self.balance(batch["cell_type"]).to(self.device) if self.balance else None)
-        return nll, {"nll_per_gene": nll.detach() / counts.shape[1]}
+        counts, types = batch["counts"].to(self.device, non_blocking=True), batch["cell_type"]
+        kw = {}
+        if self.cfg.model.type_loss > 0:
+            kw = {"cell_type": torch.tensor([self.type_index.get(t, -1) for t in types], device=self.device),
+                  "type_weight": self.type_weights(types).to(self.device)}
+        out = model(counts, self.balance(types).to(self.device) if self.balance else None, **kw)
+        metrics = {"nll_per_gene": out["nll"].detach() / counts.shape[1]}
+        if "type_ce" in out:
+            metrics["type_ce"] = out["type_ce"].detach()
+        return out["loss"], metrics
 
     def flops_per_cell(self, model) -> float:
         n = sum(p.numel() for p in model.parameters())
