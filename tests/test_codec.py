@@ -26,6 +26,37 @@ def train_cells(shards_dir):
     return next(iter(loader))["counts"], loader.gene_ids
 
 
+def test_the_autoencoders_type_head_keeps_types_apart_in_z(shards_dir):
+    """``type_loss``: a linear head on z learns the cell types with the NB loss; cells without a
+    type (-1) add nothing to its cross-entropy, and the loss is the NB loss plus the weighted term."""
+    loader = CellLoader(shards_dir, LoaderConfig(split="train", genes="hvg:200", batch_size=2000, num_workers=0,
+                                                 resampled=False), rank=0, world_size=1)
+    batch = next(iter(loader))
+    names = sorted(set(batch["cell_type"]))
+    labels = torch.tensor([names.index(t) for t in batch["cell_type"]])
+    counts = batch["counts"]
+    torch.manual_seed(0)
+    model = CountAutoencoder(AEConfig(n_genes=counts.shape[1], latent_tokens=4, token_dim=8, hidden=(128,),
+                                      type_loss=50.0, n_types=len(names)))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(200):
+        rows = torch.randint(0, len(counts), (256,))
+        out = model(counts[rows], cell_type=labels[rows])
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        out = model(counts[:256], cell_type=labels[:256])
+        torch.testing.assert_close(out["loss"], out["nll"] + 50.0 * out["type_ce"])
+        unlabelled = model(counts[:256], cell_type=torch.full((256,), -1))
+        assert float(unlabelled["type_ce"]) == 0.0 and torch.equal(unlabelled["loss"], unlabelled["nll"])
+        accuracy = (model.type_head(model.encode(counts)).argmax(-1) == labels).float().mean()
+    assert len(names) >= 10 and accuracy > 0.9
+    # a model without the head has no such parameters, so older runs' weights still load
+    assert CountAutoencoder(AEConfig(n_genes=counts.shape[1], n_types=len(names))).type_head is None
+
+
 def _check_contract(codec, counts):
     assert isinstance(codec, LatentCodec)
     assert len(codec.genes) == counts.shape[1] and codec.latent_dim % codec.token_dim == 0

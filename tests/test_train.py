@@ -93,7 +93,8 @@ def test_two_process_training_of_every_stage_under_each_zero_stage(shards_dir, t
     cfgdir = tmp_path_factory.mktemp(f"cfg{zero}")
     common = [f"train.zero_stage={zero}", "train.steps=6", *extra]
     balance = ["data.balance=0.5"] if zero == 2 else []  # rare-type loss weights in the ae and dit losses
-    for stage, own in (("ae", [o for o in SMALL if o.startswith("model.")] + balance),
+    type_head = ["model.type_loss=50"] if zero == 2 else []  # the autoencoder's cell-type head on z
+    for stage, own in (("ae", [o for o in SMALL if o.startswith("model.")] + balance + type_head),
                        ("clop", [f"model.text_model={tiny_text_model}", *CLOP_SMALL]),
                        ("dit", DIT_SMALL + balance + (["conditioning=caption"] if zero == 2 else []))):  # both modes
         from omegaconf import OmegaConf
@@ -119,6 +120,10 @@ def test_two_process_training_of_every_stage_under_each_zero_stage(shards_dir, t
     codec = load_codec(RunDir(run))
     assert isinstance(codec, LatentCodec) and codec.name == "autoencoder"
     assert codec.latent_dim == 32 and codec.model.cfg.n_genes == 200 and len(codec.genes) == 200
+    # the head is built from the saved config (one output per training cell type) and its loss is logged
+    n_types = len([t for t, n in RunDir(run).manifest().data["cell_types"]["train"].items() if n > 0])
+    assert (codec.model.type_head is not None and codec.model.type_head.out_features == n_types) == (zero == 2)
+    assert all(("type_ce" in r) == (zero == 2) for r in log_rows(run, "ae"))
     RUNS[zero] = run
 
 
