@@ -1,4 +1,5 @@
-"""Stage 0: the count autoencoder (model: ``models/autoencoder.py``; loss: NB/ZINB NLL).
+"""Stage 0: the count autoencoder (model: ``models/autoencoder.py``; loss: NB/ZINB NLL, plus the
+cell-type head's cross-entropy on the latent when ``model.type_loss`` > 0).
 
     deepspeed --num_gpus 2 launchers/train_ae.py --config configs/ae.yaml
 """
