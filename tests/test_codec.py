@@ -20,18 +20,22 @@ HERE = os.path.dirname(__file__)
 
 
 @pytest.fixture(scope="module")
-def train_cells(shards_dir):
+def train_batch(shards_dir):
     loader = CellLoader(shards_dir, LoaderConfig(split="train", genes="hvg:200", batch_size=2000, num_workers=0,
                                                  resampled=False), rank=0, world_size=1)
-    return next(iter(loader))["counts"], loader.gene_ids
+    return next(iter(loader)), loader.gene_ids
 
 
-def test_the_autoencoders_type_head_keeps_types_apart_in_z(shards_dir):
+@pytest.fixture(scope="module")
+def train_cells(train_batch):
+    batch, genes = train_batch
+    return batch["counts"], genes
+
+
+def test_the_autoencoders_type_head_keeps_types_apart_in_z(train_batch):
     """``type_loss``: a linear head on z learns the cell types with the NB loss; cells without a
     type (-1) add nothing to its cross-entropy, and the loss is the NB loss plus the weighted term."""
-    loader = CellLoader(shards_dir, LoaderConfig(split="train", genes="hvg:200", batch_size=2000, num_workers=0,
-                                                 resampled=False), rank=0, world_size=1)
-    batch = next(iter(loader))
+    batch, _ = train_batch
     names = sorted(set(batch["cell_type"]))
     labels = torch.tensor([names.index(t) for t in batch["cell_type"]])
     counts = batch["counts"]

@@ -43,9 +43,8 @@ class AEStage(Stage):
         self.gene_ids = loader.gene_ids
         self.device = device
         self.balance = self.balance_weights(run)
-        train_types = run.manifest().data["cell_types"]["train"]
-        self.type_index = {t: i for i, t in enumerate(sorted(t for t, n in train_types.items() if n > 0))}
-        self.type_weights = CellTypeWeights(train_types, TYPE_LOSS_BALANCE)
+        self.type_weights = CellTypeWeights.from_manifest(run.manifest(), TYPE_LOSS_BALANCE)
+        self.type_index = {t: i for i, t in enumerate(sorted(self.type_weights.table))}  # training types
         self.cfg.model.n_types = len(self.type_index)
 
     def build_model(self) -> torch.nn.Module:
