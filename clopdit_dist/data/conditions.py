@@ -148,7 +148,8 @@ def heldout_names(kind: str, label: str, tier: str = "reworded") -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 # a field key where a value follows ("cell type:", "tissue_general =", "disease=='...'",
-# "cell_type_ontology_term_id: CL:..."), also quoted (JSON) and anywhere in a part, so "Cell type: B cell. Tissue: lung." and Census value filters
+# "cell_type_ontology_term_id: CL:..."), also quoted (JSON) and anywhere in a part, so
+# "Cell type: B cell. Tissue: lung." and Census value filters
 # ("cell_type == 'B cell' and tissue_general == 'lung'") read as pairs
 _FIELD_KEY = re.compile(r"""(?:^|(?<=[\s,.{(\[]))["']?(cell[ _]type|tissue(?:[ _]general)?|disease)(?:_ontology_term_id)?"""
                         r"""["']?\s*(?:==|=|:)""", re.IGNORECASE)
