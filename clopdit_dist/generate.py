@@ -33,7 +33,7 @@ from .models.autoencoder import draw_counts
 from .models.codec import LatentCodec, load_codec
 from .models.condition import check_prompts, load_condition_encoder
 from .models.dit import DiTConfig, LatentDiT
-from .models.flow import SamplerConfig, sample
+from .models.flow import FlowConfig, SamplerConfig, TypePrior, sample, start_from
 from .run import RunDir
 
 
@@ -47,8 +47,10 @@ class CellGenerator:
     """The three frozen stages of a run, ready to generate."""
 
     def __init__(self, run: RunDir, codec: LatentCodec, cond, dit_module: LatentDiT, library: dict, device="cpu",
-                 sampler: SamplerConfig | None = None, precision: str = "fp32", compile: bool = False):
+                 sampler: SamplerConfig | None = None, precision: str = "fp32", compile: bool = False,
+                 prior: TypePrior | None = None):
         self.run, self.codec, self.cond, self.dit, self.device = run, codec, cond, dit_module, torch.device(device)
+        self.prior = prior  # the flow's per-type source (flow.prior=cell_type), else N(0, I)
         self.default_sampler = sampler or SamplerConfig()  # the DiT config's sampler, unless a call says otherwise
         self.dit.eval()
         if precision not in ("fp32", "bf16"):
@@ -96,9 +98,11 @@ class CellGenerator:
         module = LatentDiT(model_cfg.build(), codec.latent_dim)
         module.load_state_dict(state)
         with open(os.path.join(run.stage_dir("dit"), "latent_stats.json")) as f:
-            library = json.load(f)["library"]
+            stats = json.load(f)
         sampler = load_config_section(SamplerConfig, run.config_path("dit"), "sampler")
-        return cls(run, codec, cond, module.to(device), library, device, sampler, precision, compile)
+        flow = load_config_section(FlowConfig, run.config_path("dit"), "flow")
+        prior = TypePrior.from_dict(stats["type_prior"]) if flow.prior == "cell_type" else None
+        return cls(run, codec, cond, module.to(device), stats["library"], device, sampler, precision, compile, prior)
 
     # ------------------------------------------------------------------ pieces
     def match_library(self, prompt_emb: torch.Tensor) -> list[dict]:
@@ -108,10 +112,16 @@ class CellGenerator:
 
     @torch.no_grad()
     def latents(self, cond: torch.Tensor, n: int, sampler: SamplerConfig, seed: int, batch_size: int = 2048,
-                drop: torch.Tensor | None = None, x0: torch.Tensor | None = None) -> torch.Tensor:
+                drop: torch.Tensor | None = None, x0: torch.Tensor | None = None,
+                source: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """(n, latent_dim) latents: ``cond`` is one condition (1, K, C) or one per cell (n, K, C);
         ``drop`` (1 or n, K) marks fields left on the learned null; ``x0`` (n, tokens, token_dim)
-        is the starting noise (else drawn from ``seed``)."""
+        is the starting noise (else drawn from ``seed``); ``source`` (loc, scale), each (n,
+        latent_dim), moves it to each cell's prior (a DiT trained with ``flow.prior=cell_type``
+        needs it: :meth:`source_of`)."""
+        if (self.prior is None) != (source is None):
+            raise ValueError("this DiT starts from per-type priors: pass source" if source is None
+                             else "this DiT starts from N(0, I): it takes no source")
         g = torch.Generator(device=self.device).manual_seed(seed)
         cond = cond.expand(n, -1, -1) if cond.shape[0] == 1 else cond
         drop = None if drop is None else (drop.expand(n, -1) if drop.shape[0] == 1 else drop)
@@ -121,10 +131,20 @@ class CellGenerator:
             rows = slice(start, start + b)
             start += b
             model = self._velocity if drop is None else _WithMissingFields(self._velocity, drop[rows].to(self.device))
+            start_noise = None if x0 is None else x0[rows]
+            if source is not None:  # the same draw sample() would make, moved to the cells' priors
+                if start_noise is None:
+                    start_noise = torch.randn((b, *shape), generator=g, device=self.device)
+                start_noise = start_from(start_noise.to(self.device), (source[0][rows], source[1][rows]))
             with self._autocast:
-                x = sample(model, cond[rows].to(self.device), shape, sampler, g, None if x0 is None else x0[rows])
+                x = sample(model, cond[rows].to(self.device), shape, sampler, g, start_noise)
             out.append(self.dit.unstandardize(x))
         return torch.cat(out)
+
+    def source_of(self, groups: list[dict]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Each cell's prior (loc, scale) from the cell type of the library group it was given
+        (the type a prompt names, else one its named fields make likely); None without a prior."""
+        return None if self.prior is None else self.prior.loc_scale([g["cell_type"] for g in groups])
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, groups: list[dict], seed: int,
@@ -155,6 +175,10 @@ class CellGenerator:
                 w = np.array([g["n"] for g in match], float)
                 return [match[i] for i in rng.choice(len(match), n, p=w / w.sum())]
         raise ValueError("the run's latent_stats.json lists no library-size groups")
+
+    def plan_groups(self, plan: list[tuple[dict, int]], rng: np.random.Generator) -> list[dict]:
+        """The library-size group of each cell of a plan, in plan order."""
+        return [g for c, m in plan for g in self.library_groups(c, m, rng)]
 
     def plan(self, prompt: str, n: int, rng: np.random.Generator, strict: bool = True) -> list[tuple[dict, int]]:
         """Field mode: the full (or, for combinations no training study has, partial)
@@ -213,7 +237,7 @@ class CellGenerator:
         parts = []
         for i, prompt in enumerate(prompts):
             s = prompt_seed(seed, i)
-            z = self.latents(cond[i:i + 1], n[i], sampler, s, batch_size)
+            z = self.latents(cond[i:i + 1], n[i], sampler, s, batch_size, source=self.source_of([groups[i]] * n[i]))
             counts, lib = self.decode(z, [groups[i]] * n[i], s)
             parts.append(self._anndata(counts, z, prompt, [groups[i]] * n[i], sampler, s, lib))
         return self._concat(parts, "gen")
@@ -237,11 +261,15 @@ class CellGenerator:
         samplers = [self.sampler_for(c, sampler) for c in sampled]  # per item, in plan order
         composed = torch.tensor([s is not sampler for s in samplers]).repeat_interleave(counts_per)
         x0 = torch.cat(x0)
+        # library-size groups, prompt after prompt in plan order (as the cells): they also pick each cell's prior
+        groups = [self.plan_groups(plan, np.random.default_rng([seed, i, 8])) for i, plan in enumerate(plans)]
+        source = self.source_of([g for gs in groups for g in gs])
         z = torch.empty((len(cond), self.dit.latent_mean.numel()))
         for rows, smp in ((~composed, sampler), (composed, self.sampler_for(None, sampler))):
             if rows.any():
                 z[rows] = self.latents(cond[rows], int(rows.sum()), smp, seed, batch_size,
-                                       None if drop is None else drop[rows], x0[rows]).float().cpu()
+                                       None if drop is None else drop[rows], x0[rows],
+                                       None if source is None else (source[0][rows], source[1][rows])).float().cpu()
         log_shift = None
         if any(sh is not None for sh in shifts):
             width = z.shape[1] if sampler.disease_shift == "latent" else len(self.codec.genes)
@@ -255,17 +283,15 @@ class CellGenerator:
                  for sh, smp in zip(shifts, samplers)]
         parts, start, item_modes = [], 0, iter(modes)
         for i, (prompt, plan) in enumerate(zip(prompts, plans)):
-            rng = np.random.default_rng([seed, i, 8])
-            groups = [g for c, m in plan for g in self.library_groups(c, m, rng)]
             zi = z[start:start + n[i]]
             shift_i = None if log_shift is None else log_shift[start:start + n[i]]
-            counts, lib = self.decode(zi, groups, prompt_seed(seed, i),
+            counts, lib = self.decode(zi, groups[i], prompt_seed(seed, i),
                                       shift_i if shift_i is not None and shift_i.any() else None)
             at = 0
             for c, m in plan:
                 rows = slice(at, at + m)
                 at += m
-                parts.append(self._anndata(counts[rows], zi[rows], prompt, groups[rows], sampler,
+                parts.append(self._anndata(counts[rows], zi[rows], prompt, groups[i][rows], sampler,
                                            prompt_seed(seed, i), lib[rows], c, next(item_modes)))
             start += n[i]
         return self._concat(parts, "gen")
@@ -356,13 +382,21 @@ class CellGenerator:
             ca, cb = self.cond.encode_prompts([a, b])
         parts = []
         rng = np.random.default_rng([seed, 11])
+        prior_rng = np.random.default_rng([seed, 12])
         for j, alpha in enumerate(np.linspace(0, 1, points)):
             c = _slerp(ca, cb, float(alpha))[None]
             if self.cond.mode == "fields":
                 groups = self.library_groups(ends[int(alpha > 0.5)], n, rng)
             else:
                 groups = self.match_library(c) * n
-            z = self.latents(c, n, sampler, seed + j, drop=drop)
+            source = None
+            if self.prior is not None:  # each cell's prior moves from one end's type to the other's
+                if self.cond.mode == "fields":
+                    sa, sb = (self.source_of(self.library_groups(e, n, prior_rng)) for e in ends)
+                else:
+                    sa, sb = (self.source_of(self.match_library(e[None]) * n) for e in (ca, cb))
+                source = tuple((1 - alpha) * a_ + alpha * b_ for a_, b_ in zip(sa, sb))
+            z = self.latents(c, n, sampler, seed + j, drop=drop, source=source)
             counts, lib = self.decode(z, groups, seed + j)
             part = self._anndata(counts, z, f"{a} -> {b}", groups, sampler, seed + j, lib)
             part.obs["interpolation_alpha"] = float(alpha)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from clopdit_dist.models.dit import DiTConfig
-from clopdit_dist.models.flow import FlowConfig, SamplerConfig, flow_matching_loss, guided_velocity, sample
+from clopdit_dist.models.flow import (FlowConfig, SamplerConfig, TypePrior, flow_matching_loss, guided_velocity, sample,
+                                      start_from)
 
 
 class GaussianVelocity(torch.nn.Module):
@@ -103,6 +104,42 @@ def test_a_small_dit_learns_two_conditions():
                    torch.Generator().manual_seed(1))
         assert math.copysign(1, x.mean().item()) == math.copysign(1, target)
         assert abs(x.mean().item() - target) < 0.6
+
+
+def test_a_type_prior_is_fitted_per_type_and_a_dit_trained_from_it_keeps_each_cell_in_its_type():
+    """flow.prior=cell_type: the source is the type's Gaussian; an unknown type starts from N(0, I).
+    One condition for both types, so only the source tells them apart: a DiT trained from the
+    prior must carry each start to its own type's cells (with N(0, I) it could not)."""
+    g = torch.Generator().manual_seed(0)
+    types = ["a"] * 3000 + ["b"] * 3000
+    mu = torch.tensor([-2.0] * 3000 + [2.0] * 3000).view(-1, 1)
+    data = mu + 0.3 * torch.randn(6000, 4, generator=g)
+    prior = TypePrior.fit(types, data)
+    loc, scale = prior.loc_scale(["b", "a", "unknown"])
+    torch.testing.assert_close(loc[:2, 0], torch.tensor([2.0, -2.0]), atol=0.05, rtol=0)
+    torch.testing.assert_close(scale[:2], torch.full((2, 4), 0.3), atol=0.03, rtol=0)
+    assert loc[2].abs().sum() == 0 and (scale[2] == 1).all()
+    assert TypePrior.from_dict(prior.to_dict()).loc_scale(["a"])[0].allclose(loc[1:2], atol=1e-4)
+    with pytest.raises(Exception, match="flow.prior='gene'"):
+        FlowConfig(prior="gene")
+
+    torch.manual_seed(0)
+    model = DiTConfig(preset="DiT-XS", tokens=2, token_dim=2, cond_dim=4, hidden_size=64, depth=2,
+                      num_heads=2, backend="torch").build()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    cond = torch.zeros(128, 1, 4)
+    for step in range(200):
+        rows = torch.randint(0, 6000, (128,), generator=g)
+        loss = flow_matching_loss(model, data[rows].view(128, 2, 2), cond, FlowConfig(p_uncond=0.0), g,
+                                  source=prior.loc_scale([types[i] for i in rows]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    for t, target in (("a", -2.0), ("b", 2.0)):
+        start = start_from(torch.randn(500, 2, 2, generator=g), prior.loc_scale([t] * 500))
+        x = sample(model, torch.zeros(500, 1, 4), (2, 2), SamplerConfig(steps=10, guidance=1.0), g, start)
+        assert abs(x.mean().item() - target) < 0.3 and 0.15 < x.std().item() < 0.5
 
 
 def test_the_disease_shift_option_reads_its_old_boolean_and_names_its_choices(tmp_path):

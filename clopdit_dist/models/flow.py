@@ -17,11 +17,17 @@ Euler-Maruyama variant with the same marginals,
 obtained from the score of the linear path, s = -(x - t v) / (1 - t), with diffusion
 g(t)^2 = eta (1 - t); ``eta`` = 0 is the ODE, larger values add diversity (the CLOP-DiT
 paper's generated cells were too alike: diversity ratio 0.51).
+
+Source: x_0 ~ N(0, I), or (``FlowConfig.prior = "cell_type"``) the cell type's own diagonal
+Gaussian in the standardised latent, x_0 = mu_type + sigma_type * eps: PriorGrad's
+data-dependent prior (Lee et al., ICLR 2022); flow matching admits any source (Tong et al.,
+TMLR 2024), and from there the flow only has to carry a cell within its type's region.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -33,6 +39,49 @@ class FlowConfig:
     t_mean: float = 0.0  # logit-normal location
     t_std: float = 1.0  # logit-normal scale
     p_uncond: float = 0.15  # probability a condition field is replaced by the learned null
+    prior: str = "standard"  # the path's source: "standard" N(0, I), or "cell_type" (:class:`TypePrior`)
+
+    def __post_init__(self):
+        if self.prior not in PRIORS:
+            raise ConfigError(f"flow.prior={self.prior!r}: choose {' or '.join(PRIORS)}")
+
+
+PRIORS = ("standard", "cell_type")
+
+
+class TypePrior:
+    """Per-cell-type diagonal Gaussians in the DiT's standardised latent: the flow's source
+    x_0 = loc[type] + scale[type] * eps. A type the statistics lack starts from N(0, I)."""
+
+    def __init__(self, types: Sequence[str], loc: torch.Tensor, scale: torch.Tensor):
+        self.index = {t: i for i, t in enumerate(types)}
+        self.loc = torch.cat([loc.float(), torch.zeros(1, loc.shape[1])])  # last row: the standard normal
+        self.scale = torch.cat([scale.float(), torch.ones(1, scale.shape[1])])
+
+    @classmethod
+    def fit(cls, types: Sequence[str], x: torch.Tensor, min_cells: int = 2, min_scale: float = 0.05) -> "TypePrior":
+        """Mean and std per type of standardised latents ``x`` (n, dim); a type with fewer than
+        ``min_cells`` cells keeps unit scale."""
+        names = sorted(set(types))
+        labels = torch.tensor([names.index(t) for t in types])
+        loc = torch.stack([x[labels == i].mean(0) for i in range(len(names))])
+        scale = torch.stack([x[labels == i].std(0).clamp_min(min_scale) if int((labels == i).sum()) >= min_cells
+                             else torch.ones(x.shape[1]) for i in range(len(names))])
+        return cls(names, loc, scale)
+
+    def to_dict(self) -> dict:
+        rows = len(self.index)
+        return {"types": list(self.index), "loc": [[round(float(v), 5) for v in r] for r in self.loc[:rows]],
+                "scale": [[round(float(v), 5) for v in r] for r in self.scale[:rows]]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TypePrior":
+        return cls(d["types"], torch.tensor(d["loc"]), torch.tensor(d["scale"]))
+
+    def loc_scale(self, types: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, dim) location and scale of each cell's source."""
+        rows = torch.tensor([self.index.get(t, len(self.index)) for t in types], dtype=torch.long)
+        return self.loc[rows], self.scale[rows]
 
 
 def sample_t(n: int, cfg: FlowConfig, generator: torch.Generator, device) -> torch.Tensor:
@@ -41,18 +90,28 @@ def sample_t(n: int, cfg: FlowConfig, generator: torch.Generator, device) -> tor
 
 
 def flow_matching_loss(model, x1: torch.Tensor, cond: torch.Tensor, cfg: FlowConfig,
-                       generator: torch.Generator, weight: torch.Tensor | None = None) -> torch.Tensor:
+                       generator: torch.Generator, weight: torch.Tensor | None = None,
+                       source: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Mean squared velocity error. ``x1`` (B, T, D) data latents; ``cond`` (B, K, C);
-    ``weight`` (B,) optional per-cell weights of mean ~1 (``data/balance.py``)."""
+    ``weight`` (B,) optional per-cell weights of mean ~1 (``data/balance.py``); ``source``
+    (loc, scale), each (B, T * D), the cells' Gaussian sources (:class:`TypePrior`), else N(0, I)."""
     B, K = x1.shape[0], cond.shape[1]
     t = sample_t(B, cfg, generator, x1.device)
     x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
+    if source is not None:
+        x0 = start_from(x0, source)
     tt = t.view(B, 1, 1).to(x1.dtype)
     xt = tt * x1 + (1 - tt) * x0
     drop = torch.rand((B, K), generator=generator, device=x1.device) < cfg.p_uncond
     v = model(xt, t, cond, drop)
     err = (v.float() - (x1 - x0).float()).pow(2)
     return err.mean() if weight is None else (err.flatten(1).mean(1) * weight.to(err)).mean()
+
+
+def start_from(eps: torch.Tensor, source: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``eps`` (B, T, D) standard noise moved to the sources (loc, scale), each (B, T * D)."""
+    loc, scale = (s.to(eps).view(eps.shape) for s in source)
+    return loc + scale * eps
 
 
 DISEASE_SHIFTS = ("off", "latent", "expression")
