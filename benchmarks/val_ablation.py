@@ -38,7 +38,6 @@ from _measure import emit
 
 KEEP = ("identity_cell_type", "identity_tissue_general", "identity_disease", "energy", "mmd", "w2", "coverage",
         "diversity_means")
-STAGES = ("ae", "clop", "dit")
 
 
 def all_val_conditions(gen, shards: str) -> dict[str, dict]:
@@ -62,17 +61,6 @@ def all_val_conditions(gen, shards: str) -> dict[str, dict]:
     return out
 
 
-def stage_overrides(overrides: list[str], stage: str, first: str) -> tuple[str, ...]:
-    """The overrides for ``stage``: ``STAGE:key=value`` ones for it, unprefixed ones for ``first``."""
-    own = []
-    for o in overrides:
-        target, _, rest = o.partition(":") if o.split("=")[0].count(":") else (first, "", o)
-        if target not in STAGES:
-            raise SystemExit(f"override {o!r}: a stage prefix is one of {', '.join(STAGES)}")
-        own += [rest] if target == stage else []
-    return tuple(own)
-
-
 def final_loss(log: str, last: int = 100) -> float:
     """Mean training loss over the last ``last`` steps logged: where the flow loss settled."""
     with open(log) as f:
@@ -94,7 +82,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
-    from clopdit_dist.demo import DEMO_OVERRIDES, launch_stage
+    from clopdit_dist.demo import DEMO_OVERRIDES, STAGES, launch_stage, stage_overrides
     from clopdit_dist.evaluate.evaluator import quick_evaluation
     from clopdit_dist.generate import CellGenerator
 

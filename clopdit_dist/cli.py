@@ -175,7 +175,7 @@ def cmd_evaluate(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, n_cells=args.cells, workers=args.workers, seed=args.seed)
+    run_demo(args.out, n_cells=args.cells, workers=args.workers, seed=args.seed, overrides=args.overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="the synthetic atlas's seed (other seeds check that "
                    "defaults were not tuned to seed 0)")
+    p.add_argument("overrides", nargs="*", metavar="STAGE:KEY=VALUE",
+                   help="a stage's setting after the demo's own, e.g. dit:flow.prior=cell_type")
     p.set_defaults(func=cmd_demo)
     return parser
 

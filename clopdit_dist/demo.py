@@ -27,6 +27,7 @@ from pathlib import Path
 from .data.manifest import MANIFEST_NAME
 from .data.shards import ShardConfig, build_shards
 from .data.synthetic import SynthConfig, write_synthetic_atlas
+from .errors import ConfigError
 from .train.distributed import REPO_ROOT
 
 DEMO_OVERRIDES = {
@@ -47,6 +48,22 @@ DEMO_PROMPTS = [
 ]
 
 
+STAGES = ("ae", "clop", "dit")
+
+
+def stage_overrides(overrides: list[str], stage: str, unprefixed: str | None = None) -> tuple[str, ...]:
+    """The overrides for ``stage``: the ``STAGE:key=value`` ones naming it, and the plain
+    ``key=value`` ones where ``unprefixed`` is that stage (else a plain one is an error)."""
+    own = []
+    for o in overrides:
+        target, _, rest = o.partition(":") if o.split("=")[0].count(":") else (unprefixed, "", o)
+        if target not in STAGES:
+            raise ConfigError(f"override {o!r}: prefix it with its stage, one of {', '.join(STAGES)} "
+                              "(e.g. dit:flow.prior=cell_type)")
+        own += [rest] if target == stage else []
+    return tuple(own)
+
+
 def _step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
@@ -61,7 +78,7 @@ def launch_stage(stage: str, shards: str, run: str, nproc: int, overrides: tuple
     beside = Path(sys.executable).parent / "deepspeed"
     ds = str(beside) if beside.exists() else shutil.which("deepspeed")
     if ds:
-        cmd = [ds, "--num_gpus", str(nproc), "--master_port", str(29700 + ["ae", "clop", "dit"].index(stage)), *args]
+        cmd = [ds, "--num_gpus", str(nproc), "--master_port", str(29700 + STAGES.index(stage)), *args]
     else:  # torchrun reads "--run" as an abbreviation of its own --run-path unless "--" ends its options
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), args[0], "--", *args[1:]]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -77,8 +94,12 @@ def _table(rows: list[list], header: list[str]) -> str:
     return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows])
 
 
-def run_demo(out: str, n_cells: int = 20_000, workers: int = 2, nproc: int = 2, seed: int = 0) -> dict:
+def run_demo(out: str, n_cells: int = 20_000, workers: int = 2, nproc: int = 2, seed: int = 0,
+             overrides: list[str] | None = None) -> dict:
+    """``overrides``: ``STAGE:key=value`` settings applied after the demo's own (``DEMO_OVERRIDES``)."""
     t0 = time.perf_counter()
+    overrides = list(overrides or [])
+    per_stage = {stage: stage_overrides(overrides, stage) for stage in STAGES}  # a bad one fails before any work
     atlas, shards, run = (os.path.join(out, d) for d in ("atlas", "shards", "run"))
     _step(f"1. synthetic Census-shaped atlas ({n_cells} cells, seed {seed}) -> {atlas}")
     if os.path.exists(os.path.join(atlas, "census_data")):
@@ -93,12 +114,12 @@ def run_demo(out: str, n_cells: int = 20_000, workers: int = 2, nproc: int = 2, 
         # 5% + 5% of each training study held out as cells: enough for ≥ 30-cell conditions at 20k cells
         build_shards(ShardConfig(source=atlas, out=shards, workers=workers, heldout_cell_fraction=0.05))
 
-    for i, stage in enumerate(("ae", "clop", "dit"), start=3):
+    for i, stage in enumerate(STAGES, start=3):
         _step(f"{i}. train {stage} ({nproc} processes) -> {run}/{stage}")
         if os.path.exists(os.path.join(run, stage, "metrics.json")):
             print("already trained")
         else:
-            launch_stage(stage, shards, run, nproc)
+            launch_stage(stage, shards, run, nproc, per_stage[stage])
 
     _step("6. generate cells for a few prompts")
     from .generate import CellGenerator
@@ -138,7 +159,8 @@ def run_demo(out: str, n_cells: int = 20_000, workers: int = 2, nproc: int = 2, 
     if "field_subset" in result:
         print(f"\ntissue-only prompts: mean total-variation distance to the tissue's real composition "
               f"{result['field_subset']['mean_tv']:.3f}")
-    summary = {"atlas": atlas, "shards": shards, "run": run, "generated": h5ad, "ae": ae, "clop": clop,
+    summary = {"atlas": atlas, "shards": shards, "run": run, "overrides": overrides, "generated": h5ad, "ae": ae,
+               "clop": clop,
                "evaluation": os.path.join(eval_dir, "metrics.json"), "report": os.path.join(eval_dir, "report.md"),
                "evaluate_seconds": result["seconds"], "minutes": round((time.perf_counter() - t0) / 60, 1)}
     with open(os.path.join(out, "demo_summary.json"), "w") as f:

@@ -98,12 +98,14 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, atlas_dir, shards_dir):
         (["data", "shards", "--source", atlas_dir, "--out", str(tmp_path / "s"), "--obs-filter", "tissue_genral == 'x'"],
          "obs filter"),  # filter
         (["data", "shards", "--source", str(tmp_path / "no_atlas"), "--out", str(tmp_path / "s2")], "does not exist"),
+        (["demo", "--out", str(tmp_path / "d"), "flow.prior=cell_type"], "prefix it with its stage"),  # before any work
     ]
     for argv, expect in cases:
         r = _cli(*argv)
         assert r.returncode == 2, (argv, r.stdout[-1000:], r.stderr[-3000:])
         lines = r.stderr.strip().splitlines()
         assert "Traceback" not in r.stderr and len(lines) == 1 and expect in lines[0], (argv, r.stderr[-3000:])
+    assert not (tmp_path / "d").exists()  # the demo refused its override before building anything
 
 
 def test_no_top_level_package_shared_with_another_distribution():
