@@ -96,7 +96,10 @@ def test_two_process_training_of_every_stage_under_each_zero_stage(shards_dir, t
     type_head = ["model.type_loss=50"] if zero == 2 else []  # the autoencoder's cell-type head on z
     for stage, own in (("ae", [o for o in SMALL if o.startswith("model.")] + balance + type_head),
                        ("clop", [f"model.text_model={tiny_text_model}", *CLOP_SMALL]),
-                       ("dit", DIT_SMALL + balance + (["conditioning=caption"] if zero == 2 else []))):  # both modes
+                       # both conditioning modes; both flow sources (configs/dit.yaml's cell_type on the zero1
+                       # run, which the generation tests use)
+                       ("dit", DIT_SMALL + balance + (["conditioning=caption"] if zero == 2 else [])
+                        + (["flow.prior=cell_type"] if zero == 1 else []))):
         from omegaconf import OmegaConf
 
         conf = OmegaConf.from_dotlist([*[o for o in SMALL if not o.startswith("model.")], *common, *own])
@@ -293,7 +296,8 @@ def test_fast_generation_paths_agree(tmp_path):
     latents = {}
     for precision, compile in (("fp32", False), ("fp32", True), ("bf16", False)):
         gen = CellGenerator.from_run(RUNS[1], precision=precision, compile=compile)
-        source = gen.source_of(gen.library["groups"][:1] * 64)  # the type prior's start, if the DiT has one
+        assert gen.prior is not None  # the zero1 run starts its flow from the cell-type prior
+        source = gen.source_of(gen.library["groups"][:1] * 64)
         latents[precision, compile] = gen.latents(cond, 64, sampler, seed=5, batch_size=32, source=source)
     ref = latents["fp32", False]
     rel = lambda z: float((z - ref).norm() / ref.norm())  # noqa: E731
