@@ -10,8 +10,8 @@ energy distances to half A are taken
 * in the evaluation space (PCA of log1p CP10k, as ``clopdit evaluate``): half B's latents
   decoded with B's own library sizes (the codec round trip), the same latents with the library
   sizes the generator drew for the model's cells, the latent Gaussian decoded, the model's
-  cells, and the Gaussian in PCA space (the evaluator's baseline): what do the decoder and the
-  library sizes cost beyond the latent?
+  cells, and the Gaussian in PCA space (the round trip and that Gaussian by the evaluator's own
+  ``evaluate/baselines.py``): what do the decoder and the library sizes cost beyond the latent?
 
 With ``--atlas-seed`` (an embedded synthetic atlas, whose true parameters are known) one more
 line compares the codec's per-gene NB inverse dispersion with the atlas's.
@@ -34,6 +34,7 @@ def split_energies(gen, shards: str, split: str, seed: int = 0) -> dict:
     from sklearn.covariance import LedoitWolf
 
     from clopdit_dist.evaluate import metrics as M
+    from clopdit_dist.evaluate.baselines import codec_roundtrip, condition_gaussian
     from clopdit_dist.evaluate.evaluator import EvalConfig, Evaluation, HeldoutSet, condition_key, read_cells
     from clopdit_dist.evaluate.prompts import tier_prompt
 
@@ -71,19 +72,19 @@ def split_energies(gen, shards: str, split: str, seed: int = 0) -> dict:
         za, zb = ((encode(hs.real.counts[i]) - mean) / std for i in (a, b))
         in_cond = ev.train_key_of_cell == condition_key(meta)
         z_gauss = gaussian(z_train[in_cond], n)
-        ref, lib_b = hs.real_embed[a], hs.real.counts[b].sum(1)
+        ref, counts_b = hs.real_embed[a], hs.real.counts[b]
         embed = hs.space.embed
         rows.append({
             "latent_real_half": M.energy_distance(za, zb),
             "latent_model": M.energy_distance(za, z_gen),
             "latent_gaussian": M.energy_distance(za, z_gauss),
             "real_half": M.energy_distance(ref, hs.real_embed[b]),
-            "codec_roundtrip": M.energy_distance(ref, embed(decode(zb * std + mean, lib_b))),
+            "codec_roundtrip": M.energy_distance(ref, codec_roundtrip(hs.space, gen.codec, counts_b, rng).embed),
             "codec_roundtrip_model_libraries": M.energy_distance(ref, embed(decode(zb * std + mean, lib_gen))),
             "latent_gaussian_decoded": M.energy_distance(ref, embed(decode(z_gauss * std + mean, lib_gen))),
             "model": M.energy_distance(ref, embed(cells.X[rows_gen].toarray().astype(np.float32))),
-            "pca_gaussian": M.energy_distance(ref, gaussian(hs.train_embed[in_cond], n)),
-            "log_library_real_minus_model": float(np.log(lib_b).mean() - np.log(lib_gen).mean()),
+            "pca_gaussian": M.energy_distance(ref, condition_gaussian(hs.space, hs.train_embed[in_cond], n, rng).embed),
+            "log_library_real_minus_model": float(np.log(counts_b.sum(1)).mean() - np.log(lib_gen).mean()),
         })
     return {"conditions": len(rows), **{k: round(float(np.mean([r[k] for r in rows])), 4) for k in rows[0]}}
 
