@@ -63,7 +63,8 @@ class TypePrior:
         """Mean and std per type of standardised latents ``x`` (n, dim); a type with fewer than
         ``min_cells`` cells keeps unit scale."""
         names = sorted(set(types))
-        labels = torch.tensor([names.index(t) for t in types])
+        row = {t: i for i, t in enumerate(names)}
+        labels = torch.tensor([row[t] for t in types])
         loc = torch.stack([x[labels == i].mean(0) for i in range(len(names))])
         scale = torch.stack([x[labels == i].std(0).clamp_min(min_scale) if int((labels == i).sum()) >= min_cells
                              else torch.ones(x.shape[1]) for i in range(len(names))])
