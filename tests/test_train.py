@@ -97,9 +97,9 @@ def test_two_process_training_of_every_stage_under_each_zero_stage(shards_dir, t
     for stage, own in (("ae", [o for o in SMALL if o.startswith("model.")] + balance + type_head),
                        ("clop", [f"model.text_model={tiny_text_model}", *CLOP_SMALL]),
                        # both conditioning modes; both flow sources (configs/dit.yaml's cell_type on the zero1
-                       # run, which the generation tests use)
+                       # and zero3 runs, which the generation and EMA tests use; N(0, I) on zero2)
                        ("dit", DIT_SMALL + balance + (["conditioning=caption"] if zero == 2 else [])
-                        + (["flow.prior=cell_type"] if zero == 1 else []))):
+                        + (["flow.prior=cell_type"] if zero != 2 else []))):
         from omegaconf import OmegaConf
 
         conf = OmegaConf.from_dotlist([*[o for o in SMALL if not o.startswith("model.")], *common, *own])
