@@ -24,6 +24,17 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _interval(text: str) -> tuple[float, float]:
+    """``LO,HI`` with 0 <= LO <= HI <= 1: the part of the path (t) that guidance acts on."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give two numbers LO,HI, e.g. 0,0.5") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= LO <= HI <= 1 (t runs from 0, noise, to 1, data)")
+    return lo, hi
+
+
 def add_shard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", required=True,
                    help="local Census-shaped collection, or a Census version such as 'stable' (needs network)")
@@ -131,7 +142,7 @@ def cmd_generate(args) -> None:
     check_prompts(prompts + list(args.interpolate or []))  # before minutes of model loading
     gen = CellGenerator.from_run(args.run, device=args.device, precision=args.precision, compile=args.compile)
     sampler = sampler_from(gen.default_sampler, guidance=args.guidance, steps=args.steps, method=args.sampler,
-                           noise=args.noise,
+                           noise=args.noise, interval=args.interval,
                            field_weights=tuple(float(w) for w in args.field_weights.split(",")) if args.field_weights
                            else None)
     if args.interpolate:
@@ -166,7 +177,8 @@ def cmd_sweep(args) -> None:
 def cmd_evaluate(args) -> None:
     from .evaluate.evaluator import EvalConfig, evaluate_run
 
-    cfg = EvalConfig(split=args.split, seeds=args.seeds, max_cells=args.cells, steps=args.steps,
+    cfg = EvalConfig(split=args.split, seeds=args.seeds, max_cells=args.cells, steps=args.steps, method=args.sampler,
+                     noise=args.noise, interval=args.interval,
                      guidance=args.guidance, report=not args.no_report, compare=tuple(args.compare))
     result = evaluate_run(args.run, args.shards, args.out, cfg, progress=not args.no_progress)
     print(f"wrote {args.out}/metrics.json and {args.out}/report.md in {result['seconds']:.0f} s")
@@ -234,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, choices=["euler", "heun", "midpoint", "sde"])
     p.add_argument("--noise", type=float, default=None, help="SDE noise (diversity); with --sampler sde")
     p.add_argument("--field-weights", default=None, help="compositional guidance weights, e.g. 2,1,1")
+    p.add_argument("--interval", default=None, type=_interval,
+                   help="apply guidance only for t in LO,HI (0 = noise, 1 = data); the plain conditional elsewhere")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
@@ -272,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--cells", type=int, default=200, help="generated cells per condition (at most)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's)")
+    p.add_argument("--sampler", default=None, choices=["euler", "heun", "midpoint", "sde"],
+                   help="sampler method (default: the run's)")
+    p.add_argument("--noise", type=float, default=None, help="SDE noise; with --sampler sde")
+    p.add_argument("--interval", default=None, type=_interval, help="guidance interval LO,HI in t (default: the run's)")
     p.add_argument("--guidance", type=float, default=None, help="skip the val sweep and use this guidance")
     p.add_argument("--compare", action="append", default=[], metavar="NAME=RUN",
                    help="another run on the same shards scored beside this one (repeatable)")

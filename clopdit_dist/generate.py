@@ -132,12 +132,13 @@ class CellGenerator:
             start += b
             model = self._velocity if drop is None else _WithMissingFields(self._velocity, drop[rows].to(self.device))
             start_noise = None if x0 is None else x0[rows]
-            if source is not None:  # the same draw sample() would make, moved to the cells' priors
+            prior = None if source is None else (source[0][rows].to(self.device), source[1][rows].to(self.device))
+            if prior is not None:  # the same draw sample() would make, moved to the cells' priors
                 if start_noise is None:
                     start_noise = torch.randn((b, *shape), generator=g, device=self.device)
-                start_noise = start_from(start_noise.to(self.device), (source[0][rows], source[1][rows]))
+                start_noise = start_from(start_noise.to(self.device), prior)
             with self._autocast:
-                x = sample(model, cond[rows].to(self.device), shape, sampler, g, start_noise)
+                x = sample(model, cond[rows].to(self.device), shape, sampler, g, start_noise, prior)
             out.append(self.dit.unstandardize(x))
         return torch.cat(out)
 
@@ -418,7 +419,9 @@ class CellGenerator:
             "guidance": sampler.guidance,
             "guidance_fields": fields_mode or ("composed" if sampler.field_weights else "joint"),
             "steps": sampler.steps,
-            "sampler": sampler.method, "noise": sampler.noise, "seed": seed, "library_size": lib.astype(np.float32),
+            "sampler": sampler.method, "noise": sampler.noise,
+            "guidance_interval": ",".join(f"{v:g}" for v in sampler.interval),
+            "seed": seed, "library_size": lib.astype(np.float32),
         }, index=[f"{seed}-{i}" for i in range(n)])
         a = ad.AnnData(X=sp.csr_matrix(counts.astype(np.int32)), obs=obs)
         a.obsm["X_latent"] = z.cpu().numpy().astype(np.float32)

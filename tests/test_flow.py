@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from clopdit_dist.models.dit import DiTConfig
-from clopdit_dist.models.flow import (FlowConfig, SamplerConfig, TypePrior, flow_matching_loss, guided_velocity, sample,
-                                      start_from)
+from clopdit_dist.models.flow import (FlowConfig, SamplerConfig, TypePrior, condition_drop, flow_matching_loss,
+                                      guided_velocity, sample, start_from)
 
 
 class GaussianVelocity(torch.nn.Module):
@@ -46,6 +46,47 @@ def test_samplers_reach_the_data_distribution(method, steps, tol):
     x = sample(model, cond_for(3.0, 4000), (2, 2), cfg, g)
     assert x.mean().item() == pytest.approx(3.0, abs=tol * 3)
     assert x.std().item() == pytest.approx(0.5, abs=tol * 2)
+
+
+class ShiftedSourceVelocity(torch.nn.Module):
+    """The exact velocity for x1 ~ N(mu, s^2 I) from the source x0 ~ N(loc, scale^2 I): in the
+    coordinates (x - loc) / scale it is :class:`GaussianVelocity`'s, times ``scale``."""
+
+    def __init__(self, mu: float, s: float, loc: float, scale: float):
+        super().__init__()
+        self.white, self.mu, self.loc, self.scale = GaussianVelocity(s / scale), (mu - loc) / scale, loc, scale
+
+    def forward(self, x, t, cond, drop):
+        return self.scale * self.white((x - self.loc) / self.scale, t, cond_for(self.mu, len(x)), drop)
+
+
+def test_the_sde_keeps_the_data_distribution_from_a_shifted_scaled_source():
+    loc, scale = 2.0, 0.4
+    model = ShiftedSourceVelocity(mu=3.0, s=0.5, loc=loc, scale=scale)
+    n = 4000
+    source = (torch.full((n, 4), loc), torch.full((n, 4), scale))
+    cfg = SamplerConfig(method="sde", steps=200, guidance=1.0, noise=1.0)
+    g = torch.Generator().manual_seed(0)
+    x = sample(model, cond_for(0.0, n), (2, 2), cfg, g, start_from(torch.randn(n, 2, 2, generator=g), source), source)
+    assert x.mean().item() == pytest.approx(3.0, abs=0.1)
+    assert x.std().item() == pytest.approx(0.5, abs=0.05)
+    # the same SDE told the source is N(0, I) pulls the cells off the data distribution
+    g = torch.Generator().manual_seed(0)
+    wrong = sample(model, cond_for(0.0, n), (2, 2), cfg, g, start_from(torch.randn(n, 2, 2, generator=g), source))
+    assert abs(wrong.mean().item() - 3.0) > 0.3 or abs(wrong.std().item() - 0.5) > 0.15
+
+
+def test_joint_dropout_trains_the_all_null_branch_and_is_off_by_default():
+    def drops(cfg):
+        return condition_drop(200_000, 3, cfg, torch.Generator().manual_seed(0), "cpu")
+
+    per_field = drops(FlowConfig(p_uncond=0.15))
+    assert per_field.float().mean().item() == pytest.approx(0.15, abs=0.005)
+    assert per_field.all(1).float().mean().item() == pytest.approx(0.15**3, abs=0.001)  # ~0.3% of cells
+    joint = drops(FlowConfig(p_uncond=0.15, p_null=0.1))
+    assert joint.all(1).float().mean().item() == pytest.approx(0.1 + 0.9 * 0.15**3, abs=0.005)
+    # p_null = 0 draws nothing extra: runs trained before the option see the same masks
+    assert torch.equal(per_field, drops(FlowConfig(p_uncond=0.15, p_null=0.0)))
 
 
 def test_heun_beats_euler_at_equal_steps():

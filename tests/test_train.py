@@ -279,9 +279,10 @@ def test_generate_from_a_trained_run(tmp_path):
     np.testing.assert_array_equal(ad.read_h5ad(again).X.toarray(), a.X[:7].toarray())  # seeded
     traj = str(tmp_path / "traj.h5ad")
     main(["generate", "--run", RUNS[1], "--interpolate", "naive B cell", "plasma cell", "--points", "3", "--n", "4",
-          "--steps", "2", "--sampler", "sde", "--noise", "0.5", "--out", traj])
+          "--steps", "2", "--sampler", "sde", "--noise", "0.5", "--interval", "0,0.5", "--out", traj])
     t = ad.read_h5ad(traj)
     assert sorted(t.obs["interpolation_alpha"].unique()) == [0.0, 0.5, 1.0] and (t.obs["sampler"] == "sde").all()
+    assert (t.obs["guidance_interval"] == "0,0.5").all()
 
 
 def test_fast_generation_paths_agree(tmp_path):

@@ -61,6 +61,9 @@ class EvalConfig:
     tiers: tuple[str, ...] = ("canonical", "reworded", "freeform", "type_only")
     tier_seeds: int = 1  # seeds for the non-canonical tiers (canonical gets ``seeds``)
     steps: int | None = None  # sampler steps (default: the run's)
+    method: str | None = None  # sampler method (default: the run's)
+    noise: float | None = None  # SDE noise (default: the run's)
+    interval: tuple[float, float] | None = None  # guidance interval (default: the run's)
     augmentation_types: int = 4  # rarest training cell types in the augmentation experiment
     report: bool = True
     # other runs on the same shards scored beside this one, "NAME=RUN_DIR" (e.g. the PCA-codec
@@ -165,7 +168,8 @@ class Evaluation:
         self.train_key_of_cell = self.train.keys
         self.train_keys = set(self.train_key_of_cell)
         self.theta = self._dispersion()
-        self.sampler = sampler_from(self.gen.default_sampler, steps=cfg.steps)
+        self.sampler = sampler_from(self.gen.default_sampler, steps=cfg.steps, method=cfg.method, noise=cfg.noise,
+                                    interval=None if cfg.interval is None else tuple(cfg.interval))
         self.compare = {}
         for item in cfg.compare:
             name, _, path = item.partition("=")
@@ -185,8 +189,9 @@ class Evaluation:
                     seed: int, gen: CellGenerator | None = None) -> list[CellSet]:
         """A model's cells (this run's, or ``gen``'s) for several prompts in one batched run:
         ``sizes[i]`` cells of ``prompts[i]``."""
+        own = gen is None or gen is self.gen
         gen = gen or self.gen
-        sampler = sampler_from(gen.default_sampler, steps=self.cfg.steps, guidance=guidance)
+        sampler = sampler_from(self.sampler if own else gen.default_sampler, steps=self.cfg.steps, guidance=guidance)
         adata = gen.generate(prompts, n=sizes, sampler=sampler, seed=seed, strict=False)  # unresolved: marginal
         counts = adata.X.toarray().astype(np.float32)
         z = torch.from_numpy(np.asarray(adata.obsm["X_latent"]))

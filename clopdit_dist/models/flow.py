@@ -18,6 +18,10 @@ obtained from the score of the linear path, s = -(x - t v) / (1 - t), with diffu
 g(t)^2 = eta (1 - t); ``eta`` = 0 is the ODE, larger values add diversity (the CLOP-DiT
 paper's generated cells were too alike: diversity ratio 0.51).
 
+With a Gaussian source x_0 = loc + scale * eps (below), the SDE runs in the whitened coordinates
+(x - loc) / scale, where the path is the one above: dx = [v - (eta / 2)(x - loc - t v)] dt
++ scale sqrt(eta (1 - t)) dW.
+
 Source: x_0 ~ N(0, I), or (``FlowConfig.prior = "cell_type"``) the cell type's own diagonal
 Gaussian in the standardised latent, x_0 = mu_type + sigma_type * eps: PriorGrad's
 data-dependent prior (Lee et al., ICLR 2022); flow matching admits any source (Tong et al.,
@@ -39,6 +43,9 @@ class FlowConfig:
     t_mean: float = 0.0  # logit-normal location
     t_std: float = 1.0  # logit-normal scale
     p_uncond: float = 0.15  # probability a condition field is replaced by the learned null
+    # probability that every field is replaced at once (Ho & Salimans' joint dropout): with
+    # p_uncond alone the all-null branch, v_null of every guidance w != 1, sees p_uncond ** K of cells
+    p_null: float = 0.0
     prior: str = "standard"  # the path's source: "standard" N(0, I), or "cell_type" (:class:`TypePrior`)
 
     def __post_init__(self):
@@ -90,6 +97,15 @@ def sample_t(n: int, cfg: FlowConfig, generator: torch.Generator, device) -> tor
     return torch.sigmoid(u)
 
 
+def condition_drop(B: int, K: int, cfg: FlowConfig, generator: torch.Generator, device) -> torch.Tensor:
+    """(B, K) fields put on the learned null: each with ``p_uncond``, and all of a cell's with
+    ``p_null`` (no extra draw when 0, so runs trained before the option are reproduced)."""
+    drop = torch.rand((B, K), generator=generator, device=device) < cfg.p_uncond
+    if cfg.p_null > 0:
+        drop |= torch.rand((B, 1), generator=generator, device=device) < cfg.p_null
+    return drop
+
+
 def flow_matching_loss(model, x1: torch.Tensor, cond: torch.Tensor, cfg: FlowConfig,
                        generator: torch.Generator, weight: torch.Tensor | None = None,
                        source: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -103,7 +119,7 @@ def flow_matching_loss(model, x1: torch.Tensor, cond: torch.Tensor, cfg: FlowCon
         x0 = start_from(x0, source)
     tt = t.view(B, 1, 1).to(x1.dtype)
     xt = tt * x1 + (1 - tt) * x0
-    drop = torch.rand((B, K), generator=generator, device=x1.device) < cfg.p_uncond
+    drop = condition_drop(B, K, cfg, generator, x1.device)
     v = model(xt, t, cond, drop)
     err = (v.float() - (x1 - x0).float()).pow(2)
     return err.mean() if weight is None else (err.flatten(1).mean(1) * weight.to(err)).mean()
@@ -183,11 +199,15 @@ def guided_velocity(model, x: torch.Tensor, t: float, cond: torch.Tensor, cfg: S
 
 @torch.no_grad()
 def sample(model, cond: torch.Tensor, shape: tuple[int, int], cfg: SamplerConfig,
-           generator: torch.Generator, x0: torch.Tensor | None = None) -> torch.Tensor:
+           generator: torch.Generator, x0: torch.Tensor | None = None,
+           source: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Integrate from noise (``x0``, else drawn from ``generator``) to data. ``cond`` (B, K, C);
-    returns latents (B, *shape)."""
+    returns latents (B, *shape). ``source`` (loc, scale), each (B, T * D), is the Gaussian ``x0``
+    was drawn from (:class:`TypePrior`); only the SDE needs it, to run in the coordinates where
+    that source is N(0, I)."""
     B = cond.shape[0]
     x = torch.randn((B, *shape), generator=generator, device=cond.device) if x0 is None else x0.to(cond.device)
+    loc, scale = (0.0, 1.0) if source is None else (s.to(x).view(x.shape) for s in source)
     ts = torch.linspace(0.0, 1.0, cfg.steps + 1).tolist()
     for i in range(cfg.steps):
         t0, t1 = ts[i], ts[i + 1]
@@ -204,11 +224,14 @@ def sample(model, cond: torch.Tensor, shape: tuple[int, int], cfg: SamplerConfig
             else:
                 x = x + 0.5 * h * (v0 + guided_velocity(model, x_pred, t1, cond, cfg))
         elif cfg.method == "sde":
+            # in whitened coordinates x' = (x - loc) / scale the path is the N(0, I) one; mapped back,
+            # the score term is -(x - loc - t v) / (1 - t) and the noise is scaled by ``scale``
             eta = cfg.noise
-            drift = v0 - 0.5 * eta * (x - t0 * v0)
+            drift = v0 - 0.5 * eta * (x - loc - t0 * v0)
             x = x + h * drift
             if i < cfg.steps - 1 and eta > 0:
-                x = x + (eta * (1 - t0) * h) ** 0.5 * torch.randn(x.shape, generator=generator, device=x.device)
+                x = x + scale * (eta * (1 - t0) * h) ** 0.5 * torch.randn(x.shape, generator=generator,
+                                                                          device=x.device)
         else:
             raise ValueError(f"sampler method {cfg.method!r}: use euler, heun, midpoint or sde")
     return x
