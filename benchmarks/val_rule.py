@@ -7,7 +7,8 @@ real-half ceiling beside the model. The run's own sampler is scored first, in th
     python benchmarks/val_rule.py --run RUN --shards SHARDS --out benchmarks/results/val_rule.jsonl \\
         --variant heun:method=heun --variant euler50:steps=50
 
-This is what the adoption rule written in session 15 reads (README, "How a default is changed"):
+This is what the adoption rule written in session 15 reads (``val_rule_judge.py``; README, "guidance on
+the first half of the path"):
 over atlas seeds 0/1/2, (a) val studies at the chosen guidance: energy at most 2% higher and
 cell-type identity at most 0.01 lower; (b) val cells at that guidance: lower energy; (c) val disease
 identity at most 0.02 lower. ``--grid`` narrows the sweep for a quick screen (a screen's line says so).
@@ -31,7 +32,8 @@ GENERATORS = ("real_half", "codec_roundtrip", "training_copies", "gaussian", "ty
 
 def parse_variant(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
-    kw = dict(item.split("=", 1) for item in re.split(r",(?=\w+=)", rest) if item)  # "interval=[0.5,1.0]" keeps its comma
+    # split at the commas that start the next field=, so "interval=[0.5,1.0]" keeps its own
+    kw = dict(item.split("=", 1) for item in re.split(r",(?=\w+=)", rest) if item)
     return name, {k: yaml.safe_load(v) for k, v in kw.items()}
 
 
@@ -61,7 +63,7 @@ def main() -> None:
     results: list[dict] = []
     for name, kw in variants:
         sampler = replace(base, **kw)
-        gen.default_sampler = ev.sampler = sampler
+        ev.sampler = sampler  # what the evaluator generates this run's cells with
         sweep = ev.guidance_sweep()
         w = sweep["chosen"]
         common = {"bench": "val_rule", "run": args.run, "variant": name, "sampler": asdict(sampler),
