@@ -103,3 +103,40 @@ def test_minilm_offline_paraphrases_are_closer():
     assert sim[i, i] > sim[i, j]
     accuracy = (sim.argmax(1) == torch.arange(len(leaves))).float().mean().item()
     assert accuracy > 0.4, accuracy
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_caption_embedding_and_get_one_process_numbers(tiny, tmp_path):
+    """``embed_across_ranks`` deals batches to the ranks; the gathered result must be
+    bit-identical to one process embedding the same batches (the run's numbers must not
+    depend on the number of ranks). An uneven last batch and an odd number of batches check
+    the dealing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from clopdit_dist.models.condition import CaptionBank
+    from conftest import free_port
+
+    texts = [f"cell type: T cell number {i}; tissue: {'lung ' * (i % 7)}" for i in range(45)]  # 3 batches of 16
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    bank_path = tmp_path / "bank.pt"
+    CaptionBank(["k"], ["a"], torch.randn(1, 4), torch.zeros(1, dtype=torch.int64).numpy()).save(str(bank_path))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = os.path.join(os.path.dirname(__file__), "scripts", "two_rank_caption_bank.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), script, tiny, str(tmp_path / "texts.json"), str(bank_path),
+                           str(tmp_path / "rank0.pt")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    assert got["world"] == 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank ran
+    try:
+        one = TextTower(tiny, local_files_only=True).embed(texts, batch_size=16).float()
+    finally:
+        torch.set_num_threads(threads)
+    assert got["features"].shape == (45, one.shape[1])
+    assert torch.equal(got["features"], one)
+    torch.testing.assert_close(got["bank_features"], CaptionBank.load(str(bank_path)).features, rtol=0, atol=0)

@@ -43,7 +43,7 @@ class CaptionBank:
             texts = [builder.canonical(meta)] + [builder.augment(meta, rng) for _ in range(per_condition - 1)]
             captions += texts
             owner += [i] * len(texts)
-        return cls(keys, captions, tower.embed(captions).float().cpu(), np.array(owner))
+        return cls(keys, captions, embed_across_ranks(tower, captions), np.array(owner))
 
     def save(self, path: str) -> None:
         torch.save({"keys": self.keys, "captions": self.captions, "features": self.features,
@@ -63,12 +63,33 @@ class CaptionBank:
         return self.features[rows], rows
 
 
+def embed_across_ranks(tower: TextTower, texts: list[str], batch_size: int = 128) -> torch.Tensor:
+    """``tower.embed(texts)`` as float32 on the CPU, its batches dealt round-robin to the ranks
+    and gathered. Each batch is the one a single process would run, so the numbers are the
+    same bit for bit; the time is divided by the number of ranks."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    starts = range(0, len(texts), batch_size)
+    mine = {k: tower.embed(texts[i:i + batch_size], batch_size).float().cpu()
+            for k, i in enumerate(starts) if k % world == rank}
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+        mine = {k: v for part in gathered for k, v in part.items()}
+    return torch.cat([mine[k] for k in range(len(starts))]) if texts else torch.empty(0, tower.dim)
+
+
 def shared_caption_bank(path: str, builder, conditions, per_condition, tower, seed, rank: int) -> CaptionBank:
-    """Rank 0 builds (or reuses) the bank file; the other ranks load it."""
-    if rank == 0 and not os.path.exists(path):
+    """Every rank embeds its share of the bank (:func:`embed_across_ranks`) and rank 0 writes
+    the file, unless rank 0 finds it there already; then every rank loads it."""
+    build = [rank == 0 and not os.path.exists(path)]
+    if dist.is_initialized():  # rank 0's answer for all: a rank that looked later could see the new file
+        dist.broadcast_object_list(build, src=0)
+    if build[0]:
         bank = CaptionBank.build(builder, conditions, per_condition, tower, seed)
-        bank.save(path + ".tmp")
-        os.replace(path + ".tmp", path)
+        if rank == 0:
+            bank.save(path + ".tmp")
+            os.replace(path + ".tmp", path)
     if dist.is_initialized():
         dist.barrier()
     return CaptionBank.load(path)
