@@ -46,6 +46,10 @@ def test_log_cp10k_known_values_dense_and_sparse():
     sparse = M.log_cp10k(sp.csr_matrix(c))
     assert sp.issparse(sparse)
     np.testing.assert_allclose(sparse.toarray(), want, rtol=1e-6)
+    # columns: the library size is still over all genes, and the numbers are the full result's, bit for bit
+    cols = np.array([0, 2])
+    np.testing.assert_array_equal(M.log_cp10k(c, cols), dense[:, cols])
+    np.testing.assert_array_equal(M.log_cp10k(sp.csr_matrix(c), cols).toarray(), sparse.toarray()[:, cols])
 
 
 def test_evalspace_shapes_hvgs_and_determinism(atlas):

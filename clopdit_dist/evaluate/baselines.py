@@ -38,7 +38,8 @@ class CellSet:
 
     @classmethod
     def from_counts(cls, space: EvalSpace, counts: np.ndarray, **kw) -> "CellSet":
-        return cls(space.embed(counts), space.expr(counts), counts, **kw)
+        expr = space.expr(counts)
+        return cls(space.embed_expr(expr), expr, counts, **kw)
 
     def __len__(self) -> int:
         return len(self.embed)

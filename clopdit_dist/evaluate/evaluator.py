@@ -202,8 +202,7 @@ class Evaluation:
         for m in sizes:  # generate() returns each prompt's cells as one block, in prompt order
             rows = slice(start, start + m)
             start += m
-            out.append(CellSet(hs.space.embed(counts[rows]), hs.space.expr(counts[rows]), counts[rows],
-                               mean_embed[rows]))
+            out.append(CellSet.from_counts(hs.space, counts[rows], mean_embed=mean_embed[rows]))
         return out
 
     def baselines(self, hs: HeldoutSet, meta: dict, b_idx: np.ndarray, n: int, rng) -> dict[str, CellSet | None]:

@@ -77,24 +77,25 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- expression space
 
 
-def log_cp10k(counts) -> np.ndarray | sp.csr_matrix:
+def log_cp10k(counts, columns: np.ndarray | None = None) -> np.ndarray | sp.csr_matrix:
     """log1p of counts per 10,000: ``log(1 + 1e4 * x_ig / sum_g x_ig)``.
 
-    The library size is the sum over all columns given. Cells with no counts stay zero.
-    Dense input gives a dense float32 array, scipy sparse input a CSR float32 matrix (same
-    as ``scanpy.pp.normalize_total(target_sum=1e4)`` followed by ``scanpy.pp.log1p``).
+    The library size is the sum over all columns given; ``columns`` (indices) keeps only those
+    in the result, computing the log on them alone. Cells with no counts stay zero. Dense
+    input gives a dense float32 array, scipy sparse input a CSR float32 matrix (same as
+    ``scanpy.pp.normalize_total(target_sum=1e4)`` followed by ``scanpy.pp.log1p``).
     """
     if sp.issparse(counts):
         x = sp.csr_matrix(counts, dtype=np.float64)
         lib = np.asarray(x.sum(1)).ravel()
         scale = np.divide(1e4, lib, out=np.zeros_like(lib), where=lib > 0)
-        x = sp.csr_matrix(sp.diags(scale) @ x)
+        x = sp.csr_matrix(sp.diags(scale) @ (x if columns is None else x[:, columns]))
         x.data = np.log1p(x.data)
         return x.astype(np.float32)
     x = np.asarray(counts, dtype=np.float64)
     lib = x.sum(1, keepdims=True)
     scale = np.divide(1e4, lib, out=np.zeros_like(lib), where=lib > 0)
-    return np.log1p(x * scale).astype(np.float32)
+    return np.log1p((x if columns is None else x[:, columns]) * scale).astype(np.float32)
 
 
 def _seurat_dispersion_rank(logx) -> np.ndarray:
@@ -168,11 +169,15 @@ class EvalSpace:
         counts the space was fitted on."""
         if counts.shape[1] != self.n_genes:
             raise ValueError(f"expected {self.n_genes} genes, got {counts.shape[1]}")
-        return self._subset(log_cp10k(counts))
+        x = log_cp10k(counts, self.hvg)
+        return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float32)
 
     def embed(self, counts) -> np.ndarray:
         """PCA coordinates (cells, n_pcs) of ``expr(counts)`` (z-scored first if ``scale``)."""
-        x = self.expr(counts)
+        return self.embed_expr(self.expr(counts))
+
+    def embed_expr(self, x: np.ndarray) -> np.ndarray:
+        """PCA coordinates of expression ``expr`` already computed (saves computing it twice)."""
         if self.scale:
             x = self._scale(x)
         return self.pca.transform(x).astype(np.float32)
