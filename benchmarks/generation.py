@@ -3,6 +3,7 @@ decoder, one JSON line per case.
 
     python benchmarks/generation.py                      # 10k cells, 20 Euler steps, guidance 2, CPU
     python benchmarks/generation.py --cells 100000 --device cuda --dtype bf16
+    python benchmarks/generation.py --method sde --noise 1 --interval 0,0.5 --cases DiT-S   # the demo's sampler
 
 Weights are random (speed does not depend on them); the decoder has 2,000 genes. Cases: the
 demo's DiT (DiT-S: hidden 128, depth 4, on the autoencoder's 64-number latent as 4 tokens of
@@ -40,6 +41,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--method", default="euler")
     p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--noise", type=float, default=0.0, help="eta of the sde method")
+    p.add_argument("--interval", default="0,1", help="LO,HI: guidance only for t in [LO, HI]")
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
@@ -48,7 +51,9 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = torch.device(args.device)
-    sampler = SamplerConfig(method=args.method, steps=args.steps, guidance=args.guidance)
+    interval = tuple(float(v) for v in args.interval.split(","))
+    sampler = SamplerConfig(method=args.method, steps=args.steps, guidance=args.guidance, noise=args.noise,
+                            interval=interval)
     for name in args.cases.split(","):
         case = dict(CASES[name])
         latent = case.pop("latent")
@@ -76,13 +81,15 @@ def main() -> None:
                     torch.cuda.synchronize()
                 t_dit += t1 - t0
                 t_dec += time.perf_counter() - t1
-        nfe = args.steps * sampler.nfe_per_step()
+        # a step is guided (all branches) only where its start time lies inside the interval, as in guided_velocity
+        nfe = sum(sampler.nfe_per_step(guided=interval[0] <= i / args.steps <= interval[1]) for i in range(args.steps))
         total = t_first + t_dit + t_dec
         row = {"bench": "generation", "case": name, "device": str(device), "dtype": args.dtype, "compile": args.compile,
                "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "python": platform.python_version(),
                "params_M": round(sum(p.numel() for p in module.parameters()) / 1e6, 2), "latent": latent, "tokens": cfg.tokens,
                "token_dim": cfg.token_dim, "cells": args.cells,
-               "steps": args.steps, "method": args.method, "guidance": args.guidance, "nfe_per_cell": nfe,
+               "steps": args.steps, "method": args.method, "noise": args.noise, "interval": list(interval),
+               "guidance": args.guidance, "nfe_per_cell": nfe,
                "first_call_s": round(t_first, 2), "sampler_s": round(t_dit, 2), "decode_s": round(t_dec, 2),
                "total_s": round(total, 2), "cells_per_s": round(args.cells / total, 1)}
         print(json.dumps(row), flush=True)
