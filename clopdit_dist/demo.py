@@ -88,6 +88,19 @@ def launch_stage(stage: str, shards: str, run: str, nproc: int, overrides: tuple
     subprocess.run(cmd, check=True, env=env)
 
 
+class _Laps:
+    """Seconds per demo step, for ``demo_summary.json`` (where the demo's minutes go)."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.last, 1)
+        self.last = now
+
+
 def _table(rows: list[list], header: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -97,7 +110,7 @@ def _table(rows: list[list], header: list[str]) -> str:
 def run_demo(out: str, n_cells: int = 20_000, workers: int = 2, nproc: int = 2, seed: int = 0,
              overrides: list[str] | None = None) -> dict:
     """``overrides``: ``STAGE:key=value`` settings applied after the demo's own (``DEMO_OVERRIDES``)."""
-    t0 = time.perf_counter()
+    laps = _Laps()
     overrides = list(overrides or [])
     per_stage = {stage: stage_overrides(overrides, stage) for stage in STAGES}  # a bad one fails before any work
     atlas, shards, run = (os.path.join(out, d) for d in ("atlas", "shards", "run"))
@@ -106,6 +119,7 @@ def run_demo(out: str, n_cells: int = 20_000, workers: int = 2, nproc: int = 2, 
         print("already there")
     else:
         write_synthetic_atlas(atlas, SynthConfig(n_cells=n_cells, seed=seed), workers=workers)
+    laps.lap("atlas")
 
     _step(f"2. WebDataset shards -> {shards}")
     if os.path.exists(os.path.join(shards, MANIFEST_NAME)):
@@ -113,6 +127,7 @@ def run_demo(out: str, n_cells: int = 20_000, workers: int = 2, nproc: int = 2, 
     else:
         # 5% + 5% of each training study held out as cells: enough for ≥ 30-cell conditions at 20k cells
         build_shards(ShardConfig(source=atlas, out=shards, workers=workers, heldout_cell_fraction=0.05))
+    laps.lap("shards")
 
     for i, stage in enumerate(STAGES, start=3):
         _step(f"{i}. train {stage} ({nproc} processes) -> {run}/{stage}")
@@ -120,6 +135,7 @@ def run_demo(out: str, n_cells: int = 20_000, workers: int = 2, nproc: int = 2, 
             print("already trained")
         else:
             launch_stage(stage, shards, run, nproc, per_stage[stage])
+        laps.lap(stage)
 
     _step("6. generate cells for a few prompts")
     from .generate import CellGenerator
@@ -129,6 +145,7 @@ def run_demo(out: str, n_cells: int = 20_000, workers: int = 2, nproc: int = 2, 
     h5ad = os.path.join(out, "generated.h5ad")
     adata.write_h5ad(h5ad)
     print(f"wrote {adata.n_obs} cells x {adata.n_vars} genes to {h5ad}")
+    laps.lap("generate")
 
     _step("7. held-out results of the autoencoder and CLOP (held-out studies)")
     ae = json.load(open(os.path.join(run, "ae", "metrics.json")))
@@ -148,6 +165,7 @@ def run_demo(out: str, n_cells: int = 20_000, workers: int = 2, nproc: int = 2, 
 
     eval_dir = os.path.join(out, "eval")
     result = evaluate_run(run, shards, eval_dir, EvalConfig())
+    laps.lap("evaluate")
     for name, res in result["sets"].items():
         if res.get("cells"):
             print(f"\nheld-out {name} ({res['split']}: {res['cells']} cells, {len(res['conditions'])} conditions), "
@@ -162,7 +180,8 @@ def run_demo(out: str, n_cells: int = 20_000, workers: int = 2, nproc: int = 2, 
     summary = {"atlas": atlas, "shards": shards, "run": run, "overrides": overrides, "generated": h5ad, "ae": ae,
                "clop": clop,
                "evaluation": os.path.join(eval_dir, "metrics.json"), "report": os.path.join(eval_dir, "report.md"),
-               "evaluate_seconds": result["seconds"], "minutes": round((time.perf_counter() - t0) / 60, 1)}
+               "evaluate_seconds": result["seconds"], "step_seconds": laps.seconds,
+               "minutes": round((time.perf_counter() - laps.start) / 60, 1)}
     with open(os.path.join(out, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"\ndone in {summary['minutes']} min; report in {summary['report']}, summary in "
