@@ -4,7 +4,7 @@ CLOP stage built it before session 17) against every rank embedding its share of
 the same features bit for bit; the line says whether they did.
 
     OMP_NUM_THREADS=1 python -m torch.distributed.run --nproc_per_node 2 benchmarks/caption_bank.py \\
-        --run runs/demo/run --out benchmarks/results/caption_bank_cpu2.jsonl
+        --run-dir runs/demo/run --out benchmarks/results/caption_bank_cpu2.jsonl
 
 One JSON line per mode, the shared one with its speed-up over rank 0 alone.
 """
@@ -21,7 +21,7 @@ from _measure import emit
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True)
+    p.add_argument("--run-dir", required=True, help="a trained run (--run would be read by torchrun as its --run-path)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -34,7 +34,7 @@ def main() -> None:
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    run = RunDir(args.run)
+    run = RunDir(args.run_dir)
     cfg = load_config(ClopStageConfig, run.config_path("clop"))
     builder = CaptionBuilder.from_manifest(run.manifest(), n_markers=cfg.model.n_markers)
     tower = cfg.model.text_tower()
@@ -53,7 +53,7 @@ def main() -> None:
     dist.barrier()
     t_shared = time.perf_counter() - t0
     if rank == 0:
-        common = {"bench": "caption_bank", "run": args.run, "captions": len(captions), "ranks": world,
+        common = {"bench": "caption_bank", "run": args.run_dir, "captions": len(captions), "ranks": world,
                   "threads_per_rank": torch.get_num_threads(), "text_model": cfg.model.text_model}
         emit(args.out, results, **common, mode="rank0_alone", seconds=round(t_alone, 2))
         emit(args.out, results, **common, mode="shared", seconds=round(t_shared, 2),
