@@ -66,7 +66,7 @@ class CaptionBank:
 def embed_across_ranks(tower: TextTower, texts: list[str], batch_size: int = 128) -> torch.Tensor:
     """``tower.embed(texts)`` as float32 on the CPU, its batches dealt round-robin to the ranks
     and gathered. Each batch is the one a single process would run, so the numbers are the
-    same bit for bit; the time is divided by the number of ranks."""
+    same bit for bit; each rank runs 1/world of the batches."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     starts = range(0, len(texts), batch_size)

@@ -1,9 +1,9 @@
 """Run under torchrun with 2 processes (gloo): embed a fixed list of captions with
-``embed_across_ranks`` and call ``shared_caption_bank`` on a bank file that is already there;
-rank 0 saves both to OUT/rank0.pt for tests/test_text_tower.py to compare with one process.
+``embed_across_ranks`` and call ``shared_caption_bank`` on a bank file (BANK) that is already there;
+rank 0 saves both to the file OUT for tests/test_text_tower.py to compare with one process.
 
     python -m torch.distributed.run --nproc_per_node 2 --master_port PORT \\
-        tests/scripts/two_rank_caption_bank.py TOWER TEXTS OUT
+        tests/scripts/two_rank_caption_bank.py TOWER TEXTS_JSON BANK OUT
 """
 
 import json
