@@ -60,6 +60,11 @@ def floors(metrics: dict, summary: dict) -> dict[str, dict]:
             put(f"identity_{judge}_{part}_over_ceiling",
                 _ratio(_mean(model.get(part), f"identity_{judge}"), _mean(real.get(part), f"identity_{judge}")),
                 f">= {need}", lambda v, n=need: v >= n)
+    # references beside the tissue floor: on a new study, what training-study cells of the right tissue score
+    for base in ("training_copies", "gaussian", "codec_roundtrip"):
+        put(f"identity_tissue_general_macro_seen_{base}_over_ceiling",
+            _ratio(_mean(S[base].get("macro_seen"), "identity_tissue_general"),
+                   _mean(real.get("macro_seen"), "identity_tissue_general")), "(reference)")
     for metric in (*LOWER_IS_BETTER, "coverage"):
         mine = _mean(C["model_canonical"]["macro"], metric)
         for base in ("gaussian", "type_mean_nb"):
@@ -97,6 +102,10 @@ def floors(metrics: dict, summary: dict) -> dict[str, dict]:
             put(f"unseen_{judge}_over_ceiling", _ratio(_mean(model["macro_novel"], f"identity_{judge}"),
                                                        _mean(real["macro_novel"], f"identity_{judge}")),
                 f">= {need}", lambda v, n=need: v >= n)
+            # the latent space's own ceiling: real cells of the new combination encoded and decoded by the codec
+            put(f"unseen_{judge}_codec_roundtrip_over_ceiling",
+                _ratio(_mean(S["codec_roundtrip"]["macro_novel"], f"identity_{judge}"),
+                       _mean(real["macro_novel"], f"identity_{judge}")), "(reference)")
     for name, gens in (("studies", S), ("cells", C)):
         put(f"memorisation_{name}", _mean(gens["model_canonical"]["macro"], "memorisation_ratio"), ">= 1",
             lambda v: v >= 1)
