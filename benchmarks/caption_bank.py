@@ -39,9 +39,8 @@ def main() -> None:
     builder = CaptionBuilder.from_manifest(run.manifest(), n_markers=cfg.model.n_markers)
     tower = cfg.model.text_tower()
     # the captions exactly as CaptionBank.build draws them; the embedding is what is timed
-    bank = CaptionBank.build(builder, train_conditions(run.manifest()), cfg.model.captions_per_condition,
-                             _NoTower(tower.dim), cfg.train.seed)
-    captions = bank.captions
+    _, captions, _ = CaptionBank.draw(builder, train_conditions(run.manifest()), cfg.model.captions_per_condition,
+                                      cfg.train.seed)
     results: list[dict] = []
     dist.barrier()
     t0 = time.perf_counter()
@@ -59,16 +58,6 @@ def main() -> None:
         emit(args.out, results, **common, mode="shared", seconds=round(t_shared, 2),
              speedup=round(t_alone / t_shared, 2), identical=bool(torch.equal(alone, shared)))
     dist.destroy_process_group()
-
-
-class _NoTower:
-    """Stands in for the tower while the captions are drawn (their features are not needed)."""
-
-    def __init__(self, dim: int):
-        self.dim = dim
-
-    def embed(self, texts, batch_size=None):
-        return torch.zeros(len(texts), self.dim)
 
 
 if __name__ == "__main__":

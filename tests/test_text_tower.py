@@ -139,4 +139,4 @@ def test_two_ranks_share_the_caption_embedding_and_get_one_process_numbers(tiny,
         torch.set_num_threads(threads)
     assert got["features"].shape == (45, one.shape[1])
     assert torch.equal(got["features"], one)
-    torch.testing.assert_close(got["bank_features"], CaptionBank.load(str(bank_path)).features, rtol=0, atol=0)
+    assert torch.equal(got["bank_features"], CaptionBank.load(str(bank_path)).features)

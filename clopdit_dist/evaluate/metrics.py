@@ -98,6 +98,11 @@ def log_cp10k(counts, columns: np.ndarray | None = None) -> np.ndarray | sp.csr_
     return np.log1p((x if columns is None else x[:, columns]) * scale).astype(np.float32)
 
 
+def _dense(x) -> np.ndarray:
+    """A dense float32 array of ``x`` (dense or scipy sparse)."""
+    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float32)
+
+
 def _seurat_dispersion_rank(logx) -> np.ndarray:
     """Gene order (best first) by scanpy's ``highly_variable_genes(flavor='seurat')``
     normalised dispersion (Satija et al. 2015: dispersion var/mean of expm1(log data),
@@ -157,8 +162,7 @@ class EvalSpace:
         self.pca = PCA(n_components=n_comp, random_state=seed).fit(x)
 
     def _subset(self, logx) -> np.ndarray:
-        x = logx[:, self.hvg]
-        return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float32)
+        return _dense(logx[:, self.hvg])
 
     def _scale(self, x: np.ndarray) -> np.ndarray:
         return np.clip((x - self.mean_) / self.std_, -10.0, 10.0)
@@ -169,8 +173,7 @@ class EvalSpace:
         counts the space was fitted on."""
         if counts.shape[1] != self.n_genes:
             raise ValueError(f"expected {self.n_genes} genes, got {counts.shape[1]}")
-        x = log_cp10k(counts, self.hvg)
-        return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float32)
+        return _dense(log_cp10k(counts, self.hvg))
 
     def embed(self, counts) -> np.ndarray:
         """PCA coordinates (cells, n_pcs) of ``expr(counts)`` (z-scored first if ``scale``)."""

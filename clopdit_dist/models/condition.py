@@ -33,9 +33,11 @@ class CaptionBank:
         self.keys, self.captions, self.features, self.owner = keys, captions, features, owner
         self.rows = {k: np.flatnonzero(owner == i) for i, k in enumerate(keys)}
 
-    @classmethod
-    def build(cls, builder: CaptionBuilder, conditions: list[dict], per_condition: int, tower: TextTower,
-              seed: int) -> "CaptionBank":
+    @staticmethod
+    def draw(builder: CaptionBuilder, conditions: list[dict], per_condition: int,
+             seed: int) -> tuple[list[str], list[str], np.ndarray]:
+        """The bank's condition keys, its captions (each condition's canonical one, then
+        ``per_condition - 1`` augmented) and each caption's condition index."""
         rng = np.random.default_rng([seed, 77])
         keys, captions, owner = [], [], []
         for i, meta in enumerate(conditions):
@@ -43,7 +45,13 @@ class CaptionBank:
             texts = [builder.canonical(meta)] + [builder.augment(meta, rng) for _ in range(per_condition - 1)]
             captions += texts
             owner += [i] * len(texts)
-        return cls(keys, captions, embed_across_ranks(tower, captions), np.array(owner))
+        return keys, captions, np.array(owner)
+
+    @classmethod
+    def build(cls, builder: CaptionBuilder, conditions: list[dict], per_condition: int, tower: TextTower,
+              seed: int) -> "CaptionBank":
+        keys, captions, owner = cls.draw(builder, conditions, per_condition, seed)
+        return cls(keys, captions, embed_across_ranks(tower, captions), owner)
 
     def save(self, path: str) -> None:
         torch.save({"keys": self.keys, "captions": self.captions, "features": self.features,
