@@ -56,6 +56,7 @@ def main() -> None:
         cfg.guidance_grid = tuple(float(w) for w in args.grid.split(","))
     gen = CellGenerator.from_run(args.run)
     ev = Evaluation(gen, args.shards, cfg, progress=False)
+    studies = HeldoutSet("val studies", read_cells(args.shards, "val", ev.genes, 20_000), ev.train, ev.train_keys, cfg)
     cells = HeldoutSet("val cells", read_cells(args.shards, "val_cells", ev.genes, 20_000), ev.train,
                        ev.train_keys, cfg)
     base = gen.default_sampler
@@ -76,6 +77,12 @@ def main() -> None:
              seeds=args.cells_seeds,
              **{g: {k: round(res[g]["macro"][k]["mean"], 4) for k in KEEP if k in res[g]["macro"]}
                 for g in GENERATORS if g in res})
+        res = ev.run_set(studies, w, args.cells_seeds, ("canonical",))
+        emit(args.out, results, **common, set="val_studies_parts", seeds=args.cells_seeds,
+             **{part: {"conditions": sum(c["novel"] == (part == "new") for c in studies.conditions),
+                       **{g: {k: round(res[g][key][k]["mean"], 4) for k in KEEP if k in res[g][key]}
+                          for g in GENERATORS if g in res and res[g][key]}}
+                for part, key in (("seen", "macro_seen"), ("new", "macro_novel"))})
 
 
 if __name__ == "__main__":

@@ -32,33 +32,41 @@ def train_cells(train_batch):
     return batch["counts"], genes
 
 
-def test_the_autoencoders_type_head_keeps_types_apart_in_z(train_batch):
-    """``type_loss``: a linear head on z learns the cell types with the NB loss; cells without a
-    type (-1) add nothing to its cross-entropy, and the loss is the NB loss plus the weighted term."""
+def test_the_autoencoders_type_and_disease_heads_keep_labels_apart_in_z(train_batch):
+    """``type_loss`` / ``disease_loss``: linear heads on z learn the cell types and diseases with the
+    NB loss; cells without a label (-1) add nothing to a head's cross-entropy, and the loss is the NB
+    loss plus the weighted terms."""
     batch, _ = train_batch
-    names = sorted(set(batch["cell_type"]))
+    names, diseases = sorted(set(batch["cell_type"])), sorted(set(batch["disease"]))
     labels = torch.tensor([names.index(t) for t in batch["cell_type"]])
+    sick = torch.tensor([diseases.index(d) for d in batch["disease"]])
     counts = batch["counts"]
     torch.manual_seed(0)
     model = CountAutoencoder(AEConfig(n_genes=counts.shape[1], latent_tokens=4, token_dim=8, hidden=(128,),
-                                      type_loss=50.0, n_types=len(names)))
+                                      type_loss=50.0, n_types=len(names), disease_loss=20.0,
+                                      n_diseases=len(diseases)))
+    with torch.no_grad():
+        first = model(counts[:256], cell_type=labels[:256], disease=sick[:256])["disease_ce"]
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(200):
         rows = torch.randint(0, len(counts), (256,))
-        out = model(counts[rows], cell_type=labels[rows])
+        out = model(counts[rows], cell_type=labels[rows], disease=sick[rows])
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
     model.eval()
     with torch.no_grad():
-        out = model(counts[:256], cell_type=labels[:256])
-        torch.testing.assert_close(out["loss"], out["nll"] + 50.0 * out["type_ce"])
-        unlabelled = model(counts[:256], cell_type=torch.full((256,), -1))
-        assert float(unlabelled["type_ce"]) == 0.0 and torch.equal(unlabelled["loss"], unlabelled["nll"])
+        out = model(counts[:256], cell_type=labels[:256], disease=sick[:256])
+        torch.testing.assert_close(out["loss"], out["nll"] + 50.0 * out["type_ce"] + 20.0 * out["disease_ce"])
+        unlabelled = model(counts[:256], cell_type=torch.full((256,), -1), disease=torch.full((256,), -1))
+        assert float(unlabelled["type_ce"]) == float(unlabelled["disease_ce"]) == 0.0
+        assert torch.equal(unlabelled["loss"], unlabelled["nll"])
         accuracy = (model.type_head(model.encode(counts)).argmax(-1) == labels).float().mean()
     assert len(names) >= 10 and accuracy > 0.9
-    # a model without the head has no such parameters, so older runs' weights still load
-    assert CountAutoencoder(AEConfig(n_genes=counts.shape[1], n_types=len(names))).type_head is None
+    assert len(diseases) >= 3 and float(out["disease_ce"]) < 0.8 * float(first)
+    # a model without the heads has no such parameters, so older runs' weights still load
+    plain = CountAutoencoder(AEConfig(n_genes=counts.shape[1], n_types=len(names), n_diseases=len(diseases)))
+    assert plain.type_head is None and plain.disease_head is None
 
 
 def _check_contract(codec, counts):

@@ -215,7 +215,7 @@ def _dot_plot(result, ev, hs, out_dir):
         genes += [g for g in own if g in names and g not in genes][:2]
     keys = {c["cell_type"] + "|" + c["tissue_general"] + "|" + c["disease"]: c["cell_type"] for c in conds}
     real_idx = np.flatnonzero(np.isin(hs.real_keys, list(keys)))
-    x = np.concatenate([hs.space.expr(hs.real.counts[real_idx])] + [cs.expr for _, cs in parts])
+    x = np.concatenate([hs.real_expr[real_idx]] + [cs.expr for _, cs in parts])
     group = np.concatenate([[f"{t} | real" for t in hs.real.meta["cell_type"][real_idx]]] +
                            [[f"{c['cell_type']} | generated"] * len(cs) for c, cs in parts])
     a = ad.AnnData(X=x, obs={"group": group})

@@ -47,6 +47,12 @@ class AEConfig:
     # neighbour. Weight of its cross-entropy per cell (0 = no classifier); n_types is set from the data.
     type_loss: float = 0.0
     n_types: int = 0
+    # the same for disease (n_diseases set from the data, "normal" one of them): a disease's programme
+    # gets a direction in z that every type it acts on shares, so a (type, tissue, disease) no training
+    # study has still encodes, and decodes, with the disease in it. The reconstruction loss alone keeps
+    # a disease's effect only where training saw it (README, "A disease head on the autoencoder's latent")
+    disease_loss: float = 0.0
+    n_diseases: int = 0
 
     @property
     def latent_dim(self) -> int:
@@ -104,6 +110,8 @@ class CountAutoencoder(nn.Module):
         self.px_dropout = nn.Linear(width, cfg.n_genes) if cfg.likelihood == "zinb" else None
         self.log_theta = nn.Parameter(torch.zeros(cfg.n_genes))
         self.type_head = nn.Linear(cfg.latent_dim, cfg.n_types) if cfg.type_loss > 0 and cfg.n_types > 0 else None
+        self.disease_head = (nn.Linear(cfg.latent_dim, cfg.n_diseases)
+                             if cfg.disease_loss > 0 and cfg.n_diseases > 0 else None)
 
     def encode(self, counts: torch.Tensor) -> torch.Tensor:
         x = log_normalize(counts.float())
@@ -132,32 +140,44 @@ class CountAutoencoder(nn.Module):
         return lp.sum(-1)
 
     def forward(self, counts: torch.Tensor, weight: torch.Tensor | None = None,
-                cell_type: torch.Tensor | None = None, type_weight: torch.Tensor | None = None) -> dict:
+                cell_type: torch.Tensor | None = None, type_weight: torch.Tensor | None = None,
+                disease: torch.Tensor | None = None, disease_weight: torch.Tensor | None = None) -> dict:
         """The training loss: mean NB negative log-likelihood per cell (``weight``: optional per-cell
         weights), plus ``type_loss`` × the type classifier's cross-entropy where ``cell_type`` (type
-        indices, -1 for none) is given, each cell weighted by ``type_weight``."""
+        indices, -1 for none) is given, each cell weighted by ``type_weight``, and likewise
+        ``disease_loss`` × the disease classifier's for ``disease`` and ``disease_weight``."""
         inputs = counts
         if self.training and self.cfg.input_noise > 0:
             keep = torch.rand_like(counts, dtype=torch.float32) > self.cfg.input_noise
             inputs = counts * keep
         z = self.encode(inputs)
         out = {}
-        if self.type_head is not None and cell_type is not None:
-            ce = F.cross_entropy(self.type_head(z).float(), cell_type.clamp_min(0), reduction="none")
-            w = (cell_type >= 0).float() * (type_weight.to(ce) if type_weight is not None else 1.0)
-            out["type_ce"] = (ce * w).sum() / w.sum().clamp_min(1e-8)
+        loss = 0.0
+        for name, head, labels, w, scale in (("type_ce", self.type_head, cell_type, type_weight, self.cfg.type_loss),
+                                             ("disease_ce", self.disease_head, disease, disease_weight,
+                                              self.cfg.disease_loss)):
+            if head is not None and labels is not None:
+                out[name] = _weighted_ce(head(z), labels, w)
+                loss = loss + scale * out[name]
         if self.training and self.cfg.latent_noise > 0:
             z = z + self.cfg.latent_noise * torch.randn_like(z)
         params = self.decode(z, counts.float().sum(-1))
         nll = -self.log_prob(counts, params)
         out["nll"] = (nll * weight.to(nll)).mean() if weight is not None else nll.mean()
-        out["loss"] = out["nll"] + self.cfg.type_loss * out["type_ce"] if "type_ce" in out else out["nll"]
+        out["loss"] = out["nll"] + loss
         return out
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, library_size: torch.Tensor, generator: torch.Generator | None = None):
         """Counts drawn from the decoded NB/ZINB (Gamma-Poisson), as float32 integers."""
         return draw_counts(self.decode(z, library_size), generator)
+
+
+def _weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy averaged with per-cell weights; cells labelled -1 (a label training never saw) count 0."""
+    ce = F.cross_entropy(logits.float(), labels.clamp_min(0), reduction="none")
+    w = (labels >= 0).float() * (weight.to(ce) if weight is not None else 1.0)
+    return (ce * w).sum() / w.sum().clamp_min(1e-8)
 
 
 def draw_counts(params: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Stage 0: the count autoencoder (model: ``models/autoencoder.py``; loss: NB/ZINB NLL, plus the
-cell-type head's cross-entropy on the latent when ``model.type_loss`` > 0).
+cell-type and disease heads' cross-entropies on the latent when ``model.type_loss`` / ``model.disease_loss`` > 0).
 
     deepspeed --num_gpus 2 launchers/train_ae.py --config configs/ae.yaml
 """
@@ -36,7 +36,7 @@ class AEStage(Stage):
     name = "ae"
 
     def fields(self):
-        return ("cell_type",)
+        return ("cell_type", "disease")
 
     def setup(self, run: RunDir, loader: CellLoader, device: torch.device) -> None:
         self.cfg.model.n_genes = len(loader.gene_idx)
@@ -46,20 +46,28 @@ class AEStage(Stage):
         self.type_weights = CellTypeWeights.from_manifest(run.manifest(), TYPE_LOSS_BALANCE)
         self.type_index = {t: i for i, t in enumerate(sorted(self.type_weights.table))}  # training types
         self.cfg.model.n_types = len(self.type_index)
+        disease_cells: dict[str, int] = {}
+        for c in run.manifest().data["conditions"]["splits"]["train"]:
+            disease_cells[c["disease"]] = disease_cells.get(c["disease"], 0) + c["n_cells"]
+        self.disease_weights = CellTypeWeights(disease_cells, TYPE_LOSS_BALANCE)  # any label's counts will do
+        self.disease_index = {d: i for i, d in enumerate(sorted(self.disease_weights.table))}
+        self.cfg.model.n_diseases = len(self.disease_index)
 
     def build_model(self) -> torch.nn.Module:
         return CountAutoencoder(self.cfg.model)
 
     def loss(self, model, batch, generator):
-        counts, types = batch["counts"].to(self.device, non_blocking=True), batch["cell_type"]
+        counts, types, diseases = batch["counts"].to(self.device, non_blocking=True), batch["cell_type"], batch["disease"]
         kw = {}
         if self.cfg.model.type_loss > 0:
-            kw = {"cell_type": torch.tensor([self.type_index.get(t, -1) for t in types], device=self.device),
-                  "type_weight": self.type_weights(types).to(self.device)}
+            kw |= {"cell_type": torch.tensor([self.type_index.get(t, -1) for t in types], device=self.device),
+                   "type_weight": self.type_weights(types).to(self.device)}
+        if self.cfg.model.disease_loss > 0:
+            kw |= {"disease": torch.tensor([self.disease_index.get(d, -1) for d in diseases], device=self.device),
+                   "disease_weight": self.disease_weights(diseases).to(self.device)}
         out = model(counts, self.balance(types).to(self.device) if self.balance else None, **kw)
         metrics = {"nll_per_gene": out["nll"].detach() / counts.shape[1]}
-        if "type_ce" in out:
-            metrics["type_ce"] = out["type_ce"].detach()
+        metrics |= {k: out[k].detach() for k in ("type_ce", "disease_ce") if k in out}
         return out["loss"], metrics
 
     def flops_per_cell(self, model) -> float:
