@@ -9,7 +9,8 @@ with the demo's settings. Every trial is scored twice: on every val condition wi
 guidance 1 with its cell-type identity per condition; seen and unseen combinations apart), and
 by ``quick_evaluation`` at guidance 1 and 2 (12 conditions, 200 cells each, one seed, the
 real-half ceiling, the Gaussian and the copies beside it). ``--score-only`` scores a trial
-already trained in ``--workdir``.
+already trained in ``--workdir``; ``--train-only`` trains it and stops (for a trial that
+``val_rule.py`` judges).
 
     python benchmarks/val_ablation.py --stage dit --base-run runs/demo/run --shards runs/demo/shards \\
         --name lr1e3 --out benchmarks/results/dit_val_ablation.jsonl optim.lr=0.001
@@ -79,6 +80,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--score-only", action="store_true", help="score the trial already trained in --workdir")
+    p.add_argument("--train-only", action="store_true", help="train the trial, skip the scoring")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
@@ -99,6 +101,8 @@ def main() -> None:
     for stage in [] if args.score_only else retrain:
         launch_stage(stage, args.shards, run, args.nproc, stage_overrides(args.overrides, stage, args.stage))
     train_s = time.perf_counter() - t0
+    if args.train_only:
+        return
 
     results: list[dict] = []
     common = {"bench": f"{args.stage}_val_ablation", "trial": args.name, "base_run": args.base_run,
