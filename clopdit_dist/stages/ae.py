@@ -36,7 +36,7 @@ class AEStage(Stage):
     name = "ae"
 
     def fields(self):
-        return ("cell_type", "disease")
+        return ("cell_type", "disease") if self.cfg.model.disease_loss > 0 else ("cell_type",)
 
     def setup(self, run: RunDir, loader: CellLoader, device: torch.device) -> None:
         self.cfg.model.n_genes = len(loader.gene_idx)
@@ -57,12 +57,13 @@ class AEStage(Stage):
         return CountAutoencoder(self.cfg.model)
 
     def loss(self, model, batch, generator):
-        counts, types, diseases = batch["counts"].to(self.device, non_blocking=True), batch["cell_type"], batch["disease"]
+        counts, types = batch["counts"].to(self.device, non_blocking=True), batch["cell_type"]
         kw = {}
         if self.cfg.model.type_loss > 0:
             kw |= {"cell_type": torch.tensor([self.type_index.get(t, -1) for t in types], device=self.device),
                    "type_weight": self.type_weights(types).to(self.device)}
         if self.cfg.model.disease_loss > 0:
+            diseases = batch["disease"]
             kw |= {"disease": torch.tensor([self.disease_index.get(d, -1) for d in diseases], device=self.device),
                    "disease_weight": self.disease_weights(diseases).to(self.device)}
         out = model(counts, self.balance(types).to(self.device) if self.balance else None, **kw)
