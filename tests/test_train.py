@@ -93,7 +93,8 @@ def test_two_process_training_of_every_stage_under_each_zero_stage(shards_dir, t
     cfgdir = tmp_path_factory.mktemp(f"cfg{zero}")
     common = [f"train.zero_stage={zero}", "train.steps=6", *extra]
     balance = ["data.balance=0.5"] if zero == 2 else []  # rare-type loss weights in the ae and dit losses
-    type_head = ["model.type_loss=50"] if zero == 2 else []  # the autoencoder's cell-type head on z
+    # the autoencoder's cell-type and disease heads on z
+    type_head = ["model.type_loss=50", "model.disease_loss=20"] if zero == 2 else []
     for stage, own in (("ae", [o for o in SMALL if o.startswith("model.")] + balance + type_head),
                        ("clop", [f"model.text_model={tiny_text_model}", *CLOP_SMALL]),
                        # both conditioning modes; both flow sources (configs/dit.yaml's cell_type on the zero1
@@ -127,7 +128,9 @@ def test_two_process_training_of_every_stage_under_each_zero_stage(shards_dir, t
     # the head is built from the saved config (one output per training cell type) and its loss is logged
     n_types = len([t for t, n in RunDir(run).manifest().data["cell_types"]["train"].items() if n > 0])
     assert (codec.model.type_head is not None and codec.model.type_head.out_features == n_types) == (zero == 2)
-    assert all(("type_ce" in r) == (zero == 2) for r in log_rows(run, "ae"))
+    assert all(("type_ce" in r) == ("disease_ce" in r) == (zero == 2) for r in log_rows(run, "ae"))
+    n_diseases = len({c["disease"] for c in RunDir(run).manifest().data["conditions"]["splits"]["train"]})
+    assert (codec.model.disease_head is not None and codec.model.disease_head.out_features == n_diseases) == (zero == 2)
     RUNS[zero] = run
 
 
