@@ -47,10 +47,10 @@ class AEConfig:
     # neighbour. Weight of its cross-entropy per cell (0 = no classifier); n_types is set from the data.
     type_loss: float = 0.0
     n_types: int = 0
-    # the same for disease (n_diseases set from the data, "normal" one of them): a disease's programme
-    # gets a direction in z that every type it acts on shares, so a (type, tissue, disease) no training
-    # study has still encodes, and decodes, with the disease in it. The reconstruction loss alone keeps
-    # a disease's effect only where training saw it (README, "A disease head on the autoencoder's latent")
+    # the same for disease (n_diseases set from the data, "normal" one of them), meant to give each disease
+    # one direction in z that every type shares. Off: on the demo atlas it learns the diseased donors'
+    # own effects and keeps less of a disease in new combinations, not more (README, "Session 18: what
+    # the codec loses on a new combination")
     disease_loss: float = 0.0
     n_diseases: int = 0
 
