@@ -38,9 +38,11 @@ def collect(rows: list[dict], pattern: re.Pattern, variant: str) -> dict[int, di
             if r["set"] == "val_studies":
                 entry.update(guidance=r["chosen_guidance"], energy=r["energy"],
                              identity_cell_type=r["identity_cell_type"], identity_disease=r["identity_disease"])
-            else:
+            elif r["set"] == "val_cells":
                 entry.update(cells_energy=r["model_canonical"]["energy"],
                              cells_gaussian=r["gaussian"]["energy"])
+            elif r["new"].get("model_canonical"):  # val_studies_parts: reported beside the rule, not part of it
+                entry.update(new_combination_disease=r["new"]["model_canonical"]["identity_disease"])
     return {s: e for s, e in sorted(out.items()) if "energy" in e and "cells_energy" in e}
 
 
