@@ -36,10 +36,10 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
+    from clopdit_dist.data.biology import DISEASE_BY_NAME
     from clopdit_dist.data.conditions import CONDITION_FIELDS, train_conditions
     from clopdit_dist.evaluate.evaluator import read_cells
     from clopdit_dist.models.autoencoder import log_normalize
-    from clopdit_dist.data.biology import DISEASE_BY_NAME
     from clopdit_dist.models.codec import PCACodec, load_codec
     from clopdit_dist.run import RunDir
 
@@ -74,8 +74,8 @@ def main() -> None:
             programme = np.isin(gene_symbols, DISEASE_BY_NAME[d].program) if d in DISEASE_BY_NAME else []
             on_programme = {}
             if np.any(programme):  # every cell of the pair, the programme's genes only
-                on_programme = {f"programme_{k}": float(x[sick][:, programme].mean() - x[well][:, programme].mean())
-                                for k, x in (("real", real), ("codec", dec))}
+                on_programme = {f"programme_{k}": float(e[sick][:, programme].mean() - e[well][:, programme].mean())
+                                for k, e in (("real", real), ("codec", dec))}
             emit(args.out, results, **common, cell_type=t, tissue_general=s, disease=d, dataset_id=study,
                  new=(t, s, d) not in seen, n_disease=int(sick.sum()), n_normal=int(well.sum()),
                  kept=float(c_a @ d_b / (d_a @ d_b)), cos_codec=_cos(c_a, d_b), cos_real=_cos(d_a, d_b),

@@ -46,12 +46,13 @@ class AEStage(Stage):
         self.type_weights = CellTypeWeights.from_manifest(run.manifest(), TYPE_LOSS_BALANCE)
         self.type_index = {t: i for i, t in enumerate(sorted(self.type_weights.table))}  # training types
         self.cfg.model.n_types = len(self.type_index)
-        disease_cells: dict[str, int] = {}
-        for c in run.manifest().data["conditions"]["splits"]["train"]:
-            disease_cells[c["disease"]] = disease_cells.get(c["disease"], 0) + c["n_cells"]
-        self.disease_weights = CellTypeWeights(disease_cells, TYPE_LOSS_BALANCE)  # any label's counts will do
-        self.disease_index = {d: i for i, d in enumerate(sorted(self.disease_weights.table))}
-        self.cfg.model.n_diseases = len(self.disease_index)
+        if self.cfg.model.disease_loss > 0:
+            disease_cells: dict[str, int] = {}
+            for c in run.manifest().data["conditions"]["splits"]["train"]:
+                disease_cells[c["disease"]] = disease_cells.get(c["disease"], 0) + c["n_cells"]
+            self.disease_weights = CellTypeWeights(disease_cells, TYPE_LOSS_BALANCE)  # any label's counts will do
+            self.disease_index = {d: i for i, d in enumerate(sorted(self.disease_weights.table))}
+            self.cfg.model.n_diseases = len(self.disease_index)
 
     def build_model(self) -> torch.nn.Module:
         return CountAutoencoder(self.cfg.model)
