@@ -65,7 +65,7 @@ def main() -> None:
     for name, kw in variants:
         sampler = replace(base, **kw)
         ev.sampler = sampler  # what the evaluator generates this run's cells with
-        sweep = ev.guidance_sweep()
+        sweep = ev.guidance_sweep(studies)
         w = sweep["chosen"]
         common = {"bench": "val_rule", "run": args.run, "variant": name, "sampler": asdict(sampler),
                   "grid": list(cfg.guidance_grid), "screen": bool(args.grid), "chosen_guidance": w}

@@ -264,9 +264,11 @@ class Evaluation:
         return out
 
     # ---------------------------------------------------------------- the whole protocol
-    def guidance_sweep(self) -> dict:
-        val = HeldoutSet("val studies", read_cells(self.shards, "val", self.genes, 20_000), self.train,
-                         self.train_keys, self.cfg)
+    def guidance_sweep(self, val: HeldoutSet | None = None) -> dict:
+        """The protocol's guidance choice on the val studies (``val``: that set, if already built)."""
+        if val is None:
+            val = HeldoutSet("val studies", read_cells(self.shards, "val", self.genes, 20_000), self.train,
+                             self.train_keys, self.cfg)
         rows = {}
         for w in tqdm(self.cfg.guidance_grid, desc="guidance sweep on val", disable=not self.progress):
             res = self.run_set(val, w, 1, ("canonical",), with_baselines=False)
