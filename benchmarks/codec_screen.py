@@ -18,6 +18,7 @@ import argparse
 
 import numpy as np
 from _measure import emit
+from val_ablation import VAL_CONDITIONS
 
 KEEP = ("identity_cell_type", "identity_tissue_general", "identity_disease", "energy", "mmd", "coverage")
 SEEDS = (0, 1)
@@ -36,8 +37,7 @@ def main() -> None:
     from clopdit_dist.models.codec import load_codec
     from clopdit_dist.run import RunDir
 
-    # the conditions val_ablation.py scores (>= 30 cells, <= 40 conditions, <= 150 cells a half)
-    cfg = EvalConfig(split="val", seeds=1, max_conditions=40, max_cells=150, tiers=("canonical",), report=False)
+    cfg = EvalConfig(**VAL_CONDITIONS)  # the conditions val_ablation.py scores
     codec = load_codec(RunDir(args.run))
     train = read_cells(args.shards, "train", codec.genes, cfg.train_cells)
     hs = HeldoutSet("val", read_cells(args.shards, "val", codec.genes, 20_000), train, set(train.keys), cfg)

@@ -37,6 +37,8 @@ import numpy as np
 from _measure import emit
 
 
+# every val condition with >= 30 cells (EvalConfig's default), at most 40, at most 150 cells a half
+VAL_CONDITIONS = dict(split="val", seeds=1, max_conditions=40, max_cells=150, tiers=("canonical",), report=False)
 KEEP = ("identity_cell_type", "identity_tissue_general", "identity_disease", "energy", "mmd", "w2", "coverage",
         "diversity_means")
 
@@ -49,7 +51,7 @@ def all_val_conditions(gen, shards: str) -> dict[str, dict]:
     that latent; ``quick_evaluation``'s 12 conditions leave out most rare types."""
     from clopdit_dist.evaluate.evaluator import EvalConfig, Evaluation, HeldoutSet, identity_per_condition, read_cells
 
-    cfg = EvalConfig(split="val", seeds=1, max_conditions=40, max_cells=150, tiers=("canonical",), report=False)
+    cfg = EvalConfig(**VAL_CONDITIONS)
     ev = Evaluation(gen, shards, cfg, progress=False)
     hs = HeldoutSet("val", read_cells(shards, "val", ev.genes, 20_000), ev.train, ev.train_keys, cfg)
     res = ev.run_set(hs, 1.0, 1, cfg.tiers)
