@@ -60,6 +60,9 @@ def floors(metrics: dict, summary: dict) -> dict[str, dict]:
             put(f"identity_{judge}_{part}_over_ceiling",
                 _ratio(_mean(model.get(part), f"identity_{judge}"), _mean(real.get(part), f"identity_{judge}")),
                 f">= {need}", lambda v, n=need: v >= n)
+    put("identity_cell_type_macro_codec_roundtrip_over_ceiling",
+        _ratio(_mean(S["codec_roundtrip"]["macro"], "identity_cell_type"), _mean(real["macro"], "identity_cell_type")),
+        "(reference)")
     # references beside the tissue floor: on a new study, what training-study cells of the right tissue score
     for base in ("training_copies", "gaussian", "codec_roundtrip"):
         put(f"identity_tissue_general_macro_seen_{base}_over_ceiling",
@@ -75,6 +78,12 @@ def floors(metrics: dict, summary: dict) -> dict[str, dict]:
                 put(f"fidelity_{metric}_over_{base}", mine / other, "< 1", lambda v: v < 1)
             else:
                 put(f"fidelity_{metric}_over_{base}", mine / other, ">= 1", lambda v: v >= 1)
+    # references beside the fidelity floors: a perfect model of the training cells (copies of them) and the
+    # codec's own ceiling (the held-out cells encoded and decoded), against the same Gaussian
+    for base in ("training_copies", "codec_roundtrip"):
+        for metric in LOWER_IS_BETTER:
+            put(f"fidelity_{metric}_{base}_over_gaussian",
+                _ratio(_mean(C[base]["macro"], metric), _mean(C["gaussian"]["macro"], metric)), "(reference)")
     put("fidelity_coverage_over_real_half", _ratio(_mean(C["model_canonical"]["macro"], "coverage"),
                                                    _mean(C["real_half"]["macro"], "coverage")), ">= 0.8", lambda v: v >= 0.8)
     seen = "macro_seen"
@@ -109,7 +118,8 @@ def floors(metrics: dict, summary: dict) -> dict[str, dict]:
     for name, gens in (("studies", S), ("cells", C)):
         put(f"memorisation_{name}", _mean(gens["model_canonical"]["macro"], "memorisation_ratio"), ">= 1",
             lambda v: v >= 1)
-        put(f"memorisation_{name}_gaussian", _mean(gens["gaussian"]["macro"], "memorisation_ratio"), "(reference)")
+        for base in ("gaussian", "codec_roundtrip"):
+            put(f"memorisation_{name}_{base}", _mean(gens[base]["macro"], "memorisation_ratio"), "(reference)")
     aug = metrics.get("augmentation", {})
     if "real_only" in aug:
         before, after = aug["real_only"]["f1_rare_mean"], aug["plus_generated"]["f1_rare_mean"]

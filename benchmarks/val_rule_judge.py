@@ -10,7 +10,7 @@ at the guidance each chose, its energy is lower; (c) its val disease identity is
 
 A spec is ``[NAME=]RUN_REGEX[:VARIANT]``: the regex's first group is the atlas seed; the variant
 defaults to ``run_sampler`` (the run's own sampler). Full-grid lines only (screens are skipped);
-where a (run, variant) was scored twice, the last line counts.
+where a (run, variant) was scored twice, the last line counts (files are read in the order given).
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ def collect(rows: list[dict], pattern: re.Pattern, variant: str) -> dict[int, di
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("lines")
+    p.add_argument("lines", nargs="+", help="val_rule.py output files, read in order")
     p.add_argument("--base", required=True)
     p.add_argument("--candidate", action="append", required=True)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    rows = [json.loads(line) for line in open(args.lines)]
+    rows = [json.loads(line) for path in args.lines for line in open(path)]
     base = collect(rows, *parse(args.base)[1:])
     result = {"rule": "means over atlas seeds: (a) val energy <= 1.02 x base and cell-type identity >= base - 0.01; "
                       "(b) val-cells energy < base; (c) val disease identity >= base - 0.02",

@@ -12,7 +12,7 @@ import torch
 from clopdit_dist.data.conditions import vocab_file
 from clopdit_dist.data.loader import CellLoader, LoaderConfig
 from clopdit_dist.errors import PromptWarning
-from clopdit_dist.models.autoencoder import AEConfig, CountAutoencoder
+from clopdit_dist.models.autoencoder import AEConfig, CountAutoencoder, nb_sample, nb_theta_by_moments
 from clopdit_dist.models.codec import AutoencoderCodec, LatentCodec, PCACodec
 from clopdit_dist.evaluate.reconstruction import pearson
 
@@ -273,3 +273,45 @@ def test_a_new_disease_combination_is_its_healthy_combination_shifted_by_the_dis
     assert all("z_mean" in g for g in groups)
     gen._latent_means = {}
     assert (gen.generate([prompt(*new)], n=2, seed=3, sampler=on).obs["guidance_fields"] == "composed").all()
+
+
+def test_decoder_dropout_zero_keeps_the_decoder_deterministic_and_its_dispersion_higher(train_batch):
+    """``decoder_dropout=0``: in training the decoder's means are the ones sampling will use (the
+    encoder keeps its dropout), so the per-gene inverse dispersion it learns is not lowered to absorb
+    dropout noise in the means, as it is with dropout in the decoder (the run-before default)."""
+    batch, _ = train_batch
+    counts = batch["counts"]
+
+    def trained(decoder_dropout):
+        torch.manual_seed(0)
+        model = CountAutoencoder(AEConfig(n_genes=counts.shape[1], latent_tokens=4, token_dim=8, hidden=(128,),
+                                          dropout=0.3, decoder_dropout=decoder_dropout))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(200):
+            out = model(counts[torch.randint(0, len(counts), (256,))])
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+        return model
+
+    plain, dropped = trained(0.0), trained(None)
+    z, lib = torch.randn(8, 32), torch.full((8,), 2000.0)
+    with torch.no_grad():  # train mode: only the encoder draws dropout masks
+        assert torch.equal(plain.decode(z, lib)["mu"], plain.decode(z, lib)["mu"])
+        assert not torch.equal(plain.encode(counts[:8]), plain.encode(counts[:8]))
+        assert not torch.equal(dropped.decode(z, lib)["mu"], dropped.decode(z, lib)["mu"])
+    assert plain.log_theta.median() > dropped.log_theta.median() + 0.1
+
+
+def test_nb_theta_by_moments_recovers_the_inverse_dispersion_of_nb_draws():
+    """The estimator the autoencoder's ``dispersion=moments`` and the PCA codec use, on counts drawn
+    with known means and inverse dispersions."""
+    g = torch.Generator().manual_seed(0)
+    genes = 40
+    mu = torch.linspace(2.0, 20.0, genes).expand(20_000, genes)
+    theta = torch.linspace(0.5, 5.0, genes)
+    x = nb_sample(mu, theta.expand_as(mu), g)
+    est = nb_theta_by_moments(x, mu)
+    assert ((est - theta).abs() / theta).max() < 0.1
+    poisson = torch.poisson(mu, generator=g)  # no excess variance: clipped to the upper bound
+    assert nb_theta_by_moments(poisson, mu).median() > 50

@@ -32,6 +32,11 @@ class AEConfig:
     token_dim: int = 16
     hidden: tuple[int, ...] = (1024, 512)
     dropout: float = 0.1
+    # dropout in the decoder's hidden layers (None: ``dropout``, as every default run trained). scVI's
+    # decoder has none. Screened in session 19 and left off: the learned dispersion barely moved (0.69 ->
+    # 0.72 of the atlas's true one at the median, seed 0) and the round trip's val energy rose 3.03 -> 3.14
+    # (benchmarks/results/codec_screen.jsonl, dd0_s0); the ae stage's ``dispersion`` is what fixed theta
+    decoder_dropout: float | None = None
     likelihood: str = "nb"  # nb or zinb
     input_noise: float = 0.0  # multiplicative dropout of input counts (a denoising AE)
     # mlp: logits = MLP(z) (scVI); linear: logits = W z (LDVAE, Svensson et al., Bioinformatics
@@ -104,7 +109,8 @@ class CountAutoencoder(nn.Module):
         if cfg.decoder == "linear":
             self.decoder, width = nn.Identity(), cfg.latent_dim
         else:
-            self.decoder, width = _mlp(dims[::-1][:-1], cfg.dropout, last_plain=False), dims[1]
+            p_drop = cfg.dropout if cfg.decoder_dropout is None else cfg.decoder_dropout
+            self.decoder, width = _mlp(dims[::-1][:-1], p_drop, last_plain=False), dims[1]
         self.px_logits = nn.Linear(width, cfg.n_genes)
         self.px_linear = nn.Linear(cfg.latent_dim, cfg.n_genes, bias=False) if cfg.decoder == "mlp+linear" else None
         self.px_dropout = nn.Linear(width, cfg.n_genes) if cfg.likelihood == "zinb" else None
@@ -193,6 +199,14 @@ def draw_counts(params: dict[str, torch.Tensor], generator: torch.Generator | No
 def nb_sample(mu: torch.Tensor, theta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Negative-binomial counts as a Gamma–Poisson mixture (mean ``mu``, inverse dispersion ``theta``)."""
     return torch.poisson(_gamma(theta, generator) * (mu / theta), generator=generator)
+
+
+def nb_theta_by_moments(counts: torch.Tensor, mu: torch.Tensor, lo: float = 0.01, hi: float = 1e4) -> torch.Tensor:
+    """Per-gene NB inverse dispersion by the method of moments, from Var(x) = mu + mu^2 / theta summed
+    over cells: theta_g = sum mu^2 / sum ((x - mu)^2 - mu), clipped to [lo, hi] (a gene without excess
+    variance over Poisson gets ``hi``). ``counts`` and ``mu`` (cells, genes); sums in float64."""
+    x, m = counts.double(), mu.double()
+    return ((m ** 2).sum(0) / ((x - m) ** 2 - m).sum(0).clamp_min(1e-8)).clamp(lo, hi).float()
 
 
 def _gamma(alpha: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
