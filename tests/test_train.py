@@ -94,7 +94,8 @@ def test_two_process_training_of_every_stage_under_each_zero_stage(shards_dir, t
     common = [f"train.zero_stage={zero}", "train.steps=6", *extra]
     balance = ["data.balance=0.5"] if zero == 2 else []  # rare-type loss weights in the ae and dit losses
     # the autoencoder's cell-type and disease heads on z
-    type_head = ["model.type_loss=50", "model.disease_loss=20"] if zero == 2 else []
+    # and the codec's dispersion re-estimated by moments after training
+    type_head = ["model.type_loss=50", "model.disease_loss=20", "dispersion=moments"] if zero == 2 else []
     for stage, own in (("ae", [o for o in SMALL if o.startswith("model.")] + balance + type_head),
                        ("clop", [f"model.text_model={tiny_text_model}", *CLOP_SMALL]),
                        # both conditioning modes; both flow sources (configs/dit.yaml's cell_type on the zero1
@@ -131,6 +132,14 @@ def test_two_process_training_of_every_stage_under_each_zero_stage(shards_dir, t
     assert all(("type_ce" in r) == ("disease_ce" in r) == (zero == 2) for r in log_rows(run, "ae"))
     n_diseases = len({c["disease"] for c in RunDir(run).manifest().data["conditions"]["splits"]["train"]})
     assert (codec.model.disease_head is not None and codec.model.disease_head.out_features == n_diseases) == (zero == 2)
+    if zero == 2:  # the exported theta: moments on the training cells' eval-mode means, not the learned one
+        from clopdit_dist.data.loader import iter_split
+        from clopdit_dist.models.autoencoder import nb_theta_by_moments
+
+        x = torch.cat([b["counts"] for b in iter_split(shards_dir, "train", codec.genes, 20_000, batch_size=2048)])
+        with torch.no_grad():
+            mu = codec.decode(codec.encode(x), x.sum(-1))["mu"]
+        torch.testing.assert_close(codec.model.log_theta.exp(), nb_theta_by_moments(x, mu), rtol=1e-4, atol=0)
     RUNS[zero] = run
 
 

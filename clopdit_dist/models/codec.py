@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from ..data.manifest import write_json_atomic
 from ..run import RunDir, RunDirError
-from .autoencoder import AEConfig, CountAutoencoder, draw_counts, log_normalize
+from .autoencoder import AEConfig, CountAutoencoder, draw_counts, log_normalize, nb_theta_by_moments
 
 
 @runtime_checkable
@@ -159,10 +159,8 @@ class PCACodec(nn.Module):
         codec = cls(genes, torch.from_numpy(pca.mean_), torch.from_numpy(pca.components_), scale,
                     torch.ones(len(genes)))
         with torch.no_grad():
-            mu = codec.decode(codec.encode(x), x.sum(-1))["mu"].double()
-        excess = ((x.double() - mu) ** 2 - mu).sum(0)
-        theta = (mu ** 2).sum(0) / excess.clamp_min(1e-8)
-        codec.theta.copy_(theta.clamp(0.01, 1e4).float())
+            mu = codec.decode(codec.encode(x), x.sum(-1))["mu"]
+        codec.theta.copy_(nb_theta_by_moments(x, mu))
         return codec
 
     def save(self, run: RunDir, cfg: CodecConfig) -> None:

@@ -14,8 +14,9 @@ import torch
 
 from ..data.balance import CellTypeWeights
 from ..data.loader import CellLoader, iter_split
+from ..errors import ConfigError
 from ..evaluate.reconstruction import reconstruction_metrics
-from ..models.autoencoder import AEConfig, CountAutoencoder
+from ..models.autoencoder import AEConfig, CountAutoencoder, nb_theta_by_moments
 from ..models.codec import record_codec
 from ..run import RunDir
 from ..train.config import StageConfig
@@ -30,6 +31,19 @@ TYPE_LOSS_BALANCE = 0.5
 @dataclass
 class AEStageConfig(StageConfig):
     model: AEConfig = field(default_factory=AEConfig)
+    # the per-gene NB inverse dispersion the exported codec samples counts with: "learned" (fitted with the
+    # NB loss, against means the encoder's dropout makes noisier than the ones generation decodes, so it
+    # comes out low: 0.69x the embedded atlas's true one at the median, seed 0) or "moments" (re-estimated
+    # after training by moments on the eval-mode means of up to ``dispersion_cells`` training cells)
+    dispersion: str = "learned"
+    dispersion_cells: int = 20_000
+
+    def __post_init__(self):
+        if self.dispersion not in ("learned", "moments"):
+            raise ConfigError(f"dispersion={self.dispersion!r}: choose learned or moments")
+        if self.dispersion == "moments" and self.model.likelihood != "nb":
+            raise ConfigError(f"dispersion=moments estimates an NB dispersion, not a {self.model.likelihood} one: "
+                              "use dispersion=learned with that likelihood")
 
 
 class AEStage(Stage):
@@ -91,6 +105,23 @@ class AEStage(Stage):
         metrics = reconstruction_metrics(np.concatenate(counts), np.concatenate(means), np.concatenate(nll))
         return {"split": d.eval_split, **metrics}
 
+    @torch.no_grad()
+    def moment_dispersion(self, state_dict: dict) -> torch.Tensor:
+        """theta by moments (``nb_theta_by_moments``) on training cells encoded and decoded by the trained
+        weights in eval mode: the means generation samples counts around."""
+        model = CountAutoencoder(self.cfg.model)
+        model.load_state_dict(state_dict)
+        model.eval()
+        d, counts, means = self.cfg.data, [], []
+        for batch in iter_split(d.shards, "train", d.genes, self.cfg.dispersion_cells, batch_size=2048):
+            x = batch["counts"].float()
+            counts.append(x)
+            means.append(model.decode(model.encode(x), x.sum(-1))["mu"])
+        n = self.cfg.dispersion_cells
+        return nb_theta_by_moments(torch.cat(counts)[:n], torch.cat(means)[:n])
+
     def export(self, state_dict, run: RunDir) -> None:
+        if self.cfg.dispersion == "moments":
+            state_dict["log_theta"] = self.moment_dispersion(state_dict).log()
         run.save_weights(self.name, state_dict, {"genes": json.dumps(self.gene_ids)})
         record_codec(run, "autoencoder")
