@@ -8,7 +8,7 @@ defaults (session 19)").
         --out-lines benchmarks/results/dispersion_copy.jsonl
 
 Checkpoints and W&B files are not copied. One JSON line: the new over the learned inverse
-dispersion (quantiles over genes) and how many training cells it was estimated on.
+dispersion, quantiles over genes.
 """
 
 from __future__ import annotations

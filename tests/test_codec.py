@@ -278,7 +278,7 @@ def test_a_new_disease_combination_is_its_healthy_combination_shifted_by_the_dis
 def test_decoder_dropout_zero_keeps_the_decoder_deterministic_and_its_dispersion_higher(train_batch):
     """``decoder_dropout=0``: in training the decoder's means are the ones sampling will use (the
     encoder keeps its dropout), so the per-gene inverse dispersion it learns is not lowered to absorb
-    dropout noise in the means, as it is with dropout in the decoder (the run-before default)."""
+    dropout noise in the means, as it is with dropout in the decoder (``decoder_dropout=None``, the default)."""
     batch, _ = train_batch
     counts = batch["counts"]
 

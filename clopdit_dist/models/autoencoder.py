@@ -7,8 +7,8 @@ Encoder: log1p of counts per 10k → MLP → z (LayerNorm'd, so every cell's lat
 and unit variance across dimensions: a scale the diffusion model can rely on). Decoder: MLP →
 softmax proportions over genes × library size = NB mean, with a per-gene inverse dispersion
 (learned with the loss; the ``ae`` stage's ``dispersion=moments`` re-estimates it after training,
-:func:`nb_theta_by_moments`), and optionally a zero-inflation logit per gene and cell. This is the decoder of scVI
-(Lopez et al., Nat. Methods 2018) and scLDM, and the frozen decoder of CLOP-DiT's stage 3
+:func:`nb_theta_by_moments`), and optionally a zero-inflation logit per gene and cell. This is the
+decoder of scVI (Lopez et al., Nat. Methods 2018) and scLDM, and the frozen decoder of CLOP-DiT's stage 3
 (which used scGPT's; its weights cannot be fetched here, so ours is the default).
 ``decoder=linear`` or ``mlp+linear`` replaces or joins the MLP with a linear map from z to the
 logits (LDVAE); they reconstruct better, but the DiT models their latent worse (README,
