@@ -90,13 +90,19 @@ class AEStage(Stage):
         n = sum(p.numel() for p in model.parameters())
         return 6.0 * n  # forward + backward of dense layers, 2 FLOPs per weight per pass x 3
 
+    def _round_trips(self, model, split: str, max_cells: int, device="cpu", batch_size: int = 512):
+        """(counts, decoded NB parameters) per batch of up to ``max_cells`` cells of ``split``, each cell
+        encoded and decoded by ``model``."""
+        d = self.cfg.data
+        for batch in iter_split(d.shards, split, d.genes, max_cells, batch_size=batch_size):
+            x = batch["counts"].to(device)
+            yield x, model.decode(model.encode(x), x.sum(-1))
+
     @torch.no_grad()
     def evaluate(self, model, run: RunDir, device) -> dict:
         d = self.cfg.data
         counts, means, nll = [], [], []
-        for batch in iter_split(d.shards, d.eval_split, d.genes, d.eval_cells):
-            x = batch["counts"].to(device)
-            params = model.decode(model.encode(x), x.sum(-1))
+        for x, params in self._round_trips(model, d.eval_split, d.eval_cells, device):
             counts.append(x.cpu().numpy())
             means.append(params["mu"].cpu().numpy())
             nll.append((-model.log_prob(x, params)).cpu().numpy())
@@ -109,14 +115,13 @@ class AEStage(Stage):
     def moment_dispersion(self, state_dict: dict) -> torch.Tensor:
         """theta by moments (``nb_theta_by_moments``) on training cells encoded and decoded by the trained
         weights in eval mode: the means generation samples counts around."""
-        model = CountAutoencoder(self.cfg.model)
+        model = self.build_model()
         model.load_state_dict(state_dict)
         model.eval()
-        d, counts, means = self.cfg.data, [], []
-        for batch in iter_split(d.shards, "train", d.genes, self.cfg.dispersion_cells, batch_size=2048):
-            x = batch["counts"].float()
+        counts, means = [], []
+        for x, params in self._round_trips(model, "train", self.cfg.dispersion_cells, batch_size=2048):
             counts.append(x)
-            means.append(model.decode(model.encode(x), x.sum(-1))["mu"])
+            means.append(params["mu"])
         n = self.cfg.dispersion_cells
         return nb_theta_by_moments(torch.cat(counts)[:n], torch.cat(means)[:n])
 
