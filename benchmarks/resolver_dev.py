@@ -1,0 +1,85 @@
+"""The prompt resolver on the development prompts of ``benchmarks/prompts/resolver_dev.yaml``
+(free-form wordings written for finding the resolver's errors; not a held-out set).
+
+Right, per field: the resolved label is the expected one and no group is kept; for a
+``{group: [...]}`` expectation, the candidates are exactly those children; for ``{any: [...]}``,
+the resolved label (or None) is one of them. A prompt is right when all three fields are.
+A prompt that contains one of the evaluation's held-out names (``vocab/heldout_*.yaml``, read
+for that check only) is refused: the set must not tune the resolver to the held-out wording. One JSON line, with the wrong prompts
+and what they resolved to.
+
+    python benchmarks/resolver_dev.py --shards SHARDS --out benchmarks/results/resolver_dev.jsonl --name NAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import yaml
+from _measure import emit
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "resolver_dev.yaml")
+
+
+def field_right(expected, resolved, group) -> bool:
+    label, candidates = resolved
+    if isinstance(expected, dict) and "group" in expected:
+        return group is not None and {c for c, _ in candidates} == set(expected["group"])
+    if isinstance(expected, dict) and "any" in expected:
+        return label in expected["any"]
+    return label == expected and group is None
+
+
+def heldout_names_in(prompt: str) -> list[str]:
+    """The evaluation's held-out names (reworded and rare tiers; not also training names) that
+    ``prompt`` contains as a word sequence."""
+    from clopdit_dist.data.conditions import heldout_tables, normalize_name, train_names, train_tables
+
+    train = {normalize_name(n) for kind, table in train_tables().items() for label in table
+             for n in train_names(kind, label)}
+    held = {normalize_name(n) for tier in ("reworded", "rare") for table in heldout_tables(tier).values()
+            for names in table.values() for n in names} - train
+    text = f" {normalize_name(prompt)} "
+    return [h for h in held if f" {h} " in text]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", required=True, help="a shard set (its manifest's training labels are the vocabulary)")
+    p.add_argument("--name", default="resolver")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    from clopdit_dist.data.conditions import CONDITION_FIELDS
+    from clopdit_dist.data.manifest import Manifest
+    from clopdit_dist.models.prompt_resolver import PromptResolver
+    from clopdit_dist.models.text import TextTower
+
+    items = yaml.safe_load(open(PROMPTS))
+    clash = [it["prompt"] for it in items if heldout_names_in(it["prompt"])]
+    if clash:
+        raise SystemExit(f"development prompts with a held-out name in them: {clash}")
+
+    manifest = Manifest.load(args.shards)
+    resolver = PromptResolver.from_manifest(TextTower("minilm", normalize=True), manifest)
+    right = {f: 0 for f in CONDITION_FIELDS}
+    wrong = []
+    for it in items:
+        r = resolver.resolve(it["prompt"], allow_empty=True)
+        ok = {f: field_right(it[f], (r.fields[f], r.candidates[f]), r.groups[f]) for f in CONDITION_FIELDS}
+        for f in CONDITION_FIELDS:
+            right[f] += ok[f]
+        if not all(ok.values()):
+            wrong.append({"prompt": it["prompt"],
+                          **{f: r.groups[f] or r.fields[f] for f in CONDITION_FIELDS if not ok[f]}})
+    n = len(items)
+    emit(args.out, [], bench="resolver_dev", name=args.name, n=n,
+         **{f"right_{f}": round(right[f] / n, 4) for f in CONDITION_FIELDS},
+         right_all=round((n - len(wrong)) / n, 4), wrong=wrong)
+
+
+if __name__ == "__main__":
+    main()
