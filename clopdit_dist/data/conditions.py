@@ -419,14 +419,31 @@ class Match:
 
 def select_matches(matches: list[Match], thresholds: dict[str, float]) -> dict[str, Match]:
     """Per field, the best-scoring span at or above the field's threshold, no two fields on
-    overlapping spans — greedily by score (ties: the longer span, then a leaf name over a
-    group name); a group is then replaced by one of its children that the prompt names as
-    well, at no lower score. One exception: a tissue span may lie inside a strictly longer
-    disease or cell-type span that is an exact name ("lung cancer" names lung and lung
-    adenocarcinoma, "liver sinusoidal endothelial cells" liver and endothelial cells), since such
-    names carry their organ; a merely similar one ("human lung" ~ "lung cancer") may not."""
-    order = sorted((m for m in matches if m.score >= thresholds[m.field]),
-                   key=lambda m: (-m.score, -m.span.length, bool(m.entry.group), m.span.segment, m.span.start))
+    overlapping spans — greedily by score (ties: a span that does not lie inside a longer span
+    another field matches, then the longer span, then a leaf name over a group name); a group is
+    then replaced by one of its children that the prompt names as well, at no lower score. One
+    exception: a tissue span may lie inside a strictly longer disease or cell-type span that is
+    an exact name ("lung cancer" names lung and lung adenocarcinoma, "liver sinusoidal endothelial
+    cells" liver and endothelial cells), since such names carry their organ; a merely similar one
+    ("human lung" ~ "lung cancer") may not.
+
+    A span that exactly names one field is not read as another field by similarity: in "T cells
+    from lung and liver", "liver" is a second tissue, not non-alcoholic fatty liver disease
+    (cosine 0.62). And where a field is named exactly twice, the mention inside another field's
+    longer span yields: "cells lining the blood vessels of the liver" is liver, "blood" being part
+    of a cell-type description."""
+    exact_fields: dict[Span, set[str]] = {}
+    for m in matches:
+        if m.score >= 1.0:
+            exact_fields.setdefault(m.span, set()).add(m.field)
+    passing = [m for m in matches if m.score >= thresholds[m.field]
+               and (m.score >= 1.0 or not exact_fields.get(m.span, set()) - {m.field})]
+
+    def inside_other(m: Match) -> bool:
+        return any(o.field != m.field and o.span.contains(m.span) and o.span.length > m.span.length for o in passing)
+
+    order = sorted(passing, key=lambda m: (-m.score, inside_other(m), -m.span.length, bool(m.entry.group),
+                                           m.span.segment, m.span.start))
     chosen: dict[str, Match] = {}
     for m in order:
         if m.field in chosen:
