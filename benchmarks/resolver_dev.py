@@ -5,8 +5,8 @@ Right, per field: the resolved label is the expected one and no other candidate 
 ``{group: [...]}`` expectation, the candidates are exactly those children; for ``{any: [...]}``,
 the resolved label (or None) is one of them. A prompt is right when all three fields are.
 A prompt that contains one of the evaluation's held-out names (``vocab/heldout_*.yaml``, read
-for that check only) is refused: the set must not tune the resolver to the held-out wording. One JSON line, with the wrong prompts
-and what they resolved to.
+for that check only) is refused: the set must not tune the resolver to the held-out wording.
+One JSON line, with the wrong prompts and what they resolved to.
 
     python benchmarks/resolver_dev.py --shards SHARDS --out benchmarks/results/resolver_dev.jsonl --name NAME
 """
@@ -24,8 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "resolver_dev.yaml")
 
 
-def field_right(expected, resolved, group) -> bool:
-    label, candidates = resolved
+def field_right(expected, label: str | None, candidates: list[tuple[str, float]], group: str | None) -> bool:
     if isinstance(expected, dict) and "group" in expected:
         return group is not None and {c for c, _ in candidates} == set(expected["group"])
     if isinstance(expected, dict) and "any" in expected:
@@ -70,7 +69,7 @@ def main() -> None:
     wrong = []
     for it in items:
         r = resolver.resolve(it["prompt"], allow_empty=True)
-        ok = {f: field_right(it[f], (r.fields[f], r.candidates[f]), r.groups[f]) for f in CONDITION_FIELDS}
+        ok = {f: field_right(it[f], r.fields[f], r.candidates[f], r.groups[f]) for f in CONDITION_FIELDS}
         for f in CONDITION_FIELDS:
             right[f] += ok[f]
         if not all(ok.values()):

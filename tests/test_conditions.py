@@ -295,8 +295,8 @@ def test_text_plus_code_separates_near_identical_texts_and_keeps_some_of_their_l
     base = torch.nn.functional.normalize(torch.randn(64, generator=g), dim=0)
     other = torch.nn.functional.normalize(torch.randn(64, generator=g), dim=0)
     # "classical" and "non-classical monocyte" as CLOP's head sees them: cosine ~0.98
-    near = torch.nn.functional.normalize(base + 0.2 * torch.nn.functional.normalize(torch.randn(64, generator=g), dim=0),
-                                         dim=0)
+    step = torch.nn.functional.normalize(torch.randn(64, generator=g), dim=0)
+    near = torch.nn.functional.normalize(base + 0.2 * step, dim=0)
     texts = torch.stack([base, near, other]).view(3, 1, 64).repeat(1, 3, 1)
     conds = [{"cell_type": "classical monocyte"}, {"cell_type": "non-classical monocyte"}, {"cell_type": "neutrophil"}]
     mixed = mix_field_codes(texts, conds)[:, 0]
