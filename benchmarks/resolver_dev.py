@@ -33,17 +33,14 @@ def field_right(expected, label: str | None, candidates: list[tuple[str, float]]
     return label == expected and {c for c, _ in candidates} <= {expected}
 
 
-def heldout_names_in(prompt: str) -> list[str]:
-    """The evaluation's held-out names (reworded and rare tiers; not also training names) that
-    ``prompt`` contains as a word sequence."""
+def heldout_names() -> set[str]:
+    """The evaluation's held-out names (reworded and rare tiers) that are not also training names, normalised."""
     from clopdit_dist.data.conditions import heldout_tables, normalize_name, train_names, train_tables
 
     train = {normalize_name(n) for kind, table in train_tables().items() for label in table
              for n in train_names(kind, label)}
-    held = {normalize_name(n) for tier in ("reworded", "rare") for table in heldout_tables(tier).values()
+    return {normalize_name(n) for tier in ("reworded", "rare") for table in heldout_tables(tier).values()
             for names in table.values() for n in names} - train
-    text = f" {normalize_name(prompt)} "
-    return [h for h in held if f" {h} " in text]
 
 
 def main() -> None:
@@ -53,13 +50,14 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
-    from clopdit_dist.data.conditions import CONDITION_FIELDS
+    from clopdit_dist.data.conditions import CONDITION_FIELDS, normalize_name
     from clopdit_dist.data.manifest import Manifest
     from clopdit_dist.models.prompt_resolver import PromptResolver
     from clopdit_dist.models.text import TextTower
 
     items = yaml.safe_load(open(PROMPTS))
-    clash = [it["prompt"] for it in items if heldout_names_in(it["prompt"])]
+    held = heldout_names()
+    clash = [it["prompt"] for it in items if any(f" {h} " in f" {normalize_name(it['prompt'])} " for h in held)]
     if clash:
         raise SystemExit(f"development prompts with a held-out name in them: {clash}")
 
