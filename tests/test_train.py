@@ -93,10 +93,9 @@ def test_two_process_training_of_every_stage_under_each_zero_stage(shards_dir, t
     cfgdir = tmp_path_factory.mktemp(f"cfg{zero}")
     common = [f"train.zero_stage={zero}", "train.steps=6", *extra]
     balance = ["data.balance=0.5"] if zero == 2 else []  # rare-type loss weights in the ae and dit losses
-    # the autoencoder's cell-type and disease heads on z
-    # and the codec's dispersion re-estimated by moments after training
-    type_head = ["model.type_loss=50", "model.disease_loss=20", "dispersion=moments"] if zero == 2 else []
-    for stage, own in (("ae", [o for o in SMALL if o.startswith("model.")] + balance + type_head),
+    # the autoencoder's cell-type and disease heads on z, and its dispersion re-estimated by moments after training
+    ae_options = ["model.type_loss=50", "model.disease_loss=20", "dispersion=moments"] if zero == 2 else []
+    for stage, own in (("ae", [o for o in SMALL if o.startswith("model.")] + balance + ae_options),
                        ("clop", [f"model.text_model={tiny_text_model}", *CLOP_SMALL]),
                        # both conditioning modes; both flow sources (configs/dit.yaml's cell_type on the zero1
                        # and zero3 runs, which the generation and EMA tests use; N(0, I) on zero2)
