@@ -33,7 +33,7 @@ from .models.autoencoder import draw_counts
 from .models.codec import LatentCodec, load_codec
 from .models.condition import check_prompts, load_condition_encoder
 from .models.dit import DiTConfig, LatentDiT
-from .models.flow import FlowConfig, SamplerConfig, TypePrior, sample, start_from
+from .models.flow import FlowConfig, GaussianPrior, SamplerConfig, load_prior, sample, start_from
 from .run import RunDir
 
 
@@ -48,9 +48,9 @@ class CellGenerator:
 
     def __init__(self, run: RunDir, codec: LatentCodec, cond, dit_module: LatentDiT, library: dict, device="cpu",
                  sampler: SamplerConfig | None = None, precision: str = "fp32", compile: bool = False,
-                 prior: TypePrior | None = None):
+                 prior: GaussianPrior | None = None):
         self.run, self.codec, self.cond, self.dit, self.device = run, codec, cond, dit_module, torch.device(device)
-        self.prior = prior  # the flow's per-type source (flow.prior=cell_type), else N(0, I)
+        self.prior = prior  # the flow's per-type or per-condition source (flow.prior), else N(0, I)
         self.default_sampler = sampler or SamplerConfig()  # the DiT config's sampler, unless a call says otherwise
         self.dit.eval()
         if precision not in ("fp32", "bf16"):
@@ -101,7 +101,7 @@ class CellGenerator:
             stats = json.load(f)
         sampler = load_config_section(SamplerConfig, run.config_path("dit"), "sampler")
         flow = load_config_section(FlowConfig, run.config_path("dit"), "flow")
-        prior = TypePrior.from_dict(stats["type_prior"]) if flow.prior == "cell_type" else None
+        prior = load_prior(stats, flow.prior)
         return cls(run, codec, cond, module.to(device), stats["library"], device, sampler, precision, compile, prior)
 
     # ------------------------------------------------------------------ pieces
@@ -142,10 +142,15 @@ class CellGenerator:
             out.append(self.dit.unstandardize(x))
         return torch.cat(out)
 
-    def source_of(self, groups: list[dict]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Each cell's prior (loc, scale) from the cell type of the library group it was given
-        (the type a prompt names, else one its named fields make likely); None without a prior."""
-        return None if self.prior is None else self.prior.loc_scale([g["cell_type"] for g in groups])
+    def source_of(self, cells: list[dict]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Each cell's prior (loc, scale) from its fields (:meth:`asked`); None without a prior."""
+        return None if self.prior is None else self.prior.loc_scale(cells)
+
+    @staticmethod
+    def asked(conditions: list[dict], groups: list[dict]) -> list[dict]:
+        """Each cell's fields: those its condition names, the rest from the library group the cell
+        was given (values its named fields make likely)."""
+        return [{f: c.get(f) or g[f] for f in CONDITION_FIELDS} for c, g in zip(conditions, groups, strict=True)]
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, groups: list[dict], seed: int,
@@ -264,7 +269,7 @@ class CellGenerator:
         x0 = torch.cat(x0)
         # library-size groups, prompt after prompt in plan order (as the cells): they also pick each cell's prior
         groups = [self.plan_groups(plan, np.random.default_rng([seed, i, 8])) for i, plan in enumerate(plans)]
-        source = self.source_of([g for gs in groups for g in gs])
+        source = self.source_of(self.asked([c for c, m in items for _ in range(m)], [g for gs in groups for g in gs]))
         z = torch.empty((len(cond), self.dit.latent_mean.numel()))
         for rows, smp in ((~composed, sampler), (composed, self.sampler_for(None, sampler))):
             if rows.any():
@@ -393,7 +398,7 @@ class CellGenerator:
             source = None
             if self.prior is not None:  # each cell's prior moves from one end's type to the other's
                 if self.cond.mode == "fields":
-                    sa, sb = (self.source_of(self.library_groups(e, n, prior_rng)) for e in ends)
+                    sa, sb = (self.source_of(self.asked([e] * n, self.library_groups(e, n, prior_rng))) for e in ends)
                 else:
                     sa, sb = (self.source_of(self.match_library(e[None]) * n) for e in (ca, cb))
                 source = tuple((1 - alpha) * a_ + alpha * b_ for a_, b_ in zip(sa, sb))

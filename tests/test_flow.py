@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clopdit_dist.models.dit import DiTConfig
-from clopdit_dist.models.flow import (FlowConfig, SamplerConfig, TypePrior, condition_drop, flow_matching_loss,
+from clopdit_dist.models.flow import (FlowConfig, GaussianPrior, SamplerConfig, condition_drop, flow_matching_loss,
                                       guided_velocity, sample, start_from)
 
 
@@ -155,12 +155,14 @@ def test_a_type_prior_is_fitted_per_type_and_a_dit_trained_from_it_keeps_each_ce
     types = ["a"] * 3000 + ["b"] * 3000
     mu = torch.tensor([-2.0] * 3000 + [2.0] * 3000).view(-1, 1)
     data = mu + 0.3 * torch.randn(6000, 4, generator=g)
-    prior = TypePrior.fit(types, data)
-    loc, scale = prior.loc_scale(["b", "a", "unknown"])
+    prior = GaussianPrior.fit([{"cell_type": t} for t in types], data)
+    loc, scale = prior.loc_scale([{"cell_type": t} for t in ("b", "a", "unknown")])
     torch.testing.assert_close(loc[:2, 0], torch.tensor([2.0, -2.0]), atol=0.05, rtol=0)
     torch.testing.assert_close(scale[:2], torch.full((2, 4), 0.3), atol=0.03, rtol=0)
     assert loc[2].abs().sum() == 0 and (scale[2] == 1).all()
-    assert TypePrior.from_dict(prior.to_dict()).loc_scale(["a"])[0].allclose(loc[1:2], atol=1e-4)
+    assert GaussianPrior.from_dict(prior.to_dict()).loc_scale([{"cell_type": "a"}])[0].allclose(loc[1:2], atol=1e-4)
+    old = {"types": ["a", "b"], "loc": prior.loc.tolist(), "scale": prior.scale.tolist()}  # a run's pre-session-21 form
+    assert GaussianPrior.from_dict(old).loc_scale([{"cell_type": "b"}])[0].allclose(loc[0:1], atol=1e-4)
     with pytest.raises(Exception, match="flow.prior='gene'"):
         FlowConfig(prior="gene")
 
@@ -172,15 +174,44 @@ def test_a_type_prior_is_fitted_per_type_and_a_dit_trained_from_it_keeps_each_ce
     for step in range(200):
         rows = torch.randint(0, 6000, (128,), generator=g)
         loss = flow_matching_loss(model, data[rows].view(128, 2, 2), cond, FlowConfig(p_uncond=0.0), g,
-                                  source=prior.loc_scale([types[i] for i in rows]))
+                                  source=prior.loc_scale([{"cell_type": types[i]} for i in rows]))
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
     for t, target in (("a", -2.0), ("b", 2.0)):
-        start = start_from(torch.randn(500, 2, 2, generator=g), prior.loc_scale([t] * 500))
+        start = start_from(torch.randn(500, 2, 2, generator=g), prior.loc_scale([{"cell_type": t}] * 500))
         x = sample(model, torch.zeros(500, 1, 4), (2, 2), SamplerConfig(steps=10, guidance=1.0), g, start)
         assert abs(x.mean().item() - target) < 0.3 and 0.15 < x.std().item() < 0.5
+
+
+def test_a_condition_prior_keys_seen_combinations_and_composes_unseen_ones_from_the_type():
+    """flow.prior=condition: a combination with enough training cells gets its own Gaussian; an
+    unseen one, the additive model's mean over the type's conditions."""
+    g = torch.Generator().manual_seed(0)
+    fields = ("cell_type", "tissue_general", "disease")
+    # latent dim 0: the type (+0 / +4), dim 1: the tissue (lung +1), dim 2: the disease (COVID-19 +2)
+    combos = [("T", "blood", "normal"), ("T", "lung", "normal"), ("T", "blood", "COVID-19"), ("B", "blood", "normal")]
+    cells, rows = [], []
+    for t, ti, d in combos:
+        for _ in range(200):
+            cells.append(dict(zip(fields, (t, ti, d))))
+            rows.append([4.0 * (t == "B"), 1.0 * (ti == "lung"), 2.0 * (d == "COVID-19")])
+    cells.append(dict(zip(fields, ("T", "liver", "normal"))))  # one cell: too few for a combination of its own
+    rows.append([0.0, 0.0, 0.0])
+    x = torch.tensor(rows) + 0.1 * torch.randn(len(rows), 3, generator=g)
+    prior = GaussianPrior.fit(cells, x, fields, min_cells=20)
+    asked = [("T", "lung", "normal"), ("T", "lung", "COVID-19"), ("T", "liver", "normal"), ("NK", "lung", "normal")]
+    prior = GaussianPrior.from_dict(prior.to_dict())
+    loc, scale = prior.loc_scale([dict(zip(fields, a)) for a in asked])
+    torch.testing.assert_close(loc[0], torch.tensor([0.0, 1.0, 0.0]), atol=0.05, rtol=0)  # its own Gaussian
+    assert scale[0].max() < 0.15
+    # unseen: lung's and COVID-19's effects add up, although lung's T cells are all healthy
+    torch.testing.assert_close(loc[1], torch.tensor([0.0, 1.0, 2.0]), atol=0.05, rtol=0)
+    torch.testing.assert_close(scale[1], prior.loc_scale([{"cell_type": "T"}])[1][0])  # with the type's spread
+    assert abs(loc[2, 2]) < 0.1  # liver (one cell, healthy): healthy
+    assert loc[3].abs().sum() == 0 and (scale[3] == 1).all()  # an unknown type: N(0, I)
+    assert FlowConfig(prior="condition").prior == "condition"
 
 
 def test_the_disease_shift_option_reads_its_old_boolean_and_names_its_choices(tmp_path):

@@ -26,10 +26,13 @@ Source: x_0 ~ N(0, I), or (``FlowConfig.prior = "cell_type"``) the cell type's o
 Gaussian in the standardised latent, x_0 = mu_type + sigma_type * eps: PriorGrad's
 data-dependent prior (Lee et al., ICLR 2022); flow matching admits any source (Tong et al.,
 TMLR 2024), and from there the flow only has to carry a cell within its type's region.
+``"condition"`` keys the Gaussian by (cell type, tissue, disease), with an additive back-off
+for combinations training lacks (:class:`GaussianPrior`).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -46,50 +49,112 @@ class FlowConfig:
     # probability that every field is replaced at once (Ho & Salimans' joint dropout): with
     # p_uncond alone the all-null branch, v_null of every guidance w != 1, sees p_uncond ** K of cells
     p_null: float = 0.0
-    prior: str = "standard"  # the path's source: "standard" N(0, I), or "cell_type" (:class:`TypePrior`)
+    # the path's source: "standard" N(0, I), or "cell_type" / "condition" (:class:`GaussianPrior`)
+    prior: str = "standard"
 
     def __post_init__(self):
         if self.prior not in PRIORS:
             raise ConfigError(f"flow.prior={self.prior!r}: choose {' or '.join(PRIORS)}")
 
 
-PRIORS = ("standard", "cell_type")
+PRIORS = ("standard", "cell_type", "condition")
+PRIOR_FIELDS = {"cell_type": ("cell_type",), "condition": ("cell_type", "tissue_general", "disease")}
+PRIOR_STATS = {"cell_type": "type_prior", "condition": "condition_prior"}  # their keys in a DiT's latent_stats.json
 
 
-class TypePrior:
-    """Per-cell-type diagonal Gaussians in the DiT's standardised latent: the flow's source
-    x_0 = loc[type] + scale[type] * eps. A type the statistics lack starts from N(0, I)."""
+class GaussianPrior:
+    """Diagonal Gaussians in the DiT's standardised latent, one per condition: the flow's source
+    x_0 = loc[c] + scale[c] * eps.
 
-    def __init__(self, types: Sequence[str], loc: torch.Tensor, scale: torch.Tensor):
-        self.index = {t: i for i, t in enumerate(types)}
-        self.loc = torch.cat([loc.float(), torch.zeros(1, loc.shape[1])])  # last row: the standard normal
-        self.scale = torch.cat([scale.float(), torch.ones(1, scale.shape[1])])
+    ``fields`` name the condition; the first (the cell type) is the coarsest level. A cell's
+    source is the Gaussian of its full condition where training had ``min_cells`` of it; for a
+    combination no training study has (or too few cells of it), the mean of an additive model
+    of the type's conditions (one effect per tissue, per disease: the composition of attribute
+    effects that CFGen's compositional guidance also assumes) with the type's spread; else the
+    type's Gaussian; a type the statistics lack starts from N(0, I). With ``fields =
+    ("cell_type",)`` this is the per-type prior of ``flow.prior=cell_type``."""
+
+    def __init__(self, fields: Sequence[str], keys: Sequence[tuple], loc: torch.Tensor, scale: torch.Tensor):
+        self.fields = tuple(fields)
+        self.index = {tuple(k): i for i, k in enumerate(keys)}
+        self.loc, self.scale = loc.float(), scale.float()
 
     @classmethod
-    def fit(cls, types: Sequence[str], x: torch.Tensor, min_cells: int = 2, min_scale: float = 0.05) -> "TypePrior":
-        """Mean and std per type of standardised latents ``x`` (n, dim); a type with fewer than
-        ``min_cells`` cells keeps unit scale."""
-        names = sorted(set(types))
-        row = {t: i for i, t in enumerate(names)}
-        labels = torch.tensor([row[t] for t in types])
-        loc = torch.stack([x[labels == i].mean(0) for i in range(len(names))])
-        scale = torch.stack([x[labels == i].std(0).clamp_min(min_scale) if int((labels == i).sum()) >= min_cells
-                             else torch.ones(x.shape[1]) for i in range(len(names))])
-        return cls(names, loc, scale)
+    def fit(cls, cells: Sequence[dict], x: torch.Tensor, fields: Sequence[str] = ("cell_type",),
+            min_cells: int = 20, min_scale: float = 0.05) -> "GaussianPrior":
+        """Fitted on standardised latents ``x`` (n, dim): per type its mean and std (a type with
+        fewer than 2 cells keeps unit scale); per condition with at least ``min_cells`` cells its
+        own; and per other combination of values seen with the type (a tissue and a disease
+        never seen together) the additive model's mean, intercept + one effect per field value,
+        fitted on the type's condition means weighted by cell count (the effects with a ridge of
+        one pseudo-cell, for those the conditions do not identify), with the type's std."""
+        fields = tuple(fields)
+        values = [tuple(c[f] for f in fields) for c in cells]
+        by_condition: dict[tuple, list[int]] = {}
+        for i, v in enumerate(values):
+            by_condition.setdefault(v, []).append(i)
+        keys, loc, scale = [], [], []
+        for t in sorted({v[0] for v in values}):
+            conds = sorted((v for v in by_condition if v[0] == t), key=str)
+            r = torch.tensor([i for v in conds for i in by_condition[v]])
+            type_scale = x[r].std(0).clamp_min(min_scale) if len(r) >= 2 else torch.ones(x.shape[1])
+            keys.append((t,) + (None,) * (len(fields) - 1))
+            loc.append(x[r].mean(0))
+            scale.append(type_scale)
+            if len(fields) == 1:
+                continue
+            own = [v for v in conds if len(by_condition[v]) >= min_cells]
+            for v in own:
+                keys.append(v)
+                loc.append(x[by_condition[v]].mean(0))
+                scale.append(x[by_condition[v]].std(0).clamp_min(min_scale))
+            seen = [sorted({v[j] for v in conds}, key=str) for j in range(1, len(fields))]
+            terms = [(j, val) for j, vals in enumerate(seen, 1) for val in vals]
+
+            def row(v):
+                return [1.0] + [float(v[j] == val) for j, val in terms]
+
+            design = torch.tensor([row(v) for v in conds])
+            n = torch.tensor([float(len(by_condition[v])) for v in conds])
+            means = torch.stack([x[by_condition[v]].mean(0) for v in conds])
+            ridge = torch.diag(torch.tensor([0.0] + [1.0] * len(terms)))
+            coef = torch.linalg.solve(design.T @ (n[:, None] * design) + ridge, design.T @ (n[:, None] * means))
+            for combo in itertools.product(*seen):
+                v = (t, *combo)
+                if v not in own:
+                    keys.append(v)
+                    loc.append(torch.tensor(row(v)) @ coef)
+                    scale.append(type_scale)
+        return cls(fields, keys, torch.stack(loc), torch.stack(scale))
 
     def to_dict(self) -> dict:
-        rows = len(self.index)
-        return {"types": list(self.index), "loc": [[round(float(v), 5) for v in r] for r in self.loc[:rows]],
-                "scale": [[round(float(v), 5) for v in r] for r in self.scale[:rows]]}
+        return {"fields": list(self.fields), "keys": [list(k) for k in self.index],
+                "loc": [[round(float(v), 5) for v in r] for r in self.loc],
+                "scale": [[round(float(v), 5) for v in r] for r in self.scale]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TypePrior":
-        return cls(d["types"], torch.tensor(d["loc"]), torch.tensor(d["scale"]))
+    def from_dict(cls, d: dict) -> "GaussianPrior":
+        if "types" in d:  # a run's per-type prior, written before conditions were keyed
+            return cls(("cell_type",), [(t,) for t in d["types"]], torch.tensor(d["loc"]), torch.tensor(d["scale"]))
+        return cls(d["fields"], [tuple(k) for k in d["keys"]], torch.tensor(d["loc"]), torch.tensor(d["scale"]))
 
-    def loc_scale(self, types: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, dim) location and scale of each cell's source."""
-        rows = torch.tensor([self.index.get(t, len(self.index)) for t in types], dtype=torch.long)
-        return self.loc[rows], self.scale[rows]
+    def _source(self, cell: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        for key in (cell, (cell[0],) + (None,) * (len(cell) - 1)):
+            if key in self.index:
+                return self.loc[self.index[key]], self.scale[self.index[key]]
+        return torch.zeros(self.loc.shape[1]), torch.ones(self.loc.shape[1])
+
+    def loc_scale(self, cells: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, dim) location and scale of each cell's source; ``cells`` are dicts of the fields."""
+        keys = [tuple(c.get(f) for f in self.fields) for c in cells]
+        rows = {k: self._source(k) for k in set(keys)}
+        return (torch.stack([rows[k][0] for k in keys]) if keys else self.loc[:0],
+                torch.stack([rows[k][1] for k in keys]) if keys else self.scale[:0])
+
+
+def load_prior(stats: dict, prior: str) -> "GaussianPrior | None":
+    """The flow's source named by ``flow.prior`` from a DiT's latent statistics; None for N(0, I)."""
+    return None if prior == "standard" else GaussianPrior.from_dict(stats[PRIOR_STATS[prior]])
 
 
 def sample_t(n: int, cfg: FlowConfig, generator: torch.Generator, device) -> torch.Tensor:
@@ -111,7 +176,7 @@ def flow_matching_loss(model, x1: torch.Tensor, cond: torch.Tensor, cfg: FlowCon
                        source: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Mean squared velocity error. ``x1`` (B, T, D) data latents; ``cond`` (B, K, C);
     ``weight`` (B,) optional per-cell weights of mean ~1 (``data/balance.py``); ``source``
-    (loc, scale), each (B, T * D), the cells' Gaussian sources (:class:`TypePrior`), else N(0, I)."""
+    (loc, scale), each (B, T * D), the cells' Gaussian sources (:class:`GaussianPrior`), else N(0, I)."""
     B, K = x1.shape[0], cond.shape[1]
     t = sample_t(B, cfg, generator, x1.device)
     x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
@@ -203,7 +268,7 @@ def sample(model, cond: torch.Tensor, shape: tuple[int, int], cfg: SamplerConfig
            source: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Integrate from noise (``x0``, else drawn from ``generator``) to data. ``cond`` (B, K, C);
     returns latents (B, *shape). ``source`` (loc, scale), each (B, T * D), is the Gaussian ``x0``
-    was drawn from (:class:`TypePrior`); only the SDE needs it, to run in the coordinates where
+    was drawn from (:class:`GaussianPrior`); only the SDE needs it, to run in the coordinates where
     that source is N(0, I)."""
     B = cond.shape[0]
     x = torch.randn((B, *shape), generator=generator, device=cond.device) if x0 is None else x0.to(cond.device)

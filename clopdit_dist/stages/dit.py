@@ -28,7 +28,7 @@ from ..data.stats import LIBRARY_KEYS
 from ..models.codec import load_codec
 from ..models.condition import field_banks, load_condition_encoder, mix_field_codes, shared_caption_bank
 from ..models.dit import DiTConfig, LatentDiT
-from ..models.flow import FlowConfig, SamplerConfig, TypePrior, flow_matching_loss
+from ..models.flow import PRIOR_FIELDS, PRIOR_STATS, FlowConfig, GaussianPrior, SamplerConfig, flow_matching_loss, load_prior
 from ..run import RunDir
 from ..train.config import StageConfig
 from ..train.stage import Stage
@@ -103,7 +103,7 @@ class DiTStage(Stage):
         self.banks = banks  # text-tower features; projected (with cond_noise) per batch
         self.balance = self.balance_weights(run)
         stats_path = os.path.join(stage_dir, "latent_stats.json")
-        if self.rank == 0 and "type_prior" not in _read_json(stats_path):
+        if self.rank == 0 and not set(PRIOR_STATS.values()) <= set(_read_json(stats_path)):
             with open(stats_path + ".tmp", "w") as f:
                 json.dump(self._statistics(run), f)
             os.replace(stats_path + ".tmp", stats_path)
@@ -111,12 +111,12 @@ class DiTStage(Stage):
             dist.barrier()
         with open(stats_path) as f:
             self.stats = json.load(f)
-        self.prior = TypePrior.from_dict(self.stats["type_prior"]) if self.cfg.flow.prior == "cell_type" else None
+        self.prior = load_prior(self.stats, self.cfg.flow.prior)
 
     @torch.no_grad()
     def _statistics(self, run: RunDir) -> dict:
-        """Per-dimension latent mean/std; per cell type the Gaussian of its standardised latents
-        (the source of ``flow.prior=cell_type``); and per (cell_type, tissue_general, disease,
+        """Per-dimension latent mean/std; per cell type, and per condition, the Gaussians of its
+        standardised latents (the sources of ``flow.prior=cell_type`` and ``condition``); and per (cell_type, tissue_general, disease,
         assay) the log library size (over the autoencoder's genes) and the mean latent (what a
         disease shift is estimated from, :meth:`CellGenerator.disease_shift`), from up to
         ``stats_cells`` cells."""
@@ -141,9 +141,10 @@ class DiTStage(Stage):
                            "mean_log": float(v.mean()), "sd_log": float(v.std()) if len(v) > 1 else 0.3,
                            "z_mean": [round(float(x), 5) for x in z[torch.from_numpy(rows)].mean(0)]})
         mean, std = z.mean(0), z.std(0).clamp_min(1e-3)
-        cell_types = [k.split("\x1f")[LIBRARY_KEYS.index("cell_type")] for k in keys]
+        cells = [dict(zip(LIBRARY_KEYS, k.split("\x1f"))) for k in keys]
+        z_std = (z - mean) / std
         return {"latent_mean": mean.tolist(), "latent_std": std.tolist(),
-                "type_prior": TypePrior.fit(cell_types, (z - mean) / std).to_dict(),
+                **{key: GaussianPrior.fit(cells, z_std, PRIOR_FIELDS[p]).to_dict() for p, key in PRIOR_STATS.items()},
                 "library": {"keys": list(LIBRARY_KEYS), "unit": "total counts over the autoencoder's genes",
                             "groups": groups}}
 
@@ -180,7 +181,8 @@ class DiTStage(Stage):
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
         cond = self.conditions_of(batch, rng).to(self.device)
         weight = self.balance(batch["cell_type"]).to(self.device) if self.balance else None
-        source = self.prior.loc_scale(batch["cell_type"]) if self.prior else None
+        cells = [dict(zip(CONDITION_FIELDS, v)) for v in zip(*(batch[f] for f in CONDITION_FIELDS))]
+        source = self.prior.loc_scale(cells) if self.prior else None
         loss = flow_matching_loss(model, x1, cond, self.cfg.flow, generator, weight, source)
         return loss, {}
 
