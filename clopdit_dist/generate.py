@@ -101,7 +101,7 @@ class CellGenerator:
             stats = json.load(f)
         sampler = load_config_section(SamplerConfig, run.config_path("dit"), "sampler")
         flow = load_config_section(FlowConfig, run.config_path("dit"), "flow")
-        prior = load_prior(stats, flow.prior)
+        prior = load_prior(stats, flow)
         return cls(run, codec, cond, module.to(device), stats["library"], device, sampler, precision, compile, prior)
 
     # ------------------------------------------------------------------ pieces

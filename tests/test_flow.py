@@ -8,7 +8,7 @@ import torch
 
 from clopdit_dist.models.dit import DiTConfig
 from clopdit_dist.models.flow import (FlowConfig, GaussianPrior, SamplerConfig, condition_drop, flow_matching_loss,
-                                      guided_velocity, sample, start_from)
+                                      guided_velocity, load_prior, sample, start_from)
 
 
 class GaussianVelocity(torch.nn.Module):
@@ -211,7 +211,12 @@ def test_a_condition_prior_keys_seen_combinations_and_composes_unseen_ones_from_
     torch.testing.assert_close(scale[1], prior.loc_scale([{"cell_type": "T"}])[1][0])  # with the type's spread
     assert abs(loc[2, 2]) < 0.1  # liver (one cell, healthy): healthy
     assert loc[3].abs().sum() == 0 and (scale[3] == 1).all()  # an unknown type: N(0, I)
-    assert FlowConfig(prior="condition").prior == "condition"
+    wide = load_prior({"condition_prior": prior.to_dict()}, FlowConfig(prior="condition", prior_spread="type"))
+    w_loc, w_scale = wide.loc_scale([dict(zip(fields, a)) for a in asked])
+    torch.testing.assert_close(w_loc, loc)  # flow.prior_spread=type: the same centres, every one the type's spread
+    torch.testing.assert_close(w_scale[:2], prior.loc_scale([{"cell_type": "T"}] * 2)[1])
+    with pytest.raises(Exception, match="prior_spread='wide'"):
+        FlowConfig(prior="condition", prior_spread="wide")
 
 
 def test_the_disease_shift_option_reads_its_old_boolean_and_names_its_choices(tmp_path):

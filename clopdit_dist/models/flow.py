@@ -51,10 +51,15 @@ class FlowConfig:
     p_null: float = 0.0
     # the path's source: "standard" N(0, I), or "cell_type" / "condition" (:class:`GaussianPrior`)
     prior: str = "standard"
+    # a condition source's spread: "own", its condition's std; "type", its cell type's (one width
+    # for every combination, those the additive model composes included)
+    prior_spread: str = "own"
 
     def __post_init__(self):
         if self.prior not in PRIORS:
             raise ConfigError(f"flow.prior={self.prior!r}: choose {' or '.join(PRIORS)}")
+        if self.prior_spread not in ("own", "type"):
+            raise ConfigError(f"flow.prior_spread={self.prior_spread!r}: choose 'own' or 'type'")
 
 
 PRIORS = ("standard", "cell_type", "condition")
@@ -138,6 +143,12 @@ class GaussianPrior:
             return cls(("cell_type",), [(t,) for t in d["types"]], torch.tensor(d["loc"]), torch.tensor(d["scale"]))
         return cls(d["fields"], [tuple(k) for k in d["keys"]], torch.tensor(d["loc"]), torch.tensor(d["scale"]))
 
+    def with_type_spread(self) -> "GaussianPrior":
+        """The same locations, each with its cell type's scale."""
+        none = (None,) * (len(self.fields) - 1)
+        scale = torch.stack([self.scale[self.index[(k[0],) + none]] for k in self.index])
+        return GaussianPrior(self.fields, list(self.index), self.loc, scale)
+
     def _source(self, cell: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         for key in (cell, (cell[0],) + (None,) * (len(cell) - 1)):
             if key in self.index:
@@ -152,9 +163,12 @@ class GaussianPrior:
                 torch.stack([rows[k][1] for k in keys]) if keys else self.scale[:0])
 
 
-def load_prior(stats: dict, prior: str) -> "GaussianPrior | None":
-    """The flow's source named by ``flow.prior`` from a DiT's latent statistics; None for N(0, I)."""
-    return None if prior == "standard" else GaussianPrior.from_dict(stats[PRIOR_STATS[prior]])
+def load_prior(stats: dict, cfg: FlowConfig) -> "GaussianPrior | None":
+    """The flow's source named by ``cfg.prior`` from a DiT's latent statistics; None for N(0, I)."""
+    if cfg.prior == "standard":
+        return None
+    prior = GaussianPrior.from_dict(stats[PRIOR_STATS[cfg.prior]])
+    return prior.with_type_spread() if cfg.prior_spread == "type" else prior
 
 
 def sample_t(n: int, cfg: FlowConfig, generator: torch.Generator, device) -> torch.Tensor:

@@ -111,7 +111,7 @@ class DiTStage(Stage):
             dist.barrier()
         with open(stats_path) as f:
             self.stats = json.load(f)
-        self.prior = load_prior(self.stats, self.cfg.flow.prior)
+        self.prior = load_prior(self.stats, self.cfg.flow)
 
     @torch.no_grad()
     def _statistics(self, run: RunDir) -> dict:
