@@ -180,6 +180,27 @@ def test_an_exact_name_is_not_read_as_another_field(resolver):
     assert resolver.resolve("liver").fields["disease"] is None
 
 
+def test_a_list_of_names_of_one_field_gives_each_of_them(resolver):
+    """"lung and liver" names both tissues (the generator draws from both), as does a structured
+    "tissue: lung, liver"; groups in a list give all their children; but only names joined by
+    commas, "and" or "or" count: "lung, not liver" is one tissue."""
+    def cands(r, f):
+        return sorted(c for c, _ in r.candidates[f])
+
+    r = resolver.resolve("T cells from lung and liver")
+    assert cands(r, "tissue_general") == ["liver", "lung"] and r.spans["tissue_general"] == "lung, liver"
+    assert r.fields["disease"] is None and len(r.candidates["cell_type"]) == 3
+    r = resolver.resolve("tissue: blood, lung or the liver; cell type: macrophage")
+    assert cands(r, "tissue_general") == ["blood", "liver", "lung"] and cands(r, "cell_type") == ["macrophage"]
+    r = resolver.resolve("B cells and plasma cells in blood")
+    assert cands(r, "cell_type") == ["memory B cell", "naive B cell", "plasma cell"]
+    assert sum(w for _, w in r.candidates["cell_type"]) == pytest.approx(1.0)
+    r = resolver.resolve("macrophages in the lung, not in the liver")
+    assert len(r.candidates["tissue_general"]) == 1
+    # two names side by side are one name, not a list ("NK" and "lymphocyte", "goblet" and "epithelial cell")
+    assert [c for c, _ in resolver.resolve("NK lymphocyte from blood").candidates["cell_type"]] == ["natural killer cell"]
+
+
 def test_structured_prompt(resolver):
     r = resolver.resolve("cell type: NK cell; tissue: lymph node; disease: normal")
     assert r.structured and r.fields == {"cell_type": "natural killer cell", "tissue_general": "lymph node",
@@ -351,8 +372,11 @@ def test_a_child_named_beside_its_group_wins(resolver):
     both match exactly; the longer group span used to win and give a mixture of epithelial types."""
     r = resolver.resolve("ciliated airway epithelial cells")
     assert r.candidates["cell_type"] == [("ciliated cell", 1.0)] and r.groups["cell_type"] is None
-    # a group whose children the other name is not among stays a group
-    assert resolver.resolve("T cells and dendritic cells").groups["cell_type"] is not None
+    # a group whose children the other name is not among stays a group: two groups in a list give both
+    r = resolver.resolve("T cells and dendritic cells")
+    assert {c for c, _ in r.candidates["cell_type"]} == {"CD4-positive, alpha-beta T cell", "regulatory T cell",
+                                                          "CD8-positive, alpha-beta T cell",
+                                                          "conventional dendritic cell", "plasmacytoid dendritic cell"}
 
 
 def test_a_label_may_be_named_by_its_ontology_term_id(resolver):

@@ -320,6 +320,29 @@ def test_fast_generation_paths_agree(tmp_path):
         CellGenerator.from_run(RUNS[1], precision="fp16")
 
 
+def test_a_dit_stage_writes_the_condition_prior_and_generation_keys_each_cell_by_its_fields():
+    """The DiT stage's latent statistics hold the per-condition source (flow.prior=condition) beside
+    the per-type one; a generator given it starts each cell from its asked condition's Gaussian."""
+    if 1 not in RUNS:
+        pytest.skip("needs the zero1 run of this module")
+    from clopdit_dist.generate import CellGenerator
+    from clopdit_dist.models.flow import FlowConfig, load_prior
+
+    gen = CellGenerator.from_run(RUNS[1])
+    with open(os.path.join(gen.run.stage_dir("dit"), "latent_stats.json")) as f:
+        stats = json.load(f)
+    prior = load_prior(stats, FlowConfig(prior="condition"))
+    group = max(gen.library["groups"], key=lambda g: g["n"])  # a condition with its own Gaussian
+    cell = {f: group[f] for f in prior.fields}
+    own = prior.loc_scale([cell])
+    assert not torch.equal(own[0], prior.loc_scale([{"cell_type": cell["cell_type"]}])[0])
+    gen.prior = prior
+    a = gen.generate([", ".join(cell.values())], n=6, sampler=gen.default_sampler, seed=1)
+    assert (a.obs["cell_type"] == cell["cell_type"]).all() and a.X.shape[0] == 6
+    asked = gen.asked([cell] * 6, gen.library_groups(cell, 6, np.random.default_rng(0)))
+    torch.testing.assert_close(gen.source_of(asked)[0], own[0].expand(6, -1))
+
+
 def test_eval_every_logs_held_out_metrics_during_training(shards_dir, tmp_path, monkeypatch):
     """``train.eval_every=2``: the stage's evaluation runs at steps 2 and 4 (not at the last
     step, which the end-of-run evaluation covers) and is logged as eval/<key>."""

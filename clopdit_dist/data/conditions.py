@@ -460,6 +460,49 @@ def select_matches(matches: list[Match], thresholds: dict[str, float]) -> dict[s
     return chosen
 
 
+# what may stand between the names of a list: "lung and liver", "lung, liver or blood", "lung/liver"; not a
+# space alone ("NK lymphocyte" is one name, not NK cells and lymphocytes)
+_LIST_GAP = re.compile(r"\s*(?:[,/&]\s*)?(?:(?:and|or|plus|as well as)(?:\s+the)?\s*)?", re.IGNORECASE)
+_LIST_SEPARATOR = re.compile(r"[,/&]|\b(?:and|or|plus)\b", re.IGNORECASE)
+
+
+def listed_matches(chosen: dict[str, Match], matches: list[Match], text: str) -> dict[str, list[Match]]:
+    """Per chosen field, every name of it the prompt lists beside the chosen one ("T cells from
+    lung and liver", "lung, liver or blood", "B cells and T cells"), in prompt order: exact names
+    (labels or parent groups) of that field, on spans no other chosen field holds, each next to a
+    listed one with only commas, "and (the)", "or", "/" between. Only exact names: a list does not
+    make a merely similar phrase a name."""
+    words = prompt_words(text)
+    taken = [c.span for c in chosen.values()]
+
+    def next_to(a: Span, b: Span) -> bool:
+        if a.segment != b.segment or a.overlaps(b):
+            return False
+        first, second = (a, b) if a.start < b.start else (b, a)
+        seg = words[first.segment]
+        gap = text[seg[first.end - 1][2]:seg[second.start][1]]
+        return bool(_LIST_GAP.fullmatch(gap) and _LIST_SEPARATOR.search(gap))
+
+    out = {}
+    for f, c in chosen.items():
+        if c.score < 1.0 or not c.entry.in_model:
+            continue
+        pool = sorted((m for m in matches if m.field == f and m.score >= 1.0 and m.entry.in_model
+                       and not any(m.span.overlaps(t) for t in taken)), key=lambda m: (-m.span.length, m.span.start))
+        listed = [c]
+        grew = True
+        while grew:
+            grew = False
+            for m in pool:
+                if all(m.entry.label != x.entry.label and not m.span.overlaps(x.span) for x in listed) \
+                        and any(next_to(m.span, x.span) for x in listed):
+                    listed.append(m)
+                    grew = True
+        if len(listed) > 1:
+            out[f] = sorted(listed, key=lambda m: (m.span.segment, m.span.start))
+    return out
+
+
 def _nested_ok(a: Match, b: Match) -> bool:
     """A tissue span inside a strictly longer span that exactly names a disease, or a cell type
     when the tissue is named exactly too ("lung cancer", "liver sinusoidal endothelial cell"):
@@ -483,8 +526,9 @@ class ResolvedPrompt:
     ``GROUP_DISCOUNT`` and 1 / number of candidates); 0 where None. ``spans``: the prompt
     text each field was read from. ``candidates``: per field, labels with weights summing to
     1 — one label with weight 1 for a leaf match, the group's children in the vocabulary
-    (equal weights: the prompt does not say which) for a parent name such as "T cells", empty
-    where the field is None; ``fields`` then holds the child whose names are nearest the span.
+    (equal weights: the prompt does not say which) for a parent name such as "T cells", every
+    label of a list ("lung and liver"), empty where the field is None; ``fields`` then holds the
+    child whose names are nearest the span (for a list, its first label).
     ``groups``: the parent group named, if any. ``unresolved``: per field, the prompt's text
     for it where it names something this model cannot give: a structured value that matched
     no label above the threshold, or a Census label outside the vocabulary (the field is then

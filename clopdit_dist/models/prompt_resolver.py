@@ -34,7 +34,11 @@ Method
    than the group (e.g. "CD8-positive T lymphocyte" around "T lymphocyte") refines the group
    to that child. Why candidates rather than one leaf: "T cells" is a mixture, and picking
    the nearest leaf would silently generate CD4 T cells only.
-4. Names the model lacks: the CELLxGENE Census labels of ``vocab/census_labels.yaml`` that
+4. Lists: names of one field joined by commas, "and" or "or" ("T cells from lung and liver",
+   "B cells and plasma cells") are each taken, as ``candidates`` with equal weights (a group
+   in the list contributes its children): :func:`~clopdit_dist.data.conditions.listed_matches`.
+   Exact names only; "lung, not liver" stays one tissue.
+5. Names the model lacks: the CELLxGENE Census labels of ``vocab/census_labels.yaml`` that
    are not in the vocabulary take part in step 2 with exact matches only. A field won by one
    ("kidney", "podocytes") is None and listed in ``unresolved`` / ``absent``, so the
    generator can say so instead of reading the name as the nearest label by meaning (the
@@ -89,6 +93,7 @@ from ..data.conditions import (
     TERM_ID,
     acronym_allowed,
     candidate_spans,
+    listed_matches,
     has_words,
     normalize_name,
     prompt_error,
@@ -256,29 +261,35 @@ class PromptResolver:
         chosen: dict[str, Match] = {}
         unresolved: dict[str, str] = {}
         absent: dict[str, str] = {}
+        lists: dict[str, list[Match]] = {}
         for f, value in known.items():
             spans = candidate_spans(value, self.max_words)
-            m = select_matches(self._matches(spans, self.score_spans(spans, (f,)), (f,)), self.thresholds).get(f)
+            scores = self.score_spans(spans, (f,))
+            matches = self._matches(spans, scores, (f,))
+            m = select_matches(matches, self.thresholds).get(f)
             if m is None:
                 unresolved[f] = value
             elif not m.entry.in_model:
                 unresolved[f], absent[f] = value, m.entry.label
             else:
-                chosen[f] = self._refine(m, spans, self.score_spans(spans, (f,)), [])
+                chosen[f] = self._refine(m, spans, scores, [])
+                lists.update(listed_matches({f: chosen[f]}, matches, value))
         rest = [f for f in CONDITION_FIELDS if f not in known]
         text = "; ".join(free + [v for k, v in other.items() if k not in IGNORED_KEYS]) if known or other \
             else prompt
         if rest and has_words(text):
             spans = candidate_spans(text, self.max_words)
             scores = self.score_spans(spans, rest)
-            picked = select_matches(self._matches(spans, scores, rest), self.thresholds)
+            matches = self._matches(spans, scores, rest)
+            picked = select_matches(matches, self.thresholds)
             for f, m in picked.items():
                 if not m.entry.in_model:
                     unresolved[f], absent[f] = m.span.text, m.entry.label
                     continue
                 others = [c.span for g, c in picked.items() if g != f]
                 chosen[f] = self._refine(m, spans, scores, others)
-        out = self._result(prompt, chosen, unresolved, absent, structured=bool(known))
+            lists.update(listed_matches({f: chosen[f] for f in picked if f in chosen}, matches, text))
+        out = self._result(prompt, chosen, unresolved, absent, structured=bool(known), lists=lists)
         if not allow_empty and all(v is None for v in out.fields.values()):
             why = self.unresolved_reason(out) if unresolved else \
                 "it names no cell type, tissue or disease this model knows"
@@ -328,7 +339,7 @@ class PromptResolver:
         return best or m
 
     def _result(self, prompt: str, chosen: dict[str, Match], unresolved: dict[str, str], absent: dict[str, str],
-                structured: bool) -> ResolvedPrompt:
+                structured: bool, lists: dict[str, list[Match]]) -> ResolvedPrompt:
         fields, conf, spans, cands, groups, narrowed = {}, {}, {}, {}, {}, {}
         for f in CONDITION_FIELDS:
             m = chosen.get(f)
@@ -338,6 +349,12 @@ class PromptResolver:
             spans[f] = m.span.text
             if m.entry.narrower:
                 narrowed[f] = m.span.text
+            if f in lists:  # "lung and liver", "B cells and T cells": every label listed, equal weights
+                spans[f] = ", ".join(x.span.text for x in lists[f])
+                labels = list(dict.fromkeys(c for x in lists[f] for c in (x.entry.group or (x.entry.label,))))
+                cands[f] = [(c, 1.0 / len(labels)) for c in labels]
+                fields[f], conf[f], groups[f] = labels[0], round(m.score / len(labels), 4), None
+                continue
             if not m.entry.group:
                 fields[f], conf[f], cands[f], groups[f] = m.entry.label, round(m.score, 4), [(m.entry.label, 1.0)], None
                 continue
