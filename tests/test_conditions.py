@@ -198,7 +198,7 @@ def test_a_list_of_names_of_one_field_gives_each_of_them(resolver):
     r = resolver.resolve("macrophages in the lung, not in the liver")
     assert len(r.candidates["tissue_general"]) == 1
     # two names side by side are one name, not a list ("NK" and "lymphocyte", "goblet" and "epithelial cell")
-    assert [c for c, _ in resolver.resolve("NK lymphocyte from blood").candidates["cell_type"]] == ["natural killer cell"]
+    assert resolver.resolve("NK lymphocyte from blood").candidates["cell_type"] == [("natural killer cell", 1.0)]
 
 
 def test_structured_prompt(resolver):

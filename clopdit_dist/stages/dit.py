@@ -28,7 +28,8 @@ from ..data.stats import LIBRARY_KEYS
 from ..models.codec import load_codec
 from ..models.condition import field_banks, load_condition_encoder, mix_field_codes, shared_caption_bank
 from ..models.dit import DiTConfig, LatentDiT
-from ..models.flow import PRIOR_FIELDS, PRIOR_STATS, FlowConfig, GaussianPrior, SamplerConfig, flow_matching_loss, load_prior
+from ..models.flow import (PRIOR_FIELDS, PRIOR_STATS, FlowConfig, GaussianPrior, SamplerConfig, flow_matching_loss,
+                           load_prior)
 from ..run import RunDir
 from ..train.config import StageConfig
 from ..train.stage import Stage
@@ -115,11 +116,11 @@ class DiTStage(Stage):
 
     @torch.no_grad()
     def _statistics(self, run: RunDir) -> dict:
-        """Per-dimension latent mean/std; per cell type, and per condition, the Gaussians of its
-        standardised latents (the sources of ``flow.prior=cell_type`` and ``condition``); and per (cell_type, tissue_general, disease,
-        assay) the log library size (over the autoencoder's genes) and the mean latent (what a
-        disease shift is estimated from, :meth:`CellGenerator.disease_shift`), from up to
-        ``stats_cells`` cells."""
+        """Per-dimension latent mean/std; per cell type, and per condition, the Gaussians of the
+        standardised latents (the sources of ``flow.prior=cell_type`` and ``condition``); and per
+        (cell_type, tissue_general, disease, assay) the log library size (over the autoencoder's
+        genes) and the mean latent (what a disease shift is estimated from,
+        :meth:`CellGenerator.disease_shift`), from up to ``stats_cells`` cells."""
         loader = CellLoader(self.cfg.data.shards, LoaderConfig(
             split="train", genes=self.codec.genes, batch_size=1024, num_workers=0, resampled=False,
             fields=LIBRARY_KEYS), rank=0, world_size=1)
