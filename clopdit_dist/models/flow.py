@@ -108,10 +108,11 @@ class GaussianPrior:
             scale.append(type_scale)
             if len(fields) == 1:
                 continue
+            means = torch.stack([x[by_condition[v]].mean(0) for v in conds])
             own = [v for v in conds if len(by_condition[v]) >= min_cells]
             for v in own:
                 keys.append(v)
-                loc.append(x[by_condition[v]].mean(0))
+                loc.append(means[conds.index(v)])
                 scale.append(x[by_condition[v]].std(0).clamp_min(min_scale))
             seen = [sorted({v[j] for v in conds}, key=str) for j in range(1, len(fields))]
             terms = [(j, val) for j, vals in enumerate(seen, 1) for val in vals]
@@ -121,7 +122,6 @@ class GaussianPrior:
 
             design = torch.tensor([row(v) for v in conds])
             n = torch.tensor([float(len(by_condition[v])) for v in conds])
-            means = torch.stack([x[by_condition[v]].mean(0) for v in conds])
             ridge = torch.diag(torch.tensor([0.0] + [1.0] * len(terms)))
             coef = torch.linalg.solve(design.T @ (n[:, None] * design) + ridge, design.T @ (n[:, None] * means))
             for combo in itertools.product(*seen):
