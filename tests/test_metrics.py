@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from scipy import stats
+from scipy.spatial.distance import cdist
 
 from clopdit_dist.evaluate import metrics as M
 
@@ -178,6 +179,30 @@ def test_energy_distance_known_values_and_growth():
     assert M.energy_distance(real, real.copy()) == pytest.approx(0.0, abs=1e-9)
     values = [M.energy_distance(real, _gauss(200, 20, 9, shift=s)) for s in (0.0, 0.5, 1.0, 2.0)]
     assert all(a < b for a, b in pairwise(values)), values
+
+
+def test_unbiased_energy_is_centred_where_the_v_form_favours_less_spread():
+    x = _gauss(40, 3, 12)
+    y = _gauss(30, 3, 13, shift=0.4)
+    n, m = len(x), len(y)
+    # by hand: the within-set means over distinct pairs only
+    u = 2 * cdist(x, y).mean() - cdist(x, x).sum() / (n * (n - 1)) - cdist(y, y).sum() / (m * (m - 1))
+    assert M.energy_distance_unbiased(x, y) == pytest.approx(u, rel=1e-12)
+    assert M.energy_distance_unbiased(x, y) < M.energy_distance(x, y)
+    assert np.isnan(M.energy_distance_unbiased(x[:1], y))
+    # 15-point sets in 50-D (the size of a small fidelity half): against a reference drawn from N(0, I), V scores
+    # a sample of N(0, 0.8^2 I) better than a second sample of N(0, I); U puts the second sample at 0 on average
+    rng = np.random.default_rng(0)
+    same_u, same_v, narrow_u, narrow_v = [], [], [], []
+    for _ in range(200):
+        ref, twin, narrow = rng.normal(size=(15, 50)), rng.normal(size=(15, 50)), 0.8 * rng.normal(size=(15, 50))
+        same_u.append(M.energy_distance_unbiased(ref, twin))
+        same_v.append(M.energy_distance(ref, twin))
+        narrow_u.append(M.energy_distance_unbiased(ref, narrow))
+        narrow_v.append(M.energy_distance(ref, narrow))
+    assert abs(np.mean(same_u)) < 0.03 and np.mean(same_v) > 1.0
+    assert np.mean(narrow_v) < np.mean(same_v)
+    assert np.mean(narrow_u) > np.mean(same_u) + 0.05
 
 
 def test_wasserstein2_shift_is_exact_and_gaussians_near_analytic():

@@ -132,6 +132,7 @@ class HeldoutSet:
         out.update(M.prdc(ref_e, gen.embed, k=min(5, len(ref_e) - 1)))
         out["mmd"] = M.mmd_rbf(ref_e, gen.embed, self.bandwidths)
         out["energy"] = M.energy_distance(ref_e, gen.embed)
+        out["energy_u"] = M.energy_distance_unbiased(ref_e, gen.embed)
         out["w2"] = M.wasserstein2(ref_e, gen.embed)
         out["auc"] = M.classifier_auc(ref_e, gen.embed, k=min(15, len(ref_e) // 2))
         out["diversity"] = M.diversity_ratio(gen.embed, ref_e)
