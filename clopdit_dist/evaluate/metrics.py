@@ -12,8 +12,8 @@ Where the metrics live
   50-component PCA embedding of that expression (``embed``). Gene-level metrics
   (:func:`gene_moments`, :func:`correlation_distance`, :func:`de_concordance`) take ``expr``
   output; the distribution metrics (:func:`prdc`, :func:`mmd_rbf`, :func:`energy_distance`,
-  :func:`energy_distance_unbiased`, :func:`wasserstein2`, :func:`classifier_auc`, :func:`memorisation`, :func:`diversity`) and
-  :class:`KNNJudge` take ``embed`` output.
+  :func:`energy_distance_unbiased`, :func:`wasserstein2`, :func:`classifier_auc`,
+  :func:`memorisation`, :func:`diversity`) and :class:`KNNJudge` take ``embed`` output.
 - Parameters that set a scale (MMD bandwidths, the PCA) are computed once from real data and
   passed to every generator, so that numbers of different generators are comparable.
 
