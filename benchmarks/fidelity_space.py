@@ -14,7 +14,7 @@ two spaces, with both estimators:
   much out of sample as every generator;
 
 and per generator the macro (over conditions, mean over seeds) V energy, U energy
-(:func:`~clopdit_dist.evaluate.metrics.energy_distance_unbiased`) and diversity ratio to half A.
+(``energy_distance(..., unbiased=True)``) and diversity ratio to half A.
 The Gaussian is refitted in each space on the condition's training cells. Nothing here changes
 how ``clopdit evaluate`` scores.
 
@@ -84,7 +84,7 @@ def main() -> None:
                         embeds["gaussian"] = gauss.embed
                 for g, e in embeds.items():
                     per_seed.setdefault((space_name, g), [[] for _ in range(args.seeds)])[seed].append(
-                        {"energy": M.energy_distance(ref, e), "energy_u": M.energy_distance_unbiased(ref, e),
+                        {"energy": M.energy_distance(ref, e), "energy_u": M.energy_distance(ref, e, unbiased=True),
                          "diversity": M.diversity_ratio(e, ref)})
     results: list[dict] = []
     for (space_name, g), by_seed in per_seed.items():

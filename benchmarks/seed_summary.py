@@ -10,7 +10,7 @@ same way for every seed:
 * fidelity: held-out cells of training studies (``cells`` set, macro), the model against the
   per-condition Gaussian and the type mean + NB counts on MMD, energy, W2 (lower is better) and
   coverage; coverage over the real half's; beside them the real half, copies and the codec round
-  trip against the same Gaussian, and every generator's unbiased energy (``energy_u``, absolute);
+  trip against the same Gaussian, and every generator's unbiased energy and MMD (``energy_u``, ``mmd_u``, absolute);
 * generalisation: held-out studies, seen conditions, the model over copies of training cells;
 * diversity: decoded-mean diversity (already a ratio to real cells) beside the codec's own;
   coverage against the Gaussian's; AUC minus the copies' AUC;
@@ -85,11 +85,12 @@ def floors(metrics: dict, summary: dict) -> dict[str, dict]:
         for metric in LOWER_IS_BETTER:
             put(f"fidelity_{metric}_{base}_over_gaussian",
                 _ratio(_mean(C[base]["macro"], metric), _mean(C["gaussian"]["macro"], metric)), "(reference)")
-    # the unbiased (U-statistic) energy of every generator, absolute: it can be <= 0, so no ratio
-    for base in ("model_canonical", "real_half", "gaussian", "training_copies", "codec_roundtrip", "type_mean_nb"):
-        put(f"fidelity_energy_u_{base}", _mean(C[base]["macro"], "energy_u"), "(reference)")
-    for base in ("model_canonical", "real_half", "training_copies", "codec_roundtrip"):
-        put(f"generalisation_energy_u_{base}", _mean(S[base]["macro_seen"], "energy_u"), "(reference)")
+    # the unbiased (U-statistic) energy and MMD of every generator, absolute: they can be <= 0, so no ratio
+    for metric in ("energy_u", "mmd_u"):
+        for base in ("model_canonical", "real_half", "gaussian", "training_copies", "codec_roundtrip", "type_mean_nb"):
+            put(f"fidelity_{metric}_{base}", _mean(C[base]["macro"], metric), "(reference)")
+        for base in ("model_canonical", "real_half", "training_copies", "codec_roundtrip"):
+            put(f"generalisation_{metric}_{base}", _mean(S[base]["macro_seen"], metric), "(reference)")
     put("fidelity_coverage_over_real_half", _ratio(_mean(C["model_canonical"]["macro"], "coverage"),
                                                    _mean(C["real_half"]["macro"], "coverage")), ">= 0.8", lambda v: v >= 0.8)
     seen = "macro_seen"

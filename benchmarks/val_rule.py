@@ -25,7 +25,7 @@ from dataclasses import asdict, replace
 import yaml
 from _measure import emit
 
-KEEP = ("energy", "energy_u", "mmd", "w2", "coverage", "identity_cell_type", "identity_tissue_general",
+KEEP = ("energy", "energy_u", "mmd", "mmd_u", "w2", "coverage", "identity_cell_type", "identity_tissue_general",
         "identity_disease", "diversity_means")
 GENERATORS = ("real_half", "codec_roundtrip", "training_copies", "gaussian", "type_mean_nb", "model_canonical")
 

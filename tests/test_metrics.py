@@ -169,6 +169,24 @@ def test_mmd_known_values_and_growth():
     assert M.mmd_rbf(real, real[:50], bw) >= 0.0
 
 
+def test_unbiased_mmd_leaves_out_the_self_pairs_and_is_centred():
+    x, y, h = _gauss(12, 3, 21), _gauss(9, 3, 22, shift=0.5), [0.5, 2.0]
+
+    def k(a, b):
+        d2 = cdist(a, b, "sqeuclidean")
+        return sum(np.exp(-d2 / hi) for hi in h)
+
+    off = lambda m: (m.sum() - np.trace(m)) / (len(m) * (len(m) - 1))  # noqa: E731
+    want = off(k(x, x)) + off(k(y, y)) - 2 * k(x, y).mean()
+    assert M.mmd_rbf(x, y, h, unbiased=True) == pytest.approx(want, rel=1e-12)
+    assert np.isnan(M.mmd_rbf(x[:1], y, h, unbiased=True))
+    rng = np.random.default_rng(1)
+    draws = [(M.mmd_rbf(a, b, [50.0], unbiased=True), M.mmd_rbf(a, b, [50.0]))
+             for a, b in (rng.normal(size=(2, 15, 50)) for _ in range(200))]
+    u, v = np.mean(draws, axis=0)
+    assert abs(u) < 0.1 * v
+
+
 def test_energy_distance_known_values_and_growth():
     x = _gauss(300, 1, 6)
     y = _gauss(250, 1, 7, scale=1.5, shift=0.3)
@@ -187,18 +205,18 @@ def test_unbiased_energy_is_centred_where_the_v_form_favours_less_spread():
     n, m = len(x), len(y)
     # by hand: the within-set means over distinct pairs only
     u = 2 * cdist(x, y).mean() - cdist(x, x).sum() / (n * (n - 1)) - cdist(y, y).sum() / (m * (m - 1))
-    assert M.energy_distance_unbiased(x, y) == pytest.approx(u, rel=1e-12)
-    assert M.energy_distance_unbiased(x, y) < M.energy_distance(x, y)
-    assert np.isnan(M.energy_distance_unbiased(x[:1], y))
+    assert M.energy_distance(x, y, unbiased=True) == pytest.approx(u, rel=1e-12)
+    assert M.energy_distance(x, y, unbiased=True) < M.energy_distance(x, y)
+    assert np.isnan(M.energy_distance(x[:1], y, unbiased=True))
     # 15-point sets in 50-D (the size of a small fidelity half): against a reference drawn from N(0, I), V scores
     # a sample of N(0, 0.8^2 I) better than a second sample of N(0, I); U puts the second sample at 0 on average
     rng = np.random.default_rng(0)
     same_u, same_v, narrow_u, narrow_v = [], [], [], []
     for _ in range(200):
         ref, twin, narrow = rng.normal(size=(15, 50)), rng.normal(size=(15, 50)), 0.8 * rng.normal(size=(15, 50))
-        same_u.append(M.energy_distance_unbiased(ref, twin))
+        same_u.append(M.energy_distance(ref, twin, unbiased=True))
         same_v.append(M.energy_distance(ref, twin))
-        narrow_u.append(M.energy_distance_unbiased(ref, narrow))
+        narrow_u.append(M.energy_distance(ref, narrow, unbiased=True))
         narrow_v.append(M.energy_distance(ref, narrow))
     assert abs(np.mean(same_u)) < 0.03 and np.mean(same_v) > 1.0
     assert np.mean(narrow_v) < np.mean(same_v)

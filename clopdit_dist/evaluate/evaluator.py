@@ -131,8 +131,9 @@ class HeldoutSet:
             out[f"identity_{f}"], out[f"f1_{f}"] = ident["accuracy"], ident["macro_f1"]
         out.update(M.prdc(ref_e, gen.embed, k=min(5, len(ref_e) - 1)))
         out["mmd"] = M.mmd_rbf(ref_e, gen.embed, self.bandwidths)
+        out["mmd_u"] = M.mmd_rbf(ref_e, gen.embed, self.bandwidths, unbiased=True)
         out["energy"] = M.energy_distance(ref_e, gen.embed)
-        out["energy_u"] = M.energy_distance_unbiased(ref_e, gen.embed)
+        out["energy_u"] = M.energy_distance(ref_e, gen.embed, unbiased=True)
         out["w2"] = M.wasserstein2(ref_e, gen.embed)
         out["auc"] = M.classifier_auc(ref_e, gen.embed, k=min(15, len(ref_e) // 2))
         out["diversity"] = M.diversity_ratio(gen.embed, ref_e)

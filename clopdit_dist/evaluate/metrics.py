@@ -12,8 +12,8 @@ Where the metrics live
   50-component PCA embedding of that expression (``embed``). Gene-level metrics
   (:func:`gene_moments`, :func:`correlation_distance`, :func:`de_concordance`) take ``expr``
   output; the distribution metrics (:func:`prdc`, :func:`mmd_rbf`, :func:`energy_distance`,
-  :func:`energy_distance_unbiased`, :func:`wasserstein2`, :func:`classifier_auc`,
-  :func:`memorisation`, :func:`diversity`) and :class:`KNNJudge` take ``embed`` output.
+  :func:`wasserstein2`, :func:`classifier_auc`, :func:`memorisation`, :func:`diversity`) and
+  :class:`KNNJudge` take ``embed`` output.
 - Parameters that set a scale (MMD bandwidths, the PCA) are computed once from real data and
   passed to every generator, so that numbers of different generators are comparable.
 
@@ -36,7 +36,7 @@ from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 __all__ = [
     "log_cp10k", "EvalSpace", "KNNJudge", "prdc", "mmd_bandwidths", "mmd_rbf", "energy_distance",
-    "energy_distance_unbiased", "wasserstein2", "gene_moments", "correlation_distance", "classifier_auc",
+    "wasserstein2", "gene_moments", "correlation_distance", "classifier_auc",
     "de_concordance", "memorisation", "diversity", "diversity_ratio", "total_variation", "mean_ci",
 ]
 
@@ -302,7 +302,8 @@ def mmd_bandwidths(real, kernel_mul: float = 2.0, kernel_num: int = 5, max_point
     return s * kernel_mul ** (np.arange(kernel_num) - kernel_num // 2)
 
 
-def mmd_rbf(x, y, bandwidths: Sequence[float], max_points: int | None = 2000, seed: int = 0) -> float:
+def mmd_rbf(x, y, bandwidths: Sequence[float], max_points: int | None = 2000, seed: int = 0,
+            unbiased: bool = False) -> float:
     """Squared maximum mean discrepancy (Gretton et al. 2012, JMLR 13:723) with a sum of
     Gaussian kernels, BIASED (V-statistic) estimate:
 
@@ -314,7 +315,11 @@ def mmd_rbf(x, y, bandwidths: Sequence[float], max_points: int | None = 2000, se
     (theislab/CFGen ``cfgen/eval/distribution_distances.py``, ``biased=True``, with
     ``h_i = 2 sigma_i^2``); unlike both it accepts sets of different sizes. It is >= 0, and
     exactly 0 for identical sets; for two finite samples of one distribution it is O(1/n)
-    above 0.
+    above 0, and less so for a set with less spread (its k(y, y') are larger).
+
+    ``unbiased=True``: Gretton et al.'s MMD^2_u (their eq. 3), the within-set means over
+    distinct pairs only: 0 on average for two samples of one distribution (a draw may be
+    negative; nan for a set of one).
 
     Parameters
     ----------
@@ -333,43 +338,42 @@ def mmd_rbf(x, y, bandwidths: Sequence[float], max_points: int | None = 2000, se
         d2 = cdist(a, b, "sqeuclidean")
         return float(sum(np.exp(-d2 / hi).mean() for hi in h))  # one (n, m) matrix at a time
 
-    return max(kmean(x, x) + kmean(y, y) - 2.0 * kmean(x, y), 0.0)
+    if not unbiased:
+        return max(kmean(x, x) + kmean(y, y) - 2.0 * kmean(x, y), 0.0)
+    if len(x) < 2 or len(y) < 2:
+        return float("nan")
+
+    def kmean_distinct(a):  # the n diagonal terms are k(a, a) = len(h)
+        n = len(a)
+        return (kmean(a, a) * n * n - n * len(h)) / (n * (n - 1))
+
+    return kmean_distinct(x) + kmean_distinct(y) - 2.0 * kmean(x, y)
 
 
-def energy_distance(x, y, max_points: int | None = 2000, seed: int = 0) -> float:
+def energy_distance(x, y, max_points: int | None = 2000, seed: int = 0, unbiased: bool = False) -> float:
     """Energy distance (Székely & Rizzo 2013, "Energy statistics: a class of statistics based
     on distances", J. Stat. Plan. Inference 143:1249), multivariate, Euclidean norm:
 
         E(X, Y) = 2 E|X - Y| - E|X - X'| - E|Y - Y'|
 
-    estimated with V-statistics (means over all pairs, self-pairs included), so it is >= 0
-    and exactly 0 for identical sets. No square root: in one dimension this equals
-    ``scipy.stats.energy_distance(x, y) ** 2``. Sets larger than ``max_points`` are
-    subsampled (seeded).
+    By default estimated with V-statistics (means over all pairs, self-pairs included), so it
+    is >= 0 and exactly 0 for identical sets. No square root: in one dimension this equals
+    ``scipy.stats.energy_distance(x, y) ** 2``. Sets larger than ``max_points`` are subsampled
+    (seeded).
+
+    ``unbiased=True``: U-statistics, the within-set means over distinct pairs only (their
+    section 3), so two samples of one distribution score 0 on average (a single draw may be
+    negative; nan for a set of one). The V form adds about ``E|X - X'| / n + E|Y - Y'| / m``:
+    in small sets (the fidelity halves hold 15-100 cells) a generator with less spread than
+    real cells pays less of it. Both are reported; the floors were set on the V form.
     """
     rng = np.random.default_rng(seed)
     x, y = _subsample(_f64(x), max_points, rng), _subsample(_f64(y), max_points, rng)
-    e = 2.0 * cdist(x, y).mean() - cdist(x, x).mean() - cdist(y, y).mean()
-    return float(max(e, 0.0))
-
-
-def energy_distance_unbiased(x, y, max_points: int | None = 2000, seed: int = 0) -> float:
-    """Energy distance as :func:`energy_distance`, estimated with U-statistics: the within-set
-    means leave out the self-pairs (Székely & Rizzo 2013, section 3), so its expectation is
-    the population value and two samples of one distribution score 0 on average (a single
-    draw may be negative).
-
-    The V form adds about ``E|X - X'| / n + E|Y - Y'| / m``: small sets (the fidelity halves
-    hold 15–100 cells) pay a term that grows with their own spread, which favours a generator
-    with less spread than real cells. Both are reported; floors were set on the V form.
-    Needs at least 2 points per set (nan otherwise).
-    """
-    rng = np.random.default_rng(seed)
-    x, y = _subsample(_f64(x), max_points, rng), _subsample(_f64(y), max_points, rng)
-    n, m = len(x), len(y)
-    if n < 2 or m < 2:
+    if not unbiased:
+        return float(max(2.0 * cdist(x, y).mean() - cdist(x, x).mean() - cdist(y, y).mean(), 0.0))
+    if len(x) < 2 or len(y) < 2:
         return float("nan")
-    within = [pdist(a).sum() * 2.0 / (len(a) * (len(a) - 1)) for a in (x, y)]
+    within = [2.0 * pdist(a).sum() / (len(a) * (len(a) - 1)) for a in (x, y)]
     return float(2.0 * cdist(x, y).mean() - within[0] - within[1])
 
 
