@@ -8,6 +8,10 @@ at the guidance each chose, its energy is lower; (c) its val disease identity is
         --candidate 'sde_eta1=pr_s(\\d)/run:sde_eta1' --candidate 'p_null=pnull_s(\\d)/run' \\
         --out benchmarks/results/val_rule_judged.json
 
+``--energy energy_u`` reads the unbiased (U-statistic) energy in (a) and (b) instead of the V form: the
+rule from session 22 on (``val_rule_plan.md``, "Session 22"; the V form favours generators with less
+spread in the small val-cells halves).
+
 A spec is ``[NAME=]RUN_REGEX[:VARIANT]``: the regex's first group is the atlas seed; the variant
 defaults to ``run_sampler`` (the run's own sampler). Full-grid lines only (screens are skipped);
 where a (run, variant) was scored twice, the last line counts (files are read in the order given).
@@ -28,7 +32,7 @@ def parse(spec: str) -> tuple[str, re.Pattern, str]:
     return name or spec, re.compile(pattern), variant or "run_sampler"
 
 
-def collect(rows: list[dict], pattern: re.Pattern, variant: str) -> dict[int, dict]:
+def collect(rows: list[dict], pattern: re.Pattern, variant: str, energy: str = "energy") -> dict[int, dict]:
     out: dict[int, dict] = {}
     for r in rows:
         m = pattern.search(r["run"])
@@ -36,11 +40,11 @@ def collect(rows: list[dict], pattern: re.Pattern, variant: str) -> dict[int, di
             seed = int(m.group(1))
             entry = out.setdefault(seed, {})
             if r["set"] == "val_studies":
-                entry.update(guidance=r["chosen_guidance"], energy=r["energy"],
+                entry.update(guidance=r["chosen_guidance"], energy=r[energy],
                              identity_cell_type=r["identity_cell_type"], identity_disease=r["identity_disease"])
             elif r["set"] == "val_cells":
-                entry.update(cells_energy=r["model_canonical"]["energy"],
-                             cells_gaussian=r["gaussian"]["energy"])
+                entry.update(cells_energy=r["model_canonical"][energy],
+                             cells_gaussian=r["gaussian"][energy])
             elif r["new"].get("model_canonical"):  # val_studies_parts: reported beside the rule, not part of it
                 entry.update(new_combination_disease=r["new"]["model_canonical"]["identity_disease"])
     return {s: e for s, e in sorted(out.items()) if "energy" in e and "cells_energy" in e}
@@ -51,16 +55,18 @@ def main() -> None:
     p.add_argument("lines", nargs="+", help="val_rule.py output files, read in order")
     p.add_argument("--base", required=True)
     p.add_argument("--candidate", action="append", required=True)
+    p.add_argument("--energy", choices=("energy", "energy_u"), default="energy",
+                   help="the energy (a) and (b) read: the V form (session 15's rule) or the U form (session 22's)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     rows = [json.loads(line) for path in args.lines for line in open(path)]
-    base = collect(rows, *parse(args.base)[1:])
-    result = {"rule": "means over atlas seeds: (a) val energy <= 1.02 x base and cell-type identity >= base - 0.01; "
-                      "(b) val-cells energy < base; (c) val disease identity >= base - 0.02",
+    base = collect(rows, *parse(args.base)[1:], args.energy)
+    result = {"rule": f"means over atlas seeds: (a) val {args.energy} <= 1.02 x base and cell-type identity >= base - "
+                      f"0.01; (b) val-cells {args.energy} < base; (c) val disease identity >= base - 0.02",
               "base": {"spec": args.base, "per_seed": base}, "candidates": {}}
     for spec in args.candidate:
         name, pattern, variant = parse(spec)
-        cand = collect(rows, pattern, variant)
+        cand = collect(rows, pattern, variant, args.energy)
         seeds = sorted(set(cand) & set(base))
         mean = {k: {w: float(np.mean([src[s][k] for s in seeds])) for w, src in (("base", base), ("candidate", cand))}
                 for k in ("energy", "identity_cell_type", "identity_disease", "cells_energy")}
