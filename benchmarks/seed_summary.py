@@ -10,7 +10,8 @@ same way for every seed:
 * fidelity: held-out cells of training studies (``cells`` set, macro), the model against the
   per-condition Gaussian and the type mean + NB counts on MMD, energy, W2 (lower is better) and
   coverage; coverage over the real half's; beside them the real half, copies and the codec round
-  trip against the same Gaussian, and every generator's unbiased energy and MMD (``energy_u``, ``mmd_u``, absolute);
+  trip against the same Gaussian, and every generator's unbiased energy and MMD (``energy_u``,
+  ``mmd_u``, absolute);
 * generalisation: held-out studies, seen conditions, the model over copies of training cells;
 * diversity: decoded-mean diversity (already a ratio to real cells) beside the codec's own;
   coverage against the Gaussian's; AUC minus the copies' AUC;

@@ -36,8 +36,8 @@ from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 __all__ = [
     "log_cp10k", "EvalSpace", "KNNJudge", "prdc", "mmd_bandwidths", "mmd_rbf", "energy_distance",
-    "wasserstein2", "gene_moments", "correlation_distance", "classifier_auc",
-    "de_concordance", "memorisation", "diversity", "diversity_ratio", "total_variation", "mean_ci",
+    "wasserstein2", "gene_moments", "correlation_distance", "classifier_auc", "de_concordance",
+    "memorisation", "diversity", "diversity_ratio", "total_variation", "mean_ci",
 ]
 
 
