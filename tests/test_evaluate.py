@@ -7,8 +7,9 @@ import os
 import numpy as np
 
 from clopdit_dist.data.captions import CaptionBuilder, caption_corpus
-from clopdit_dist.evaluate.evaluator import EvalConfig, evaluate_run
+from clopdit_dist.evaluate.evaluator import EvalConfig, Evaluation, HeldoutSet, evaluate_run, read_cells
 from clopdit_dist.evaluate.prompts import heldout_sentences, tier_prompt
+from clopdit_dist.generate import CellGenerator
 
 META = {"cell_type": "CD8-positive, alpha-beta T cell", "tissue_general": "lung", "disease": "lung adenocarcinoma"}
 
@@ -49,9 +50,11 @@ def test_evaluate_writes_every_generator_metric_and_plot(pca_run, shards_dir, tm
     # a compared run goes through the same code: the same run compared with itself scores the same
     assert gens["model_again"]["macro"]["energy"]["mean"] == gens["model_canonical"]["macro"]["energy"]["mean"]
     for g, res in gens.items():
-        for key in ("identity_cell_type", "identity_tissue_general", "identity_disease", "coverage", "mmd", "energy",
-                    "w2", "auc", "diversity"):
+        for key in ("identity_cell_type", "identity_tissue_general", "identity_disease", "coverage", "mmd", "mmd_u",
+                    "energy", "energy_u", "w2", "auc", "diversity"):
             assert key in res["macro"], (g, key)
+    # the unbiased forms leave the self-pairs out: below the V forms, which count them as zero distances
+    assert gens["real_half"]["macro"]["energy_u"]["mean"] < gens["real_half"]["macro"]["energy"]["mean"]
     canon = gens["model_canonical"]["macro"]
     assert canon["energy"]["n"] == 2 and np.isfinite(canon["energy"]["lo"])  # two seeds, an interval
     assert gens["model_reworded"]["macro"]["energy"]["n"] == 1  # non-canonical tiers: tier_seeds=1
@@ -71,3 +74,22 @@ def test_evaluate_writes_every_generator_metric_and_plot(pca_run, shards_dir, tm
     for png in ("guidance_sweep.png", "umap.png", "per_condition_energy.png", "marker_dotplot.png"):
         assert os.path.getsize(os.path.join(out, png)) > 5000, png
         assert f"]({png})" in report
+
+
+def test_the_null_model_is_null_on_the_whole_path_whatever_the_guidance_interval(pca_run, shards_dir):
+    """At guidance 0 with guidance on t in [0, 0.35] only, the model's own cells get the prompt's condition
+    from t = 0.35 on; the ``unconditional`` reference must run the null branch on the whole path."""
+    cfg = EvalConfig(seeds=1, min_cells=12, max_cells=16, max_conditions=1, train_cells=2000, tiers=("canonical",),
+                     interval=(0.0, 0.35), report=False)
+    ev = Evaluation(CellGenerator.from_run(pca_run), shards_dir, cfg, progress=False)
+    hs = HeldoutSet("test", read_cells(shards_dir, "test", ev.genes, 2000), ev.train, ev.train_keys, cfg)
+    samplers, generate = [], ev.gen.generate
+
+    def recording_generate(prompts, **kw):
+        samplers.append(kw["sampler"])
+        return generate(prompts, **kw)
+
+    ev.gen.generate = recording_generate
+    res = ev.run_set(hs, 0.0, 1, ("canonical",))
+    assert {"unconditional", "model_canonical"} <= set(res)
+    assert [(s.guidance, tuple(s.interval)) for s in samplers] == [(0.0, (0.0, 0.35)), (0.0, (0.0, 1.0))]

@@ -189,12 +189,14 @@ class Evaluation:
 
     # ---------------------------------------------------------------- generation
     def model_cells(self, hs: HeldoutSet, prompts: list[str], sizes: list[int], guidance: float,
-                    seed: int, gen: CellGenerator | None = None) -> list[CellSet]:
+                    seed: int, gen: CellGenerator | None = None,
+                    interval: tuple[float, float] | None = None) -> list[CellSet]:
         """A model's cells (this run's, or ``gen``'s) for several prompts in one batched run:
-        ``sizes[i]`` cells of ``prompts[i]``."""
+        ``sizes[i]`` cells of ``prompts[i]``; ``interval`` replaces the sampler's guidance interval."""
         own = gen is None or gen is self.gen
         gen = gen or self.gen
-        sampler = sampler_from(self.sampler if own else gen.default_sampler, steps=self.cfg.steps, guidance=guidance)
+        sampler = sampler_from(self.sampler if own else gen.default_sampler, steps=self.cfg.steps, guidance=guidance,
+                               interval=interval)
         adata = gen.generate(prompts, n=sizes, sampler=sampler, seed=seed, strict=False)  # unresolved: marginal
         counts = adata.X.toarray().astype(np.float32)
         z = torch.from_numpy(np.asarray(adata.obsm["X_latent"]))
@@ -235,7 +237,9 @@ class Evaluation:
                                                               guidance, seed)
             if with_baselines:
                 canonical = [tier_prompt(m, "canonical") for m in conds]
-                model["unconditional"] = self.model_cells(hs, canonical, sizes, 0.0, seed)
+                # the null model: guidance 0 on the whole path. Inside a guidance interval alone (the default
+                # sampler's) guidance 0 is the null branch up to the interval's end and the prompt after it.
+                model["unconditional"] = self.model_cells(hs, canonical, sizes, 0.0, seed, interval=(0.0, 1.0))
                 for name, other in self.compare.items():
                     model[f"model_{name}"] = self.model_cells(hs, canonical, sizes, guidance, seed, other)
             for i, (meta, (a_idx, b_idx)) in enumerate(zip(conds, halves)):

@@ -13,8 +13,9 @@ import numpy as np
 
 TABLE_METRICS = (("identity_cell_type", "type id", "↑"), ("identity_tissue_general", "tissue id", "↑"),
                  ("identity_disease", "disease id", "↑"), ("coverage", "coverage", "↑"),
-                 ("precision", "precision", "↑"), ("mmd", "RBF MMD", "↓"), ("energy", "energy", "↓"),
-                 ("w2", "W2", "↓"), ("auc", "real/gen AUC", "→0.5"), ("diversity", "diversity", "→1"),
+                 ("precision", "precision", "↑"), ("mmd", "RBF MMD", "↓"), ("mmd_u", "MMD (unbiased)", "↓"),
+                 ("energy", "energy", "↓"), ("energy_u", "energy (unbiased)", "↓"), ("w2", "W2", "↓"),
+                 ("auc", "real/gen AUC", "→0.5"), ("diversity", "diversity", "→1"),
                  ("diversity_means", "decoded-mean diversity", "→codec"),
                  ("gene_mean_r2", "gene mean R²", "↑"), ("de_logfc_pearson", "DE logFC r", "↑"),
                  ("memorisation_ratio", "NN-dist ratio", "→1"))
