@@ -219,3 +219,18 @@ def test_obs_reads_labels_as_categories_with_the_same_values(atlas_dir, buffer_b
     pd.testing.assert_frame_equal(obs.astype({c: object for c in labels}), plain)
     assert all(obs[c].cat.codes.dtype.itemsize == 1 for c in labels)  # a byte per label, not an 8-byte pointer
     assert (len(batches) > 3) == bool(buffer_bytes)
+
+
+def test_the_atlas_gives_each_cells_true_mean_beside_the_same_counts():
+    atlas = SyntheticAtlas(SynthConfig(n_cells=3000, n_genes=600, seed=5))
+    obs, X = atlas.sample(0, 2048)
+    obs2, X2, mu = atlas.sample(0, 2048, with_means=True)
+    assert (X != X2).nnz == 0 and obs.equals(obs2)  # the means cost no draw: the same cells
+    assert mu.shape == X.shape and (mu > 0).all()
+    # the counts were drawn around these means: NB(mu, theta) has mean mu and variance mu + mu^2 / theta
+    x = X.toarray()
+    resid = (x - mu) / np.sqrt(mu + mu**2 / atlas.theta)
+    assert abs(resid.mean()) < 0.01 and abs(resid.var() - 1) < 0.05
+    # and not around another cell's means
+    shuffled = (x - mu[::-1]) / np.sqrt(mu[::-1] + mu[::-1] ** 2 / atlas.theta)
+    assert shuffled.var() > 1.5

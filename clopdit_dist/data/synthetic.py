@@ -213,8 +213,11 @@ class SyntheticAtlas:
             "dataset_h5ad_path": f"{s.dataset_id}.h5ad", "dataset_total_cell_count": s.n_cells} for s in self.studies])
 
     # ------------------------------------------------------------------ cells
-    def sample(self, start: int, n: int) -> tuple[pd.DataFrame, sp.csr_matrix]:
-        """Cells ``start .. start+n`` of the atlas (each chunk has its own RNG stream)."""
+    def sample(self, start: int, n: int, with_means: bool = False):
+        """Cells ``start .. start+n`` of the atlas (each chunk has its own RNG stream): ``(obs, counts)``,
+        and with ``with_means`` also each cell's true NB mean ``mu`` (n, genes), the mean its counts
+        were drawn around at inverse dispersion ``self.theta`` (a perfect generator's target; the
+        counts are the same either way). ``start`` must be a chunk start for the written atlas's cells."""
         rng = np.random.default_rng([self.cfg.seed, 2, start])
         G = self.cfg.n_genes
         cell = np.arange(start, start + n)
@@ -234,6 +237,8 @@ class SyntheticAtlas:
         lam = rng.standard_gamma(np.broadcast_to(self.theta, mu.shape), dtype=np.float32)
         lam *= mu / self.theta
         counts = rng.poisson(lam).astype(np.float32)
+        if with_means:
+            return obs, sp.csr_matrix(counts), mu
         return obs, sp.csr_matrix(counts)
 
     def _sample_study(self, rng, si: int, n: int):

@@ -1,0 +1,131 @@
+"""What a perfect generator scores in ``clopdit evaluate``'s fidelity comparison.
+
+On the embedded synthetic atlas every cell's true NB mean is known (``SyntheticAtlas.sample(...,
+with_means=True)``), so the atlas's own generative process can be scored as a generator: for each
+held-out cell of half B, fresh counts drawn around its true mean (scaled to its observed library,
+as the codec round trip uses it) at the atlas's true inverse dispersion. No generator can do
+better than that in expectation; it is what "realistic" means here. Scored beside the
+evaluator's own baselines, drawn with the evaluator's own seeds (so their rows reproduce
+``metrics.json``), by ``HeldoutSet.score``, on the held-out cells of training studies
+(``<split>_cells``: the fidelity floors' set):
+
+* ``oracle``: true means, true dispersion (its ``diversity_means``, from the true means, is the
+  most a generator's decoded means can show);
+* ``oracle_codec_theta``: true means, the codec's dispersion: what the codec's dispersion costs;
+* ``codec_true_theta``: the codec's decoded means of the real half (the round trip) at the true
+  dispersion: what the codec's means cost;
+* the evaluator's ``real_half``, ``codec_roundtrip``, ``training_copies``, ``gaussian``,
+  ``type_mean_nb``.
+
+One line per generator: the macro over conditions, mean and 95% interval over the evaluation seeds,
+and ``*_over_gaussian`` (energy, MMD, W2: the floors' ratio, mean over seeds over the Gaussian's).
+One more line compares the codec's per-gene dispersion with the atlas's. The run's DiT is not
+sampled (its numbers are in the run's ``metrics.json``).
+
+    python benchmarks/oracle_fidelity.py --run RUN --shards SHARDS --atlas-seed 0 --name s0 \\
+        --out benchmarks/results/oracle_fidelity.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from _measure import emit
+
+KEEP = ("energy", "energy_u", "mmd", "mmd_u", "w2", "coverage", "diversity", "diversity_means",
+        "memorisation_ratio", "identity_cell_type", "identity_tissue_general", "identity_disease")
+
+
+def true_means(atlas, joinids: np.ndarray, genes: list[str], counts: np.ndarray) -> np.ndarray:
+    """Each cell's true NB mean over ``genes``, regenerated from its atlas chunk; the regenerated counts
+    must equal ``counts`` (the shards' copy), which checks that the means belong to these very cells."""
+    ids = atlas.var["feature_id"].tolist()
+    col = np.array([ids.index(g) for g in genes])
+    size = atlas.cfg.chunk_size
+    out = np.empty((len(joinids), len(genes)), np.float32)
+    for start in np.unique(joinids // size * size):
+        n = min(size, atlas.cfg.n_cells - int(start))
+        _, X, mu = atlas.sample(int(start), n, with_means=True)
+        rows = np.flatnonzero(joinids // size * size == start)
+        local = joinids[rows] - start
+        if not np.array_equal(X[local][:, col].toarray(), counts[rows]):
+            raise SystemExit(f"the atlas (seed {atlas.cfg.seed}, {atlas.cfg.n_cells} cells) does not reproduce the "
+                             "shards' counts: pass the --atlas-seed and --atlas-cells the shards were built from")
+        out[rows] = mu[local][:, col]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True)
+    p.add_argument("--shards", required=True, help="shards built from the embedded atlas of --atlas-seed")
+    p.add_argument("--atlas-seed", type=int, required=True)
+    p.add_argument("--atlas-cells", type=int, default=20_000)
+    p.add_argument("--split", default="test")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--name", required=True)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    from clopdit_dist.data.loader import iter_split
+    from clopdit_dist.data.synthetic import SynthConfig, SyntheticAtlas
+    from clopdit_dist.evaluate import metrics as M
+    from clopdit_dist.evaluate.baselines import CellSet
+    from clopdit_dist.evaluate.evaluator import EvalConfig, Evaluation, HeldoutSet, _macro, read_cells
+    from clopdit_dist.generate import CellGenerator
+    from clopdit_dist.models.autoencoder import nb_sample
+
+    cfg = EvalConfig(split=args.split, seeds=args.seeds, report=False)  # the evaluator's defaults
+    ev = Evaluation(CellGenerator.from_run(args.run), args.shards, cfg, progress=False)
+    split = f"{args.split}_cells"
+    real = read_cells(args.shards, split, ev.genes, 20_000)
+    joinids = np.concatenate([b["soma_joinid"].numpy() for b in iter_split(
+        args.shards, split, ev.genes, 20_000, batch_size=2048)])[: len(real.counts)]
+    atlas = SyntheticAtlas(SynthConfig(n_cells=args.atlas_cells, seed=args.atlas_seed))
+    mu_true = true_means(atlas, joinids, ev.genes, real.counts)
+    col = [atlas.var["feature_id"].tolist().index(g) for g in ev.genes]
+    theta_true = torch.from_numpy(atlas.theta[col].copy())
+    theta_codec = torch.from_numpy(ev.theta)
+    hs = HeldoutSet("cells", real, ev.train, ev.train_keys, cfg)
+
+    def drawn(mu: torch.Tensor, theta: torch.Tensor, g: torch.Generator, mean_embed=None) -> CellSet:
+        return CellSet.from_counts(hs.space, nb_sample(mu, theta.expand_as(mu), g).numpy(), mean_embed=mean_embed)
+
+    per_seed: dict[str, list[list[dict]]] = {}
+    for seed in range(args.seeds):
+        for i, meta in enumerate(hs.conditions):
+            a, b = hs.halves(meta, seed)
+            sets = ev.baselines(hs, meta, b, len(b), np.random.default_rng([seed, 17, i]))
+            x = torch.from_numpy(real.counts[b])
+            lib = x.sum(-1, keepdim=True)
+            mu = torch.from_numpy(mu_true[b])
+            mu = mu / mu.sum(-1, keepdim=True) * lib
+            with torch.no_grad():
+                mu_codec = ev.codec.decode(ev.codec.encode(x), lib[:, 0])["mu"]
+            g = torch.Generator().manual_seed(int(np.random.default_rng([seed, 23, i]).integers(2**31)))
+            sets["oracle"] = drawn(mu, theta_true, g, mean_embed=hs.space.embed(mu.numpy()))
+            sets["oracle_codec_theta"] = drawn(mu, theta_codec, g)
+            sets["codec_true_theta"] = drawn(mu_codec, theta_true, g, mean_embed=hs.space.embed(mu_codec.numpy()))
+            for name, cs in sets.items():
+                if cs is not None:
+                    per_seed.setdefault(name, [[] for _ in range(args.seeds)])[seed].append(
+                        hs.score(meta, a, cs, memorisation=True))
+    macros = {name: [_macro(rows) for rows in by_seed if rows] for name, by_seed in per_seed.items()}
+    gauss = {k: np.mean([m[k] for m in macros["gaussian"]]) for k in ("energy", "mmd", "w2")}
+    results: list[dict] = []
+    for name, ms in macros.items():
+        row = {k: M.mean_ci([m.get(k, np.nan) for m in ms]) for k in KEEP if any(k in m for m in ms)}
+        ratios = {f"{k}_over_gaussian": float(np.mean([m[k] for m in ms]) / gauss[k]) for k in gauss}
+        emit(args.out, results, bench="oracle_fidelity", name=args.name, run=args.run, split=split,
+             atlas_seed=args.atlas_seed, generator=name, conditions=len(hs.conditions), seeds=args.seeds,
+             **ratios, **row)
+    ratio = (theta_codec / theta_true).numpy()
+    emit(args.out, results, bench="oracle_fidelity_dispersion", name=args.name, run=args.run,
+         atlas_seed=args.atlas_seed, genes=len(ratio), clipped=int((theta_codec >= 9999).sum()),
+         **{f"codec_over_true_q{q}": float(np.quantile(ratio, q / 100)) for q in (10, 25, 50, 75, 90)})
+
+
+if __name__ == "__main__":
+    main()
