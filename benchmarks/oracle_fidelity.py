@@ -7,7 +7,9 @@ as the codec round trip uses it) at the atlas's true inverse dispersion. No gene
 better than that in expectation; it is what "realistic" means here. Scored beside the
 evaluator's own baselines, drawn with the evaluator's own seeds (so their rows reproduce
 ``metrics.json``), by ``HeldoutSet.score``, on the held-out cells of training studies
-(``<split>_cells``: the fidelity floors' set):
+(``--set cells``, ``<split>_cells``: the fidelity and cells-memorisation floors' set) or on the
+conditions of held-out studies that training studies also have (``--set studies``: the
+generalisation, decoded-mean diversity and studies-memorisation floors' set):
 
 * ``oracle``: true means, true dispersion (its ``diversity_means``, from the true means, is the
   most a generator's decoded means can show);
@@ -18,7 +20,8 @@ evaluator's own baselines, drawn with the evaluator's own seeds (so their rows r
   ``type_mean_nb``.
 
 One line per generator: the macro over conditions, mean and 95% interval over the evaluation seeds,
-and ``*_over_gaussian`` (energy, MMD, W2: the floors' ratio, mean over seeds over the Gaussian's).
+and ``*_over_gaussian`` / ``*_over_copies`` (energy, MMD, W2: the floors' ratios, mean over seeds over the
+Gaussian's or the training copies').
 One more line compares the codec's per-gene dispersion with the atlas's. The run's DiT is not
 sampled (its numbers are in the run's ``metrics.json``).
 
@@ -64,6 +67,7 @@ def main() -> None:
     p.add_argument("--atlas-seed", type=int, required=True)
     p.add_argument("--atlas-cells", type=int, default=20_000)
     p.add_argument("--split", default="test")
+    p.add_argument("--set", choices=("cells", "studies"), default="cells")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--name", required=True)
     p.add_argument("--out", default=None)
@@ -79,7 +83,7 @@ def main() -> None:
 
     cfg = EvalConfig(split=args.split, seeds=args.seeds, report=False)  # the evaluator's defaults
     ev = Evaluation(CellGenerator.from_run(args.run), args.shards, cfg, progress=False)
-    split = f"{args.split}_cells"
+    split = f"{args.split}_cells" if args.set == "cells" else args.split
     real = read_cells(args.shards, split, ev.genes, 20_000)
     joinids = np.concatenate([b["soma_joinid"].numpy() for b in iter_split(
         args.shards, split, ev.genes, 20_000, batch_size=2048)])[: len(real.counts)]
@@ -88,14 +92,17 @@ def main() -> None:
     col = [atlas.var["feature_id"].tolist().index(g) for g in ev.genes]
     theta_true = torch.from_numpy(atlas.theta[col].copy())
     theta_codec = torch.from_numpy(ev.theta)
-    hs = HeldoutSet("cells", real, ev.train, ev.train_keys, cfg)
+    hs = HeldoutSet(args.set, real, ev.train, ev.train_keys, cfg)
+    seen = [m for m in hs.conditions if not m["novel"]]  # the baselines need training cells
 
     def drawn(mu: torch.Tensor, theta: torch.Tensor, g: torch.Generator, mean_embed=None) -> CellSet:
         return CellSet.from_counts(hs.space, nb_sample(mu, theta.expand_as(mu), g).numpy(), mean_embed=mean_embed)
 
     per_seed: dict[str, list[list[dict]]] = {}
     for seed in range(args.seeds):
-        for i, meta in enumerate(hs.conditions):
+        for i, meta in enumerate(hs.conditions):  # the evaluator's index i, so its draws are the same
+            if meta["novel"]:
+                continue
             a, b = hs.halves(meta, seed)
             sets = ev.baselines(hs, meta, b, len(b), np.random.default_rng([seed, 17, i]))
             x = torch.from_numpy(real.counts[b])
@@ -113,13 +120,15 @@ def main() -> None:
                     per_seed.setdefault(name, [[] for _ in range(args.seeds)])[seed].append(
                         hs.score(meta, a, cs, memorisation=True))
     macros = {name: [_macro(rows) for rows in by_seed if rows] for name, by_seed in per_seed.items()}
-    gauss = {k: np.mean([m[k] for m in macros["gaussian"]]) for k in ("energy", "mmd", "w2")}
+    refs = {base: {k: np.mean([m[k] for m in macros[name]]) for k in ("energy", "mmd", "w2")}
+            for base, name in (("gaussian", "gaussian"), ("copies", "training_copies"))}
     results: list[dict] = []
     for name, ms in macros.items():
         row = {k: M.mean_ci([m.get(k, np.nan) for m in ms]) for k in KEEP if any(k in m for m in ms)}
-        ratios = {f"{k}_over_gaussian": float(np.mean([m[k] for m in ms]) / gauss[k]) for k in gauss}
-        emit(args.out, results, bench="oracle_fidelity", name=args.name, run=args.run, split=split,
-             atlas_seed=args.atlas_seed, generator=name, conditions=len(hs.conditions), seeds=args.seeds,
+        ratios = {f"{k}_over_{base}": float(np.mean([m[k] for m in ms]) / ref[k])
+                  for base, ref in refs.items() for k in ref}
+        emit(args.out, results, bench="oracle_fidelity", name=args.name, run=args.run, set=args.set, split=split,
+             atlas_seed=args.atlas_seed, generator=name, conditions=len(seen), seeds=args.seeds,
              **ratios, **row)
     ratio = (theta_codec / theta_true).numpy()
     emit(args.out, results, bench="oracle_fidelity_dispersion", name=args.name, run=args.run,
