@@ -315,3 +315,32 @@ def test_nb_theta_by_moments_recovers_the_inverse_dispersion_of_nb_draws():
     assert ((est - theta).abs() / theta).max() < 0.1
     poisson = torch.poisson(mu, generator=g)  # no excess variance: clipped to the upper bound
     assert nb_theta_by_moments(poisson, mu).median() > 50
+
+
+def test_thinned_moments_compare_one_half_of_each_cell_with_the_mean_decoded_from_the_other(shards_dir):
+    """``dispersion=thinned``: binomial thinning keeps an NB's inverse dispersion (x2 ~ NB(mu / 2, theta)), and
+    the ae stage compares each cell's half x2 with the mean the autoencoder decodes from the other half."""
+    from clopdit_dist.data.loader import iter_split
+    from clopdit_dist.stages.ae import AEStage, AEStageConfig
+    from clopdit_dist.train.config import DataConfig
+
+    g = torch.Generator().manual_seed(0)
+    mu = torch.linspace(2.0, 20.0, 40).expand(20_000, 40)
+    theta = torch.linspace(0.5, 5.0, 40)
+    x = nb_sample(mu, theta.expand_as(mu), g)
+    x2 = x - torch.binomial(x, torch.full_like(x, 0.5), generator=g)
+    assert ((nb_theta_by_moments(x2, mu / 2) - theta).abs() / theta).max() < 0.12
+
+    stage = AEStage(AEStageConfig(model=AEConfig(n_genes=200, latent_tokens=2, token_dim=8, hidden=(32,)),
+                                  data=DataConfig(shards=shards_dir, genes="hvg:200"), dispersion="thinned"))
+    model = stage.build_model().eval()
+    counts = torch.cat([b["counts"] for b in iter_split(shards_dir, "train", "hvg:200", 300, batch_size=2048)])
+    with torch.no_grad():
+        (half, params), = list(stage._round_trips(model, "train", 300, batch_size=2048,
+                                                  thin=torch.Generator().manual_seed(1)))
+        other = counts - half
+        assert (half >= 0).all() and (other >= 0).all() and 0.45 < half.sum() / counts.sum() < 0.55
+        torch.testing.assert_close(params["mu"], model.decode(model.encode(other), half.sum(-1))["mu"])
+        state = model.state_dict()
+        thinned, own = stage.moment_dispersion(state, thinned=True), stage.moment_dispersion(state)
+    assert thinned.shape == (200,) and torch.isfinite(thinned).all() and not torch.equal(thinned, own)
