@@ -8,19 +8,26 @@ better than that in expectation; it is what "realistic" means here. Scored besid
 evaluator's own baselines, drawn with the evaluator's own seeds (so their rows reproduce
 ``metrics.json``), by ``HeldoutSet.score``, on the held-out cells of training studies
 (``--set cells``, ``<split>_cells``: the fidelity and cells-memorisation floors' set) or on the
-conditions of held-out studies that training studies also have (``--set studies``: the
-generalisation, decoded-mean diversity and studies-memorisation floors' set):
+held-out studies (``--set studies``: the identity, generalisation, decoded-mean diversity and
+studies-memorisation floors' set):
 
 * ``oracle``: true means, true dispersion (its ``diversity_means``, from the true means, is the
   most a generator's decoded means can show);
+* ``oracle_training_batch``: the same with each cell's own study batch and donor effect
+  (``SyntheticAtlas.study_effects``) replaced by the training studies' average: the perfect generator
+  that knows a cell's labels but not its study, which is what a generator conditioned on cell type,
+  tissue and disease can know of a held-out study (its tissue and disease identity there is what such
+  a generator can reach);
 * ``oracle_codec_theta``: true means, the codec's dispersion: what the codec's dispersion costs;
 * ``codec_true_theta``: the codec's decoded means of the real half (the round trip) at the true
   dispersion: what the codec's means cost;
 * the evaluator's ``real_half``, ``codec_roundtrip``, ``training_copies``, ``gaussian``,
   ``type_mean_nb``.
 
-One line per generator: the macro over conditions, mean and 95% interval over the evaluation seeds,
-and ``*_over_gaussian`` / ``*_over_copies`` (energy, MMD, W2: the floors' ratios, mean over seeds over the
+One line per generator and part (``seen``: the conditions some training study has; ``all``: every
+condition, as the identity floors read it, without the copies and the Gaussian where some have no
+training cells): the macro over conditions, mean and 95% interval over the evaluation seeds, and
+``*_over_gaussian`` / ``*_over_copies`` (energy, MMD, W2: the floors' ratios, mean over seeds over the
 Gaussian's or the training copies').
 One more line compares the codec's per-gene dispersion with the atlas's. The run's DiT is not
 sampled (its numbers are in the run's ``metrics.json``).
@@ -41,23 +48,31 @@ KEEP = ("energy", "energy_u", "mmd", "mmd_u", "w2", "coverage", "diversity", "di
         "memorisation_ratio", "identity_cell_type", "identity_tissue_general", "identity_disease")
 
 
-def true_means(atlas, joinids: np.ndarray, genes: list[str], counts: np.ndarray) -> np.ndarray:
-    """Each cell's true NB mean over ``genes``, regenerated from its atlas chunk; the regenerated counts
-    must equal ``counts`` (the shards' copy), which checks that the means belong to these very cells."""
+def true_means(atlas, joinids: np.ndarray, genes: list[str], counts: np.ndarray,
+               train_studies: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Each cell's true NB mean over ``genes``, regenerated from its atlas chunk, and the same mean with the
+    cell's study and donor effects replaced by the training studies' average; the regenerated counts must
+    equal ``counts`` (the shards' copy), which checks that the means belong to these very cells."""
     ids = atlas.var["feature_id"].tolist()
     col = np.array([ids.index(g) for g in genes])
     size = atlas.cfg.chunk_size
+    train = [i for i, s in enumerate(atlas.studies) if s.dataset_id in set(train_studies)]
+    average = np.mean([atlas.study_batch[i] + atlas.donor_effect[i].mean(0) for i in train], axis=0)
     out = np.empty((len(joinids), len(genes)), np.float32)
+    batch_free = np.empty_like(out)
     for start in np.unique(joinids // size * size):
         n = min(size, atlas.cfg.n_cells - int(start))
-        _, X, mu = atlas.sample(int(start), n, with_means=True)
+        obs, X, mu = atlas.sample(int(start), n, with_means=True)
         rows = np.flatnonzero(joinids // size * size == start)
         local = joinids[rows] - start
         if not np.array_equal(X[local][:, col].toarray(), counts[rows]):
             raise SystemExit(f"the atlas (seed {atlas.cfg.seed}, {atlas.cfg.n_cells} cells) does not reproduce the "
                              "shards' counts: pass the --atlas-seed and --atlas-cells the shards were built from")
         out[rows] = mu[local][:, col]
-    return out
+        logit = np.log(mu[local]) - atlas.study_effects(obs.iloc[local]) + average  # softmax: shift-free
+        logit -= logit.max(axis=1, keepdims=True)
+        batch_free[rows] = (np.exp(logit) / np.exp(logit).sum(axis=1, keepdims=True))[:, col]
+    return out, batch_free
 
 
 def main() -> None:
@@ -88,12 +103,14 @@ def main() -> None:
     joinids = np.concatenate([b["soma_joinid"].numpy() for b in iter_split(
         args.shards, split, ev.genes, 20_000, batch_size=2048)])[: len(real.counts)]
     atlas = SyntheticAtlas(SynthConfig(n_cells=args.atlas_cells, seed=args.atlas_seed))
-    mu_true = true_means(atlas, joinids, ev.genes, real.counts)
+    from clopdit_dist.data.manifest import Manifest
+
+    mu_true, p_batch_free = true_means(atlas, joinids, ev.genes, real.counts,
+                                       Manifest.load(args.shards).studies("train"))
     col = [atlas.var["feature_id"].tolist().index(g) for g in ev.genes]
     theta_true = torch.from_numpy(atlas.theta[col].copy())
     theta_codec = torch.from_numpy(ev.theta)
     hs = HeldoutSet(args.set, real, ev.train, ev.train_keys, cfg)
-    seen = [m for m in hs.conditions if not m["novel"]]  # the baselines need training cells
 
     def drawn(mu: torch.Tensor, theta: torch.Tensor, g: torch.Generator, mean_embed=None) -> CellSet:
         return CellSet.from_counts(hs.space, nb_sample(mu, theta.expand_as(mu), g).numpy(), mean_embed=mean_embed)
@@ -101,8 +118,6 @@ def main() -> None:
     per_seed: dict[str, list[list[dict]]] = {}
     for seed in range(args.seeds):
         for i, meta in enumerate(hs.conditions):  # the evaluator's index i, so its draws are the same
-            if meta["novel"]:
-                continue
             a, b = hs.halves(meta, seed)
             sets = ev.baselines(hs, meta, b, len(b), np.random.default_rng([seed, 17, i]))
             x = torch.from_numpy(real.counts[b])
@@ -115,21 +130,30 @@ def main() -> None:
             sets["oracle"] = drawn(mu, theta_true, g, mean_embed=hs.space.embed(mu.numpy()))
             sets["oracle_codec_theta"] = drawn(mu, theta_codec, g)
             sets["codec_true_theta"] = drawn(mu_codec, theta_true, g, mean_embed=hs.space.embed(mu_codec.numpy()))
+            p_bf = torch.from_numpy(p_batch_free[b])
+            sets["oracle_training_batch"] = drawn(p_bf / p_bf.sum(-1, keepdim=True) * lib, theta_true, g)
             for name, cs in sets.items():
                 if cs is not None:
                     per_seed.setdefault(name, [[] for _ in range(args.seeds)])[seed].append(
-                        hs.score(meta, a, cs, memorisation=True))
-    macros = {name: [_macro(rows) for rows in by_seed if rows] for name, by_seed in per_seed.items()}
-    refs = {base: {k: np.mean([m[k] for m in macros[name]]) for k in ("energy", "mmd", "w2")}
-            for base, name in (("gaussian", "gaussian"), ("copies", "training_copies"))}
+                        {"novel": meta["novel"], **hs.score(meta, a, cs, memorisation=True)})
+    # "seen": the conditions some training study has (the floors' ratios); "all": every condition, as the identity
+    # floors read it, for the generators that have cells for every one (not the copies and the Gaussian where some
+    # combination has no training cells)
     results: list[dict] = []
-    for name, ms in macros.items():
-        row = {k: M.mean_ci([m.get(k, np.nan) for m in ms]) for k in KEEP if any(k in m for m in ms)}
-        ratios = {f"{k}_over_{base}": float(np.mean([m[k] for m in ms]) / ref[k])
-                  for base, ref in refs.items() for k in ref}
-        emit(args.out, results, bench="oracle_fidelity", name=args.name, run=args.run, set=args.set, split=split,
-             atlas_seed=args.atlas_seed, generator=name, conditions=len(seen), seeds=args.seeds,
-             **ratios, **row)
+    any_novel = any(m["novel"] for m in hs.conditions)
+    for part, keep in (("seen", lambda r: not r["novel"]), ("all", lambda r: True)):
+        names = [n for n in per_seed if part == "seen" or not (any_novel and n in ("training_copies", "gaussian"))]
+        macros = {n: [_macro([r for r in rows if keep(r)]) for rows in per_seed[n] if any(keep(r) for r in rows)]
+                  for n in names}
+        refs = {base: {k: np.mean([m[k] for m in macros[name]]) for k in ("energy", "mmd", "w2")}
+                for base, name in (("gaussian", "gaussian"), ("copies", "training_copies")) if name in macros}
+        for name, ms in macros.items():
+            row = {k: M.mean_ci([m.get(k, np.nan) for m in ms]) for k in KEEP if any(k in m for m in ms)}
+            ratios = {f"{k}_over_{base}": float(np.mean([m[k] for m in ms]) / ref[k])
+                      for base, ref in refs.items() for k in ref}
+            emit(args.out, results, bench="oracle_fidelity", name=args.name, run=args.run, set=args.set, split=split,
+                 part=part, atlas_seed=args.atlas_seed, generator=name,
+                 conditions=sum(keep(m) for m in hs.conditions), seeds=args.seeds, **ratios, **row)
     ratio = (theta_codec / theta_true).numpy()
     emit(args.out, results, bench="oracle_fidelity_dispersion", name=args.name, run=args.run,
          atlas_seed=args.atlas_seed, genes=len(ratio), clipped=int((theta_codec >= 9999).sum()),

@@ -234,3 +234,10 @@ def test_the_atlas_gives_each_cells_true_mean_beside_the_same_counts():
     # and not around another cell's means
     shuffled = (x - mu[::-1]) / np.sqrt(mu[::-1] + mu[::-1] ** 2 / atlas.theta)
     assert shuffled.var() > 1.5
+    # the study and donor part of each cell's logits: cells of one donor share it, other donors' differ
+    effects = atlas.study_effects(obs)
+    donor = obs["donor_id"].to_numpy()
+    same = np.flatnonzero(donor == donor[0])
+    assert len(same) > 1 and np.array_equal(effects[same[0]], effects[same[1]])
+    assert not np.allclose(effects[np.flatnonzero(donor != donor[0])[0]], effects[0])
+    assert abs(effects.std() - np.hypot(0.3, 0.15)) < 0.05  # STUDY_EFFECT_SD, DONOR_EFFECT_SD

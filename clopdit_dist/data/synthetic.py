@@ -241,6 +241,18 @@ class SyntheticAtlas:
             return obs, sp.csr_matrix(counts), mu
         return obs, sp.csr_matrix(counts)
 
+    def study_effects(self, obs: pd.DataFrame) -> np.ndarray:
+        """Each cell's log-scale study batch plus donor effect (cells, genes), from its ``dataset_id`` and
+        ``donor_id``: what a cell's study and donor add to its logits beyond its labels."""
+        out = np.zeros((len(obs), self.cfg.n_genes), np.float32)
+        dataset, donor = obs["dataset_id"].to_numpy(), obs["donor_id"].to_numpy()
+        for si, s in enumerate(self.studies):
+            rows = np.flatnonzero(dataset == s.dataset_id)
+            if len(rows):
+                index = s.donors.set_index("donor_id").loc[donor[rows], "donor_index"].to_numpy()
+                out[rows] = self.study_batch[si] + self.donor_effect[si][index]
+        return out
+
     def _sample_study(self, rng, si: int, n: int):
         s = self.studies[si]
         donor = s.donors.iloc[rng.integers(len(s.donors), size=n)].reset_index(drop=True)
