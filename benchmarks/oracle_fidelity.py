@@ -89,6 +89,7 @@ def main() -> None:
     args = p.parse_args()
 
     from clopdit_dist.data.loader import iter_split
+    from clopdit_dist.data.manifest import Manifest
     from clopdit_dist.data.synthetic import SynthConfig, SyntheticAtlas
     from clopdit_dist.evaluate import metrics as M
     from clopdit_dist.evaluate.baselines import CellSet
@@ -103,8 +104,6 @@ def main() -> None:
     joinids = np.concatenate([b["soma_joinid"].numpy() for b in iter_split(
         args.shards, split, ev.genes, 20_000, batch_size=2048)])[: len(real.counts)]
     atlas = SyntheticAtlas(SynthConfig(n_cells=args.atlas_cells, seed=args.atlas_seed))
-    from clopdit_dist.data.manifest import Manifest
-
     mu_true, p_batch_free = true_means(atlas, joinids, ev.genes, real.counts,
                                        Manifest.load(args.shards).studies("train"))
     col = [atlas.var["feature_id"].tolist().index(g) for g in ev.genes]
