@@ -9,6 +9,8 @@ for that check only) is refused: the set must not tune the resolver to the held-
 One JSON line, with the wrong prompts and what they resolved to.
 
     python benchmarks/resolver_dev.py --shards SHARDS --out benchmarks/results/resolver_dev.jsonl --name NAME
+
+``--prompts benchmarks/prompts/resolver_dev_s23.yaml``: the second set (session 23), written before any run on it.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def main() -> None:
     p.add_argument("--shards", required=True, help="a shard set (its manifest's training labels are the vocabulary)")
     p.add_argument("--name", default="resolver")
     p.add_argument("--out", default=None)
+    p.add_argument("--prompts", default=PROMPTS, help="a development prompt file (default resolver_dev.yaml)")
     args = p.parse_args()
 
     from clopdit_dist.data.conditions import CONDITION_FIELDS, normalize_name
@@ -55,7 +58,7 @@ def main() -> None:
     from clopdit_dist.models.prompt_resolver import PromptResolver
     from clopdit_dist.models.text import TextTower
 
-    items = yaml.safe_load(open(PROMPTS))
+    items = yaml.safe_load(open(args.prompts))
     held = heldout_names()
     clash = [it["prompt"] for it in items if any(f" {h} " in f" {normalize_name(it['prompt'])} " for h in held)]
     if clash:
@@ -74,7 +77,7 @@ def main() -> None:
             wrong.append({"prompt": it["prompt"],
                           **{f: r.groups[f] or r.fields[f] for f in CONDITION_FIELDS if not ok[f]}})
     n = len(items)
-    emit(args.out, [], bench="resolver_dev", name=args.name, n=n,
+    emit(args.out, [], bench="resolver_dev", name=args.name, prompts=os.path.basename(args.prompts), n=n,
          **{f"right_{f}": round(right[f] / n, 4) for f in CONDITION_FIELDS},
          right_all=round((n - len(wrong)) / n, 4), wrong=wrong)
 
