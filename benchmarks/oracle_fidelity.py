@@ -70,8 +70,8 @@ def true_means(atlas, joinids: np.ndarray, genes: list[str], counts: np.ndarray,
                              "shards' counts: pass the --atlas-seed and --atlas-cells the shards were built from")
         out[rows] = mu[local][:, col]
         logit = np.log(mu[local]) - atlas.study_effects(obs.iloc[local]) + average  # softmax: shift-free
-        logit -= logit.max(axis=1, keepdims=True)
-        batch_free[rows] = (np.exp(logit) / np.exp(logit).sum(axis=1, keepdims=True))[:, col]
+        p = np.exp(logit - logit.max(axis=1, keepdims=True))
+        batch_free[rows] = (p / p.sum(axis=1, keepdims=True))[:, col]
     return out, batch_free
 
 
