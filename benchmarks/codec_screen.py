@@ -33,7 +33,7 @@ def main() -> None:
     args = p.parse_args()
 
     from clopdit_dist.evaluate.baselines import codec_roundtrip, real_half
-    from clopdit_dist.evaluate.evaluator import EvalConfig, HeldoutSet, _macro, read_cells
+    from clopdit_dist.evaluate.evaluator import EvalConfig, HeldoutSet, _macro, baseline_rng, read_cells
     from clopdit_dist.models.codec import load_codec
     from clopdit_dist.run import RunDir
 
@@ -45,7 +45,7 @@ def main() -> None:
     for seed in SEEDS:
         for i, meta in enumerate(hs.conditions):
             a_idx, b_idx = hs.halves(meta, seed)
-            rng = np.random.default_rng([seed, 17, i])  # the evaluator's own baseline seed
+            rng = baseline_rng(seed, i)  # the evaluator's own baseline draws
             for g, cells in (("real_half", real_half(hs.space, hs.real.counts[b_idx])),
                              ("codec_roundtrip", codec_roundtrip(hs.space, codec, hs.real.counts[b_idx], rng))):
                 rows.setdefault((g, seed), []).append({**meta, **hs.score(meta, a_idx, cells)})

@@ -48,7 +48,7 @@ def main() -> None:
     from clopdit_dist.data.conditions import condition_key
     from clopdit_dist.evaluate import metrics as M
     from clopdit_dist.evaluate.baselines import condition_gaussian
-    from clopdit_dist.evaluate.evaluator import EvalConfig, Evaluation, HeldoutSet, read_cells
+    from clopdit_dist.evaluate.evaluator import EvalConfig, Evaluation, HeldoutSet, baseline_rng, read_cells
     from clopdit_dist.evaluate.prompts import tier_prompt
     from clopdit_dist.generate import CellGenerator
 
@@ -68,7 +68,7 @@ def main() -> None:
                                args.guidance, seed)  # the evaluator's own batch and seed: the same cells
         for i, (meta, (a, b)) in enumerate(zip(conds, halves)):
             # the evaluator's baselines with its draws, so the official space reproduces metrics.json
-            sets = ev.baselines(hs, meta, b, len(b), np.random.default_rng([seed, 17, i]))
+            sets = ev.baselines(hs, meta, b, len(b), baseline_rng(seed, i))
             sets["model_canonical"] = model[i]
             in_cond = ev.train_key_of_cell == condition_key(meta)
             for space_name, space in spaces.items():

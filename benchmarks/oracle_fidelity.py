@@ -93,7 +93,7 @@ def main() -> None:
     from clopdit_dist.data.synthetic import SynthConfig, SyntheticAtlas
     from clopdit_dist.evaluate import metrics as M
     from clopdit_dist.evaluate.baselines import CellSet
-    from clopdit_dist.evaluate.evaluator import EvalConfig, Evaluation, HeldoutSet, _macro, read_cells
+    from clopdit_dist.evaluate.evaluator import EvalConfig, Evaluation, HeldoutSet, _macro, baseline_rng, read_cells
     from clopdit_dist.generate import CellGenerator
     from clopdit_dist.models.autoencoder import nb_sample
 
@@ -118,7 +118,7 @@ def main() -> None:
     for seed in range(args.seeds):
         for i, meta in enumerate(hs.conditions):  # the evaluator's index i, so its draws are the same
             a, b = hs.halves(meta, seed)
-            sets = ev.baselines(hs, meta, b, len(b), np.random.default_rng([seed, 17, i]))
+            sets = ev.baselines(hs, meta, b, len(b), baseline_rng(seed, i))
             x = torch.from_numpy(real.counts[b])
             lib = x.sum(-1, keepdim=True)
             mu = torch.from_numpy(mu_true[b])

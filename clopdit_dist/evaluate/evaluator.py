@@ -93,6 +93,12 @@ def read_cells(shards: str, split: str, genes: list[str], max_cells: int) -> Cel
     return Cells(counts[:max_cells], {f: np.asarray(v)[:max_cells] for f, v in meta.items()})
 
 
+def baseline_rng(seed: int, index: int) -> np.random.Generator:
+    """The draws of every baseline (and the codec round trip) for condition ``index`` of a held-out set at
+    evaluation seed ``seed``: scripts that rescore the evaluator's baselines use it to get the same cells."""
+    return np.random.default_rng([seed, 17, index])
+
+
 def _condition_table(cells: Cells, train_keys: set[str], min_cells: int, max_conditions: int) -> list[dict]:
     keys, counts = np.unique(cells.keys, return_counts=True)
     rows = [{**dict(zip(FIELDS, k.split("|"))), "n_real": int(n), "novel": k not in train_keys}
@@ -243,7 +249,7 @@ class Evaluation:
                 for name, other in self.compare.items():
                     model[f"model_{name}"] = self.model_cells(hs, canonical, sizes, guidance, seed, other)
             for i, (meta, (a_idx, b_idx)) in enumerate(zip(conds, halves)):
-                rng = np.random.default_rng([seed, 17, i])
+                rng = baseline_rng(seed, i)
                 sets = self.baselines(hs, meta, b_idx, len(b_idx), rng) if with_baselines else {}
                 sets.update({name: cells[i] for name, cells in model.items()})
                 for name, cs in sets.items():
