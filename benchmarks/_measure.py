@@ -71,3 +71,15 @@ class PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+
+def add_atlas_run_args(p, split: str) -> None:
+    """The arguments of a benchmark that rescores a run on shards of the embedded atlas (whose truth it reads)."""
+    p.add_argument("--run", required=True)
+    p.add_argument("--shards", required=True, help="shards built from the embedded atlas of --atlas-seed")
+    p.add_argument("--atlas-seed", type=int, required=True)
+    p.add_argument("--atlas-cells", type=int, default=20_000)
+    p.add_argument("--split", default=split)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--name", required=True)
+    p.add_argument("--out", default=None)

@@ -18,6 +18,9 @@ studies-memorisation floors' set):
   that knows a cell's labels but not its study, which is what a generator conditioned on cell type,
   tissue and disease can know of a held-out study (its tissue and disease identity there is what such
   a generator can reach);
+* ``oracle_training_mixture``: the same with a drawn training study's batch and donor effect instead
+  (:func:`training_study_effects`): the perfect generator that reproduces the training studies' batch
+  mixture of a cell's condition, as a generator trained on training studies' cells does by default;
 * ``oracle_codec_theta``: true means, the codec's dispersion: what the codec's dispersion costs;
 * ``codec_true_theta``: the codec's decoded means of the real half (the round trip) at the true
   dispersion: what the codec's means cost;
@@ -26,7 +29,8 @@ studies-memorisation floors' set):
 
 One line per generator and part (``seen``: the conditions some training study has; ``all``: every
 condition, as the identity floors read it, without the copies and the Gaussian where some have no
-training cells): the macro over conditions, mean and 95% interval over the evaluation seeds, and
+training cells; ``novel``: the combinations no training study has, as the unseen-combination floor
+reads them): the macro over conditions, mean and 95% interval over the evaluation seeds, and
 ``*_over_gaussian`` / ``*_over_copies`` (energy, MMD, W2: the floors' ratios, mean over seeds over the
 Gaussian's or the training copies').
 One more line compares the codec's per-gene dispersion with the atlas's. The run's DiT is not
@@ -42,24 +46,41 @@ import argparse
 
 import numpy as np
 import torch
-from _measure import emit
+from _measure import add_atlas_run_args, emit
 
 KEEP = ("energy", "energy_u", "mmd", "mmd_u", "w2", "coverage", "diversity", "diversity_means",
         "memorisation_ratio", "identity_cell_type", "identity_tissue_general", "identity_disease")
 
 
+def training_study_effects(atlas, obs, train: list[int], rng: np.random.Generator) -> np.ndarray:
+    """For each cell, the study batch and donor effect of a training study drawn for it: one whose tissues
+    include the cell's tissue and, for a diseased cell, whose disease is the cell's (by its cells; any training
+    study where none is), and a random donor of it: where a generator that reproduces the training studies'
+    batch mixture of the cell's condition puts it."""
+    out = np.empty((len(obs), atlas.cfg.n_genes), np.float32)
+    for r, (tissue, disease) in enumerate(zip(obs["tissue_general"], obs["disease"])):
+        fits = [i for i in train if tissue in atlas.studies[i].tissues
+                and (disease == "normal" or disease in atlas.studies[i].diseases)] or train
+        w = np.array([atlas.studies[i].n_cells for i in fits], float)
+        si = fits[rng.choice(len(fits), p=w / w.sum())]
+        out[r] = atlas.study_batch[si] + atlas.donor_effect[si][rng.integers(len(atlas.studies[si].donors))]
+    return out
+
+
 def true_means(atlas, joinids: np.ndarray, genes: list[str], counts: np.ndarray,
-               train_studies: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Each cell's true NB mean over ``genes``, regenerated from its atlas chunk, and the same mean with the
-    cell's study and donor effects replaced by the training studies' average; the regenerated counts must
-    equal ``counts`` (the shards' copy), which checks that the means belong to these very cells."""
+               train_studies: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each cell's true NB mean over ``genes``, regenerated from its atlas chunk, and as proportions the same
+    mean with the cell's study and donor effects replaced by the training studies' average, and by a drawn
+    training study's (:func:`training_study_effects`); the regenerated counts must equal ``counts`` (the
+    shards' copy), which checks that the means belong to these very cells."""
     ids = atlas.var["feature_id"].tolist()
     col = np.array([ids.index(g) for g in genes])
     size = atlas.cfg.chunk_size
     train = [i for i, s in enumerate(atlas.studies) if s.dataset_id in set(train_studies)]
     average = np.mean([atlas.study_batch[i] + atlas.donor_effect[i].mean(0) for i in train], axis=0)
     out = np.empty((len(joinids), len(genes)), np.float32)
-    batch_free = np.empty_like(out)
+    batch_free, mixture = np.empty_like(out), np.empty_like(out)
+    rng = np.random.default_rng([atlas.cfg.seed, 29])
     for start in np.unique(joinids // size * size):
         n = min(size, atlas.cfg.n_cells - int(start))
         obs, X, mu = atlas.sample(int(start), n, with_means=True)
@@ -69,23 +90,19 @@ def true_means(atlas, joinids: np.ndarray, genes: list[str], counts: np.ndarray,
             raise SystemExit(f"the atlas (seed {atlas.cfg.seed}, {atlas.cfg.n_cells} cells) does not reproduce the "
                              "shards' counts: pass the --atlas-seed and --atlas-cells the shards were built from")
         out[rows] = mu[local][:, col]
-        logit = np.log(mu[local]) - atlas.study_effects(obs.iloc[local]) + average  # softmax: shift-free
-        p = np.exp(logit - logit.max(axis=1, keepdims=True))
-        batch_free[rows] = (p / p.sum(axis=1, keepdims=True))[:, col]
-    return out, batch_free
+        own = np.log(mu[local]) - atlas.study_effects(obs.iloc[local])
+        for target, effect in ((batch_free, average), (mixture, training_study_effects(atlas, obs.iloc[local], train,
+                                                                                      rng))):
+            logit = own + effect  # softmax: shift-free
+            p = np.exp(logit - logit.max(axis=1, keepdims=True))
+            target[rows] = (p / p.sum(axis=1, keepdims=True))[:, col]
+    return out, batch_free, mixture
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True)
-    p.add_argument("--shards", required=True, help="shards built from the embedded atlas of --atlas-seed")
-    p.add_argument("--atlas-seed", type=int, required=True)
-    p.add_argument("--atlas-cells", type=int, default=20_000)
-    p.add_argument("--split", default="test")
+    add_atlas_run_args(p, split="test")
     p.add_argument("--set", choices=("cells", "studies"), default="cells")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--name", required=True)
-    p.add_argument("--out", default=None)
     args = p.parse_args()
 
     from clopdit_dist.data.loader import iter_split
@@ -104,7 +121,7 @@ def main() -> None:
     joinids = np.concatenate([b["soma_joinid"].numpy() for b in iter_split(
         args.shards, split, ev.genes, 20_000, batch_size=2048)])[: len(real.counts)]
     atlas = SyntheticAtlas(SynthConfig(n_cells=args.atlas_cells, seed=args.atlas_seed))
-    mu_true, p_batch_free = true_means(atlas, joinids, ev.genes, real.counts,
+    mu_true, p_batch_free, p_mixture = true_means(atlas, joinids, ev.genes, real.counts,
                                        Manifest.load(args.shards).studies("train"))
     col = [atlas.var["feature_id"].tolist().index(g) for g in ev.genes]
     theta_true = torch.from_numpy(atlas.theta[col].copy())
@@ -131,6 +148,8 @@ def main() -> None:
             sets["codec_true_theta"] = drawn(mu_codec, theta_true, g, mean_embed=hs.space.embed(mu_codec.numpy()))
             p_bf = torch.from_numpy(p_batch_free[b])
             sets["oracle_training_batch"] = drawn(p_bf / p_bf.sum(-1, keepdim=True) * lib, theta_true, g)
+            p_mix = torch.from_numpy(p_mixture[b])
+            sets["oracle_training_mixture"] = drawn(p_mix / p_mix.sum(-1, keepdim=True) * lib, theta_true, g)
             for name, cs in sets.items():
                 if cs is not None:
                     per_seed.setdefault(name, [[] for _ in range(args.seeds)])[seed].append(
@@ -140,7 +159,8 @@ def main() -> None:
     # combination has no training cells)
     results: list[dict] = []
     any_novel = any(m["novel"] for m in hs.conditions)
-    for part, keep in (("seen", lambda r: not r["novel"]), ("all", lambda r: True)):
+    parts = [("seen", lambda r: not r["novel"]), ("all", lambda r: True)] + [("novel", lambda r: r["novel"])] * any_novel
+    for part, keep in parts:
         names = [n for n in per_seed if part == "seen" or not (any_novel and n in ("training_copies", "gaussian"))]
         macros = {n: [_macro([r for r in rows if keep(r)]) for rows in per_seed[n] if any(keep(r) for r in rows)]
                   for n in names}

@@ -10,7 +10,10 @@ One JSON line, with the wrong prompts and what they resolved to.
 
     python benchmarks/resolver_dev.py --shards SHARDS --out benchmarks/results/resolver_dev.jsonl --name NAME
 
-``--prompts benchmarks/prompts/resolver_dev_s23.yaml``: the second set (session 23), written before any run on it.
+``--prompts benchmarks/prompts/resolver_dev_s23.yaml``: the second set (session 23), written before any run on it;
+``resolver_dev_s24.yaml`` (cells described, not named) and ``resolver_dev_s24b.yaml`` / ``_s24c.yaml`` (the same and
+marker genes, written by helpers that read none of the project's files). ``--run RUN``: resolve as that run's generator
+does, reading marker genes with its marker table.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ def main() -> None:
     p.add_argument("--name", default="resolver")
     p.add_argument("--out", default=None)
     p.add_argument("--prompts", default=PROMPTS, help="a development prompt file (default resolver_dev.yaml)")
+    p.add_argument("--run", default=None, help="a run trained on --shards: resolve as its generator does, marker genes "
+                                               "included (without it: the words alone)")
     args = p.parse_args()
 
     from clopdit_dist.data.conditions import CONDITION_FIELDS, normalize_name
@@ -64,8 +69,12 @@ def main() -> None:
     if clash:
         raise SystemExit(f"development prompts with a held-out name in them: {clash}")
 
-    manifest = Manifest.load(args.shards)
-    resolver = PromptResolver.from_manifest(TextTower("minilm", normalize=True), manifest)
+    if args.run:  # the run's own resolver: the shards' vocabulary and the run's marker table
+        from clopdit_dist.generate import CellGenerator
+
+        resolver = CellGenerator.from_run(args.run).resolver
+    else:
+        resolver = PromptResolver.from_manifest(TextTower("minilm", normalize=True), Manifest.load(args.shards))
     right = {f: 0 for f in CONDITION_FIELDS}
     wrong = []
     for it in items:
@@ -77,7 +86,7 @@ def main() -> None:
             wrong.append({"prompt": it["prompt"],
                           **{f: r.groups[f] or r.fields[f] for f in CONDITION_FIELDS if not ok[f]}})
     n = len(items)
-    emit(args.out, [], bench="resolver_dev", name=args.name, prompts=os.path.basename(args.prompts), n=n,
+    emit(args.out, [], bench="resolver_dev", name=args.name, prompts=os.path.basename(args.prompts), run=args.run, n=n,
          **{f"right_{f}": round(right[f] / n, 4) for f in CONDITION_FIELDS},
          right_all=round((n - len(wrong)) / n, 4), wrong=wrong)
 

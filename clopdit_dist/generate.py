@@ -34,6 +34,7 @@ from .models.codec import LatentCodec, load_codec
 from .models.condition import check_prompts, load_condition_encoder
 from .models.dit import DiTConfig, LatentDiT
 from .models.flow import FlowConfig, GaussianPrior, SamplerConfig, load_prior, sample, start_from
+from .models.marker_table import MarkerTable
 from .run import RunDir
 
 
@@ -48,7 +49,7 @@ class CellGenerator:
 
     def __init__(self, run: RunDir, codec: LatentCodec, cond, dit_module: LatentDiT, library: dict, device="cpu",
                  sampler: SamplerConfig | None = None, precision: str = "fp32", compile: bool = False,
-                 prior: GaussianPrior | None = None):
+                 prior: GaussianPrior | None = None, type_expression: dict | None = None):
         self.run, self.codec, self.cond, self.dit, self.device = run, codec, cond, dit_module, torch.device(device)
         self.prior = prior  # the flow's per-type or per-condition source (flow.prior), else N(0, I)
         self.default_sampler = sampler or SamplerConfig()  # the DiT config's sampler, unless a call says otherwise
@@ -74,8 +75,9 @@ class CellGenerator:
         if cond.mode == "fields":  # prompts are resolved to field values, then completed from training conditions
             from .models.prompt_resolver import PromptResolver
 
+            markers = MarkerTable.of_run(type_expression, groups, codec, self.var["feature_name"].tolist())
             self.resolver = PromptResolver(cond.tower, vocab_from_conditions(groups),
-                                           ontology_ids=manifest.ontology_term_ids())
+                                           ontology_ids=manifest.ontology_term_ids(), markers=markers)
             weight: dict[tuple, float] = {}
             for g in groups:
                 key = tuple(g[f] for f in CONDITION_FIELDS)
@@ -102,7 +104,8 @@ class CellGenerator:
         sampler = load_config_section(SamplerConfig, run.config_path("dit"), "sampler")
         flow = load_config_section(FlowConfig, run.config_path("dit"), "flow")
         prior = load_prior(stats, flow)
-        return cls(run, codec, cond, module.to(device), stats["library"], device, sampler, precision, compile, prior)
+        return cls(run, codec, cond, module.to(device), stats["library"], device, sampler, precision, compile, prior,
+                   stats.get("type_expression"))
 
     # ------------------------------------------------------------------ pieces
     def match_library(self, prompt_emb: torch.Tensor) -> list[dict]:
@@ -209,6 +212,11 @@ class CellGenerator:
         if strict and r.unresolved:
             warnings.warn(PromptWarning(f"prompt {prompt!r}: {self.resolver.unresolved_reason(r)}; generated over "
                                         "all of its values instead"), stacklevel=3)
+        if strict and r.markers:
+            types = " or ".join(repr(c) for c, _ in r.candidates["cell_type"])
+            warnings.warn(PromptWarning(f"prompt {prompt!r} names no cell type; from its markers ({r.markers}) it is "
+                                        f"generated as {types}, the type{'s' if len(r.candidates['cell_type']) > 1 else ''}"
+                                        " of this model that express them most"), stacklevel=3)
         if strict and r.narrowed:
             said = "; ".join(f"{FIELD_NAMES[f]} {text!r} is generated as {r.fields[f]!r}, the nearest {FIELD_NAMES[f]} "
                              "this model was trained on" for f, text in r.narrowed.items())

@@ -156,6 +156,20 @@ def test_a_run_on_the_pca_codec_trains_clop_and_the_dit_and_generates(pca_run, s
     with pytest.warns(PromptWarning, match=f"cell type '{name}' is generated as '{label}'"):
         narrowed = gen.generate([name], n=4, seed=0)
     assert set(narrowed.obs["cell_type"]) == {label}
+    # marker genes and no cell type: the types whose decoded training means express them most, said so. Each
+    # type's own first two atlas markers name it (the codec keeps 200 genes: the types with two of them)
+    from clopdit_dist.data import biology
+
+    vocab, genes = gen.resolver.vocab["cell_type"], set(gen.var["feature_name"])
+    own = {c.name: [m for m in c.markers if m in genes][:2] for c in biology.LEAF_TYPES if c.name in vocab}
+    found = {t: gen.resolver.markers.cell_types("markers: " + ", ".join(ms), vocab) for t, ms in own.items()
+             if len(ms) == 2}
+    assert len(found) >= 5 and np.mean([r is not None and t in r[0] for t, r in found.items()]) >= 0.8, found
+    prompts = {t: f"{own[t][0]}+ {own[t][1]}+ cells" for t, r in found.items() if r is not None and r[0] == [t]}
+    t = next(t for t, p in prompts.items() if gen.resolver.resolve(p).markers)  # not named in words ("CD4+")
+    with pytest.warns(PromptWarning, match=r"from its markers \(" + own[t][0]):
+        by_markers = gen.generate([prompts[t]], n=4, seed=0)
+    assert set(by_markers.obs["cell_type"]) == {t}
     out = str(tmp_path / "g.h5ad")
     r = subprocess.run([sys.executable, "-m", "clopdit_dist.cli", "generate", "--run", run, "--prompt", "B cells, kidney",
                         "--n", "4", "--out", out], env=env, capture_output=True, text=True)

@@ -367,6 +367,75 @@ def test_a_narrower_census_name_is_answered_with_the_models_label(resolver):
     assert r.fields["cell_type"] == "Kupffer cell" and r.narrowed == {}
 
 
+def _marker_table():
+    from clopdit_dist.models.marker_table import MarkerTable
+
+    labels = ["club cell", "naive B cell", "memory B cell", "classical monocyte", "non-classical monocyte",
+              "mast cell", "neutrophil", "keratinocyte", "hepatocyte", "pericyte"]
+    symbols = ["SCGB1A1", "MS4A1", "CD14", "FCGR3A", "ACTB"]
+    p = np.full((10, 5), 1e-3)
+    p[0, 0] = p[1, 1] = p[2, 1] = p[3, 2] = p[4, 3] = 1e-1  # MS4A1: both B cells; ACTB: everyone alike
+    p[:, 4] = 5e-2
+    return MarkerTable.from_expression(labels, symbols, p)
+
+
+def test_marker_table_reads_signed_gene_mentions_and_names_the_types_that_express_them():
+    t = _marker_table()
+    assert t.mentions("SCGB1A1+ cells, CD14 low; FCGR3A-high, ms4a1 and ACTB") == \
+        [("SCGB1A1", 1), ("CD14", -1), ("FCGR3A", 1), ("ACTB", 1)]  # lower case is a word, not a gene
+    assert t.cell_types("SCGB1A1+ cells")[0] == ["club cell"]
+    assert set(t.cell_types("markers: MS4A1")[0]) == {"naive B cell", "memory B cell"}  # one marker, two types
+    assert t.cell_types("FCGR3A+ CD14- cells")[0] == ["non-classical monocyte"]
+    # a gene every type expresses alike, a negative mention alone, or no gene: no type
+    assert t.cell_types("ACTB+ cells") is None and t.cell_types("CD14- cells") is None
+    assert t.cell_types("cells from the lung") is None
+    assert t.cell_types("SCGB1A1+ cells", vocab=["naive B cell", "memory B cell"]) is None  # outside the model
+
+
+def test_descriptions_cover_every_cell_type_and_never_hold_a_heldout_name():
+    table = vocab_file("descriptions")["cell_type"]
+    assert set(table) == set(VOCAB["cell_type"]) and all(len(v) >= 2 for v in table.values())
+    held = {normalize_name(h) for tier in ("reworded", "rare") for t in heldout_tables(tier).values()
+            for hs in t.values() for h in hs}
+    for label, phrases in table.items():
+        for phrase in phrases:  # not even inside a phrase: the reworded tier must stay unseen by the resolver
+            norm = f" {normalize_name(phrase)} "
+            assert not [h for h in held if f" {h} " in norm], (label, phrase)
+    entries = resolver_names(VOCAB)
+    assert {e.name for e in entries if e.label == "plasma cell"} >= set(table["plasma cell"])
+    # a label outside the model's vocabulary gets none of its descriptions
+    less = resolver_names({**VOCAB, "cell_type": [c for c in VOCAB["cell_type"] if c != "plasma cell"]})
+    assert not {e.name for e in less} & set(table["plasma cell"])
+
+
+def test_a_described_cell_resolves_to_its_label(resolver):
+    """A prompt that says what a cell does instead of naming it resolves by meaning to the label whose
+    description it is near ("cells that secrete surfactant"), with the tissue and disease it names."""
+    r = resolver.resolve("lung cells that secrete surfactant, from a lung tumour")
+    assert r.fields == {"cell_type": "type II pneumocyte", "tissue_general": "lung", "disease": "lung adenocarcinoma"}
+    assert resolver.resolve("skin cells that produce melanin").fields["cell_type"] == "melanocyte"
+    assert resolver.resolve("cells that release histamine").fields["cell_type"] == "mast cell"
+    # a tissue alone still names no cell type
+    assert resolver.resolve("lung", allow_empty=True).fields["cell_type"] is None
+
+
+def test_a_prompt_that_names_markers_but_no_cell_type_gets_the_types_that_express_them(resolver):
+    from clopdit_dist.models.prompt_resolver import PromptResolver
+
+    r0 = PromptResolver(resolver.tower, VOCAB, markers=_marker_table())
+    r = r0.resolve("SCGB1A1+ cells from the lung")
+    assert r.fields["cell_type"] == "club cell" and r.fields["tissue_general"] == "lung" and r.markers == "SCGB1A1+"
+    assert 0 < r.confidence["cell_type"] <= 1
+    r = r0.resolve("markers: MS4A1")  # a markers-only prompt is no longer refused
+    assert {c for c, _ in r.candidates["cell_type"]} == {"naive B cell", "memory B cell"}
+    # a "cell type:" value that matches no name is read from its markers too
+    r = r0.resolve("cell type: SCGB1A1-positive secretory thing; tissue: lung")
+    assert r.fields["cell_type"] == "club cell" and "cell_type" not in r.unresolved
+    # a cell type named in words wins over the markers
+    r = r0.resolve("mast cells, SCGB1A1+")
+    assert r.fields["cell_type"] == "mast cell" and r.markers == ""
+
+
 def test_a_child_named_beside_its_group_wins(resolver):
     """"ciliated" (a ciliated cell's name) and "epithelial cells" (a group with ciliated cells in it)
     both match exactly; the longer group span used to win and give a mixture of epithelial types."""

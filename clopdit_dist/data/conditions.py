@@ -80,7 +80,7 @@ def vocab_from_conditions(conditions: list[dict]) -> dict[str, list[str]]:
 # ---------------------------------------------------------------------------------------
 
 VOCAB_FILES = ("train_names", "heldout_reworded", "heldout_rare", "templates", "caption_style", "parents",
-               "census_labels", "narrower")
+               "census_labels", "narrower", "descriptions")
 
 
 @functools.cache
@@ -261,9 +261,10 @@ def resolver_names(vocab: dict[str, list[str]], ontology_ids: dict[str, dict[str
     """The names the prompt resolver matches spans against: per field, each vocabulary label,
     its TRAINING synonyms and generic rewrites (:func:`train_names`), and the names of the
     ``parents.yaml`` groups that have children in the vocabulary; then (``narrower=True``) the
-    ``narrower.yaml`` names of labels in the vocabulary, and (``in_model=False``) the names of
-    ``census_labels.yaml`` labels outside it, each where its normalised form is none of the
-    former's; and (``ontology_id=True``) the vocabulary labels' ontology term ids where given
+    ``narrower.yaml`` names of labels in the vocabulary, the ``descriptions.yaml`` phrases of labels
+    in the vocabulary (what a cell does or where it sits, as leaf names of the label), and
+    (``in_model=False``) the names of ``census_labels.yaml`` labels outside it, each where its
+    normalised form is none of the former's; and (``ontology_id=True``) the vocabulary labels' ontology term ids where given
     (``Manifest.ontology_term_ids``). Never a held-out name."""
     out = _model_names(vocab)
     own = {e.norm for e in out}
@@ -276,6 +277,11 @@ def resolver_names(vocab: dict[str, list[str]], ontology_ids: dict[str, dict[str
             for name in dict.fromkeys([n for name in names for n in (name, *generic_rewrites(name))]):
                 if label in present[f] and normalize_name(name) not in own:
                     out.append(NameEntry(f, label, name, normalize_name(name), (), is_acronym(name), narrower=True))
+    taken = {e.norm for e in out}
+    for f in CONDITION_FIELDS:  # leaf names of their label, matched by meaning like the training synonyms
+        for label, names in (vocab_file("descriptions").get(FIELD_KIND[f]) or {}).items():
+            out += [NameEntry(f, label, name, normalize_name(name)) for name in names
+                    if label in present[f] and normalize_name(name) not in taken]
     taken = {e.norm for e in out}
     for f in CONDITION_FIELDS:
         for label, names in (vocab_file("census_labels").get(FIELD_KIND[f]) or {}).items():
@@ -464,6 +470,8 @@ def select_matches(matches: list[Match], thresholds: dict[str, float]) -> dict[s
 # space alone ("NK lymphocyte" is one name, not NK cells and lymphocytes)
 _LIST_GAP = re.compile(r"\s*(?:[,/&]\s*)?(?:(?:and|or|plus|as well as)(?:\s+the)?\s*)?", re.IGNORECASE)
 _LIST_SEPARATOR = re.compile(r"[,/&]|\b(?:and|or|plus)\b", re.IGNORECASE)
+# the words that join two names into a list: a span holding one names two things, never one narrower thing
+LIST_WORDS = re.compile(r"&|\b(?:and|or|plus)\b", re.IGNORECASE)
 
 
 def listed_matches(chosen: dict[str, Match], matches: list[Match], text: str) -> dict[str, list[Match]]:
@@ -538,6 +546,8 @@ class ResolvedPrompt:
     (``narrower.yaml``: "Kupffer cells"), which ``fields`` answers with the model's label
     ("macrophage"; the generator warns).
     ``structured``: whether the prompt had recognised "key: value" pairs.
+    ``markers``: where the prompt names no cell type in words, the marker genes it was read from
+    ("SCGB1A1+"; :class:`~clopdit_dist.models.marker_table.MarkerTable`), else "".
     """
 
     fields: dict[str, str | None]
@@ -550,6 +560,7 @@ class ResolvedPrompt:
     narrowed: dict[str, str] = field(default_factory=dict)
     structured: bool = False
     prompt: str = ""
+    markers: str = ""
 
     def condition(self) -> dict[str, str]:
         """The named fields only (a partial condition meta)."""

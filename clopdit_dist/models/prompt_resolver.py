@@ -85,6 +85,7 @@ from ..data.conditions import (
     CONDITION_FIELDS,
     FIELD_KIND,
     FIELD_NAMES,
+    LIST_WORDS,
     Match,
     NameEntry,
     PromptError,
@@ -93,6 +94,7 @@ from ..data.conditions import (
     TERM_ID,
     acronym_allowed,
     candidate_spans,
+    generic_words,
     has_words,
     listed_matches,
     normalize_name,
@@ -137,12 +139,17 @@ class PromptResolver:
     ontology_ids
         Field -> label -> ontology term id (``Manifest.ontology_term_ids``): a prompt may name a
         label by its id ("CL:0000236", "cell_type_ontology_term_id: CL:0000236"), exactly.
+    markers
+        A :class:`~clopdit_dist.models.marker_table.MarkerTable` of the model's cell types: a prompt
+        that names no cell type in words but names marker genes ("SCGB1A1+ cells") gets the types
+        that express them (``ResolvedPrompt.markers`` says which genes were read).
     """
 
     def __init__(self, tower: TextTower, vocab: dict[str, list[str]], thresholds: dict[str, float] | None = None,
                  max_words: int = 6, *, ontology_ids: dict[str, dict[str, str]] | None = None,
-                 _exclude: NameEntry | None = None):
-        self.tower = tower
+                 markers=None, _exclude: NameEntry | None = None):
+        self.tower, self.markers = tower, markers
+        self._generic = generic_words()
         self.vocab = {f: [str(x) for x in vocab.get(f, ())] for f in CONDITION_FIELDS}
         self.thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
         self.max_words = max_words
@@ -206,6 +213,14 @@ class PromptResolver:
                         sims[i, j] = 1.0
         # a Census name counts only when named exactly: it flags or narrows a prompt, it never guesses
         sims[:, self._exact_only] = np.where(sims[:, self._exact_only] >= 1.0, 1.0, -np.inf)
+        # gene symbols mean nothing to the text tower ("KRT5+ TP63+ cells" was 0.67 from a dendritic cell's
+        # name): a span of symbols and generic words only is read by the marker table, never by meaning
+        if self.markers is not None:
+            for i, s in enumerate(spans):
+                words = s.text.split()
+                if any(self.markers.symbol(w) for w in words) and all(
+                        self.markers.symbol(w) or w.lower().strip(".,") in self._generic for w in words):
+                    sims[i] = np.where(sims[i] >= 1.0, 1.0, -np.inf)
         allowed = np.isin(self._field_of, list(fields))
         if exclude_norms:
             allowed &= ~np.isin(np.array(self._norms, dtype=object), list(exclude_norms))
@@ -290,6 +305,8 @@ class PromptResolver:
                 chosen[f] = self._refine(m, spans, scores, others)
             lists.update(listed_matches({f: chosen[f] for f in picked if f in chosen}, matches, text))
         out = self._result(prompt, chosen, unresolved, absent, structured=bool(known), lists=lists)
+        if self.markers is not None and out.fields["cell_type"] is None and "cell_type" not in absent:
+            self._read_markers(out)  # also where a "cell type:" value matched no name: "SCGB1A1+ secretory cell"
         if not allow_empty and all(v is None for v in out.fields.values()):
             why = self.unresolved_reason(out) if unresolved else \
                 "it names no cell type, tissue or disease this model knows"
@@ -301,6 +318,21 @@ class PromptResolver:
                         "before they were kept, rebuild them with `clopdit data shards` to use ids")
             raise prompt_error(prompt, why)
         return out
+
+    def _read_markers(self, r: ResolvedPrompt) -> None:
+        """The cell type of a prompt that names none in words, from the marker genes it names
+        (:class:`~clopdit_dist.models.marker_table.MarkerTable`): every type near the best as a
+        candidate, equal weights; confidence ``min(1, score / (2 * MIN_SCORE)) / candidates``."""
+        from .marker_table import MIN_SCORE
+
+        found = self.markers.cell_types(r.prompt, self.vocab["cell_type"])
+        if found is None:
+            return
+        labels, score, said = found
+        r.fields["cell_type"], r.spans["cell_type"], r.markers = labels[0], said, said
+        r.unresolved.pop("cell_type", None)
+        r.candidates["cell_type"] = [(t, 1.0 / len(labels)) for t in labels]
+        r.confidence["cell_type"] = round(min(1.0, score / (2 * MIN_SCORE)) / len(labels), 4)
 
     def unresolved_reason(self, r: ResolvedPrompt) -> str:
         """Why the fields of ``r.unresolved`` cannot be given, with the model's labels for them."""
@@ -320,8 +352,8 @@ class PromptResolver:
         return [self.resolve(p, allow_empty) for p in prompts]
 
     def _refine(self, m: Match, spans: list[Span], scores: np.ndarray, taken: list[Span]) -> Match:
-        """A group match refined to a child where a strictly longer span around it matches
-        that child at or above the threshold and better than it matches the group."""
+        """A group match refined to a child where a strictly longer span around it, not a list,
+        matches that child at or above the threshold and better than it matches the group."""
         if not m.entry.group:
             return m
         thr = self.thresholds[m.field]
@@ -330,7 +362,8 @@ class PromptResolver:
         group_cols = [j for j, e in enumerate(self.entries) if e.field == m.field and e.label == m.entry.label]
         best = None
         for i, s in enumerate(spans):
-            if not (s.contains(m.span) and s.length > m.span.length) or any(s.overlaps(t) for t in taken):
+            if not (s.contains(m.span) and s.length > m.span.length) or any(s.overlaps(t) for t in taken) \
+                    or LIST_WORDS.search(s.text):  # "T cells and dendritic cells" is a list, not a kind of T cell
                 continue
             j = child_cols[int(np.argmax(scores[i, child_cols]))]
             leaf, grp = float(scores[i, j]), float(scores[i, group_cols].max())

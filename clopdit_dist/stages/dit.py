@@ -120,16 +120,23 @@ class DiTStage(Stage):
         standardised latents (the sources of ``flow.prior=cell_type`` and ``condition``); and per
         (cell_type, tissue_general, disease, assay) the log library size (over the autoencoder's
         genes) and the mean latent (what a disease shift is estimated from,
-        :meth:`CellGenerator.disease_shift`), from up to ``stats_cells`` cells."""
+        :meth:`CellGenerator.disease_shift`); per cell type the pseudobulk expression proportions
+        (what marker genes in a prompt are read against, :class:`~clopdit_dist.models.marker_table.MarkerTable`),
+        from up to ``stats_cells`` cells."""
         loader = CellLoader(self.cfg.data.shards, LoaderConfig(
             split="train", genes=self.codec.genes, batch_size=1024, num_workers=0, resampled=False,
             fields=LIBRARY_KEYS), rank=0, world_size=1)
         zs, libs, keys = [], [], []
+        type_counts: dict[str, torch.Tensor] = {}
         for batch in loader:
             x = batch["counts"].to(self.device)
             zs.append(self.codec.encode(x).float().cpu())
             libs.append(torch.log(x.sum(-1).clamp_min(1)).cpu())
             keys += ["\x1f".join(v) for v in zip(*(batch[k] for k in LIBRARY_KEYS))]
+            types = np.array(batch["cell_type"])
+            for t in np.unique(types):
+                summed = x[torch.from_numpy(types == t)].sum(0).double().cpu()
+                type_counts[t] = type_counts[t] + summed if t in type_counts else summed
             if sum(len(z) for z in zs) >= self.cfg.stats_cells:
                 break
         z, lib = torch.cat(zs), torch.cat(libs).numpy()
@@ -147,7 +154,9 @@ class DiTStage(Stage):
         return {"latent_mean": mean.tolist(), "latent_std": std.tolist(),
                 **{key: GaussianPrior.fit(cells, z_std, PRIOR_FIELDS[p]).to_dict() for p, key in PRIOR_STATS.items()},
                 "library": {"keys": list(LIBRARY_KEYS), "unit": "total counts over the autoencoder's genes",
-                            "groups": groups}}
+                            "groups": groups},
+                "type_expression": {t: [float(f"{v:.4g}") for v in (c / c.sum()).tolist()]  # pseudobulk proportions
+                                    for t, c in sorted(type_counts.items())}}
 
     def build_model(self) -> torch.nn.Module:
         module = LatentDiT(self.cfg.model.build(), self.codec.latent_dim)
