@@ -264,8 +264,8 @@ def resolver_names(vocab: dict[str, list[str]], ontology_ids: dict[str, dict[str
     ``narrower.yaml`` names of labels in the vocabulary, the ``descriptions.yaml`` phrases of labels
     in the vocabulary (what a cell does or where it sits, as leaf names of the label), and
     (``in_model=False``) the names of ``census_labels.yaml`` labels outside it, each where its
-    normalised form is none of the former's; and (``ontology_id=True``) the vocabulary labels' ontology term ids where given
-    (``Manifest.ontology_term_ids``). Never a held-out name."""
+    normalised form is none of the former's; and (``ontology_id=True``) the vocabulary labels'
+    ontology term ids where given (``Manifest.ontology_term_ids``). Never a held-out name."""
     out = _model_names(vocab)
     own = {e.norm for e in out}
     present = {f: {str(x) for x in vocab.get(f, ())} for f in CONDITION_FIELDS}

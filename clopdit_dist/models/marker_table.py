@@ -1,12 +1,12 @@
 """Marker genes in a prompt -> the cell types that express them, from a model's own training cells.
 
 A biologist often names a cell by its markers instead of its type: "SCGB1A1+ cells from the lung",
-"markers: MS4A1, CD79A", "CD34-high cells, CD38 low", "FCGR3A+ CD14- monocytes". :class:`MarkerTable` holds, for each cell type of
-a model, how much above or below the other types it expresses each gene (z-scores across types of the
-log mean expression of its training cells, as a marker table ranks genes, e.g. scanpy's
-``rank_genes_groups``); :meth:`MarkerTable.cell_types` reads the gene symbols a prompt names (with "+",
-"high" / "-", "low", "negative" after them) and returns the types that express them most. The prompt
-resolver uses it only where the prompt names no cell type in words.
+"markers: MS4A1, CD79A", "CD34-high cells, CD38 low", "FCGR3A+ CD14- monocytes". :class:`MarkerTable`
+holds, for each cell type of a model, how much above or below the other types it expresses each gene
+(z-scores across types of the log mean expression of its training cells, as a marker table ranks
+genes, e.g. scanpy's ``rank_genes_groups``); :meth:`MarkerTable.cell_types` reads the gene symbols a
+prompt names (with "+", "high" / "-", "low", "negative" after them) and returns the types that express
+them most. The prompt resolver uses it only where the prompt names no cell type in words.
 
 Built from a run with :meth:`MarkerTable.of_run`: from the pseudobulk expression of each type's
 training cells that the DiT stage writes to ``latent_stats.json`` (``type_expression``); for a run
@@ -65,7 +65,8 @@ class MarkerTable:
         return cls.from_expression(labels, symbols, mean)
 
     @classmethod
-    def of_run(cls, type_expression: dict | None, groups: list[dict], codec, symbols: list[str]) -> "MarkerTable | None":
+    def of_run(cls, type_expression: dict | None, groups: list[dict], codec,
+               symbols: list[str]) -> "MarkerTable | None":
         """A run's table: from its training cells' pseudobulk per type (``latent_stats.json``'s
         ``type_expression``), else (runs from before session 24) from its decoded group means; None
         where it has neither."""

@@ -106,6 +106,7 @@ from ..data.conditions import (
     train_tables,
     vocab_from_conditions,
 )
+from .marker_table import MIN_SCORE
 from .text import TextEmbeddingCache, TextTower
 
 # Per-field thresholds: calibrate_thresholds(TextTower("minilm", normalize=True), <the
@@ -213,8 +214,8 @@ class PromptResolver:
                         sims[i, j] = 1.0
         # a Census name counts only when named exactly: it flags or narrows a prompt, it never guesses
         sims[:, self._exact_only] = np.where(sims[:, self._exact_only] >= 1.0, 1.0, -np.inf)
-        # gene symbols mean nothing to the text tower ("KRT5+ TP63+ cells" was 0.67 from a dendritic cell's
-        # name): a span of symbols and generic words only is read by the marker table, never by meaning
+        # gene symbols mean nothing to the text tower (it read "KRT5+ TP63+ cells" as regulatory T cells, 0.70):
+        # a span of symbols and generic words only is read by the marker table, never by meaning
         if self.markers is not None:
             for i, s in enumerate(spans):
                 words = s.text.split()
@@ -323,8 +324,6 @@ class PromptResolver:
         """The cell type of a prompt that names none in words, from the marker genes it names
         (:class:`~clopdit_dist.models.marker_table.MarkerTable`): every type near the best as a
         candidate, equal weights; confidence ``min(1, score / (2 * MIN_SCORE)) / candidates``."""
-        from .marker_table import MIN_SCORE
-
         found = self.markers.cell_types(r.prompt, self.vocab["cell_type"])
         if found is None:
             return

@@ -136,7 +136,7 @@ class DiTStage(Stage):
             types = np.array(batch["cell_type"])
             for t in np.unique(types):
                 summed = x[torch.from_numpy(types == t)].sum(0).double().cpu()
-                type_counts[t] = type_counts[t] + summed if t in type_counts else summed
+                type_counts[str(t)] = type_counts[str(t)] + summed if str(t) in type_counts else summed
             if sum(len(z) for z in zs) >= self.cfg.stats_cells:
                 break
         z, lib = torch.cat(zs), torch.cat(libs).numpy()
