@@ -214,9 +214,9 @@ class CellGenerator:
                                         "all of its values instead"), stacklevel=3)
         if strict and r.markers:
             types = [repr(c) for c, _ in r.candidates["cell_type"]]
+            which = "types of this model that express" if len(types) > 1 else "type of this model that expresses"
             warnings.warn(PromptWarning(f"prompt {prompt!r} names no cell type; from its markers ({r.markers}) it is "
-                                        f"generated as {' or '.join(types)}, the type{'s' if len(types) > 1 else ''} "
-                                        "of this model that express them most"), stacklevel=3)
+                                        f"generated as {' or '.join(types)}, the {which} them most"), stacklevel=3)
         if strict and r.narrowed:
             said = "; ".join(f"{FIELD_NAMES[f]} {text!r} is generated as {r.fields[f]!r}, the nearest {FIELD_NAMES[f]} "
                              "this model was trained on" for f, text in r.narrowed.items())
