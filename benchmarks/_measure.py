@@ -8,6 +8,7 @@ import platform
 import threading
 import time
 
+import numpy as np
 import psutil
 
 
@@ -83,3 +84,9 @@ def add_atlas_run_args(p, split: str) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--name", required=True)
     p.add_argument("--out", default=None)
+
+
+def atlas_columns(atlas, genes: list[str]) -> np.ndarray:
+    """The embedded atlas's gene columns of ``genes`` (feature ids, e.g. a codec's), in that order."""
+    index = {f: j for j, f in enumerate(atlas.var["feature_id"])}
+    return np.array([index[g] for g in genes])

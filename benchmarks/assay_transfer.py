@@ -29,7 +29,7 @@ from collections import Counter
 
 import numpy as np
 import torch
-from _measure import add_atlas_run_args, emit
+from _measure import add_atlas_run_args, atlas_columns, emit
 
 KEEP = ("identity_cell_type", "identity_tissue_general", "identity_disease", "energy_u", "mmd_u")
 
@@ -85,8 +85,7 @@ def main() -> None:
     real = read_cells(args.shards, args.split, ev.genes, 20_000)
     hs = HeldoutSet("studies", real, train, ev.train_keys, cfg)
     atlas = SyntheticAtlas(SynthConfig(n_cells=args.atlas_cells, seed=args.atlas_seed))
-    ids = atlas.var["feature_id"].tolist()
-    col = np.array([ids.index(g) for g in ev.genes])
+    col = atlas_columns(atlas, ev.genes)
     true = {a: atlas.assay_capture[i][col] for i, a in enumerate(atlas.assays)}
     estimated = assay_effects(train.counts, train.meta)
     theta = torch.from_numpy(ev.theta)

@@ -46,7 +46,7 @@ import argparse
 
 import numpy as np
 import torch
-from _measure import add_atlas_run_args, emit
+from _measure import add_atlas_run_args, atlas_columns, emit
 
 KEEP = ("energy", "energy_u", "mmd", "mmd_u", "w2", "coverage", "diversity", "diversity_means",
         "memorisation_ratio", "identity_cell_type", "identity_tissue_general", "identity_disease")
@@ -73,8 +73,7 @@ def true_means(atlas, joinids: np.ndarray, genes: list[str], counts: np.ndarray,
     mean with the cell's study and donor effects replaced by the training studies' average, and by a drawn
     training study's (:func:`training_study_effects`); the regenerated counts must equal ``counts`` (the
     shards' copy), which checks that the means belong to these very cells."""
-    ids = atlas.var["feature_id"].tolist()
-    col = np.array([ids.index(g) for g in genes])
+    col = atlas_columns(atlas, genes)
     size = atlas.cfg.chunk_size
     train = [i for i, s in enumerate(atlas.studies) if s.dataset_id in set(train_studies)]
     average = np.mean([atlas.study_batch[i] + atlas.donor_effect[i].mean(0) for i in train], axis=0)
@@ -123,7 +122,7 @@ def main() -> None:
     atlas = SyntheticAtlas(SynthConfig(n_cells=args.atlas_cells, seed=args.atlas_seed))
     mu_true, p_batch_free, p_mixture = true_means(atlas, joinids, ev.genes, real.counts,
                                        Manifest.load(args.shards).studies("train"))
-    col = [atlas.var["feature_id"].tolist().index(g) for g in ev.genes]
+    col = atlas_columns(atlas, ev.genes)
     theta_true = torch.from_numpy(atlas.theta[col].copy())
     theta_codec = torch.from_numpy(ev.theta)
     hs = HeldoutSet(args.set, real, ev.train, ev.train_keys, cfg)

@@ -219,8 +219,8 @@ class PromptResolver:
         if self.markers is not None:
             for i, s in enumerate(spans):
                 words = s.text.split()
-                if any(self.markers.symbol(w) for w in words) and all(
-                        self.markers.symbol(w) or w.lower().strip(".,") in self._generic for w in words):
+                gene = [self.markers.symbol(w) is not None for w in words]
+                if any(gene) and all(g or w.lower().strip(".,") in self._generic for g, w in zip(gene, words)):
                     sims[i] = np.where(sims[i] >= 1.0, 1.0, -np.inf)
         allowed = np.isin(self._field_of, list(fields))
         if exclude_norms:
