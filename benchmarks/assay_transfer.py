@@ -12,7 +12,8 @@ passed through the run's codec:
 * ``copies_assay_true``: with the atlas's true capture of the held-out cells' assay in place of
   their own (log-scale, renormalised): what a generator told the assay could reach;
 * ``copies_assay_estimated``: the same with capture effects estimated from training cells only
-  (:func:`assay_effects`): what one could build without the atlas's truth;
+  (:func:`~clopdit_dist.models.assay_capture.estimate_capture`, what a run keeps and generation
+  applies since session 25): what one could build without the atlas's truth;
 
 beside ``real_half`` and the raw ``training_copies``, by ``HeldoutSet.score`` with the evaluator's
 draws. One line per generator: the macro over conditions, mean and 95% interval over evaluation
@@ -34,38 +35,6 @@ from _measure import add_atlas_run_args, atlas_columns, emit
 KEEP = ("identity_cell_type", "identity_tissue_general", "identity_disease", "energy_u", "mmd_u")
 
 
-def assay_effects(counts: np.ndarray, meta: dict[str, np.ndarray], min_cells: int = 10,
-                  iterations: int = 50) -> dict[str, np.ndarray]:
-    """Per assay, a log-scale gene effect from training cells alone: each study's normal cells of each
-    type as a pseudobulk of log mean proportions, fitted as type effect + study effect (alternating
-    weighted means), and each assay's effect the mean of its studies' effects, centred over assays."""
-    x = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    study, ctype = meta["dataset_id"], meta["cell_type"]
-    rows, y, w, si, ti = [], [], [], [], []
-    studies, types = sorted(set(study)), sorted(set(ctype))
-    for a, s in enumerate(studies):
-        for b, t in enumerate(types):
-            r = (study == s) & (ctype == t) & (meta["disease"] == "normal")
-            if r.sum() >= min_cells:
-                y.append(np.log(x[r].mean(0) + 1e-5))
-                w.append(r.sum())
-                si.append(a)
-                ti.append(b)
-    y, w, si, ti = np.array(y), np.array(w, float), np.array(si), np.array(ti)
-    u = np.zeros((len(studies), y.shape[1]))
-    for _ in range(iterations):
-        alpha = {t: np.average(y[ti == t] - u[si[ti == t]], axis=0, weights=w[ti == t]) for t in set(ti)}
-        resid = y - np.stack([alpha[t] for t in ti])
-        u = np.stack([np.average(resid[si == s], axis=0, weights=w[si == s]) if (si == s).any()
-                      else np.zeros(y.shape[1]) for s in range(len(studies))])
-        u -= u.mean(0)
-    assay_of = {s: Counter(meta["assay"][study == s]).most_common(1)[0][0] for s in studies}
-    effects = {a: np.mean([u[i] for i, s in enumerate(studies) if assay_of[s] == a], 0)
-               for a in sorted(set(assay_of.values()))}
-    centre = np.mean(list(effects.values()), 0)
-    return {a: (e - centre).astype(np.float32) for a, e in effects.items()}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_atlas_run_args(p, split="val")
@@ -77,6 +46,7 @@ def main() -> None:
     from clopdit_dist.evaluate.baselines import CellSet
     from clopdit_dist.evaluate.evaluator import EvalConfig, Evaluation, HeldoutSet, _macro, baseline_rng, read_cells
     from clopdit_dist.generate import CellGenerator
+    from clopdit_dist.models.assay_capture import estimate_capture
     from clopdit_dist.models.autoencoder import nb_sample
 
     cfg = EvalConfig(split=args.split, seeds=args.seeds, report=False)
@@ -87,7 +57,7 @@ def main() -> None:
     atlas = SyntheticAtlas(SynthConfig(n_cells=args.atlas_cells, seed=args.atlas_seed))
     col = atlas_columns(atlas, ev.genes)
     true = {a: atlas.assay_capture[i][col] for i, a in enumerate(atlas.assays)}
-    estimated = assay_effects(train.counts, train.meta)
+    estimated = estimate_capture(train.counts, train.meta)
     theta = torch.from_numpy(ev.theta)
 
     def swapped(mu: torch.Tensor, effect: dict, source: np.ndarray, target: str, g) -> np.ndarray:

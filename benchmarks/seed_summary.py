@@ -16,7 +16,9 @@ same way for every seed:
 * diversity: decoded-mean diversity (already a ratio to real cells) beside the codec's own;
   coverage against the Gaussian's; AUC minus the copies' AUC;
 * wording: reworded and free-form identity against canonical; tissue-only total variation;
-  unseen combinations' cell-type and disease identity over their ceilings;
+  unseen combinations' cell-type and disease identity over their ceilings; where the run was
+  scored with the ``assay`` tier, its identity over the ceiling and its energy, MMD and W2 over
+  the copies' (studies) and the Gaussian's (cells), as references;
 * memorisation ratio; rare-type F1 without and with generated cells (and with oversampled copies);
 * val studies at the chosen guidance (cell-type identity, energy): not floors, the numbers a
   change of defaults is judged on;
@@ -70,6 +72,20 @@ def floors(metrics: dict, summary: dict) -> dict[str, dict]:
         put(f"identity_tissue_general_macro_seen_{base}_over_ceiling",
             _ratio(_mean(S[base].get("macro_seen"), "identity_tissue_general"),
                    _mean(real.get("macro_seen"), "identity_tissue_general")), "(reference)")
+    # the canonical prompt naming the held-out cells' assay (the "assay" tier, session 25): beside the floors
+    # above, which read canonical prompts, what the assay in the prompt changes
+    if "model_assay" in S:
+        for judge in ("cell_type", "tissue_general", "disease"):
+            for part in ("macro", "macro_seen"):
+                put(f"assay_tier_identity_{judge}_{part}_over_ceiling",
+                    _ratio(_mean(S["model_assay"].get(part), f"identity_{judge}"),
+                           _mean(real.get(part), f"identity_{judge}")), "(reference)")
+        for metric in LOWER_IS_BETTER:
+            put(f"assay_tier_generalisation_{metric}_over_copies",
+                _ratio(_mean(S["model_assay"]["macro_seen"], metric), _mean(S["training_copies"]["macro_seen"], metric)),
+                "(reference)")
+            put(f"assay_tier_fidelity_{metric}_over_gaussian",
+                _ratio(_mean(C["model_assay"]["macro"], metric), _mean(C["gaussian"]["macro"], metric)), "(reference)")
     for metric in (*LOWER_IS_BETTER, "coverage"):
         mine = _mean(C["model_canonical"]["macro"], metric)
         for base in ("gaussian", "type_mean_nb"):

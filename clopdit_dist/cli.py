@@ -184,6 +184,14 @@ def cmd_evaluate(args) -> None:
     print(f"wrote {args.out}/metrics.json and {args.out}/report.md in {result['seconds']:.0f} s")
 
 
+def cmd_assay_capture(args) -> None:
+    from .models.assay_capture import add_to_run
+
+    stats = add_to_run(args.run, args.shards)
+    print(f"wrote the capture of {len(stats['effects'])} assays ({', '.join(stats['effects'])}; "
+          f"{stats['pseudobulks']} pseudobulks) into {args.run}/dit/latent_stats.json")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -296,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="metrics.json only, no report.md/plots")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = verbs.add_parser("assay-capture", help="add the per-assay capture estimate to a run trained before it existed")
+    p.add_argument("--run", required=True, help="run directory with a trained DiT")
+    p.add_argument("--shards", required=True, help="the shards the run was trained on")
+    p.set_defaults(func=cmd_assay_capture)
 
     p = verbs.add_parser("demo", help="the whole path on the embedded atlas")
     p.add_argument("--out", default="runs/demo")

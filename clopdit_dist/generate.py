@@ -29,6 +29,7 @@ import torch
 from .config import load_config_section
 from .data.conditions import CONDITION_FIELDS, FIELD_NAMES, organisms_named, parse_fields, vocab_from_conditions
 from .errors import PromptWarning
+from .models.assay_capture import capture_shift
 from .models.autoencoder import draw_counts
 from .models.codec import LatentCodec, load_codec
 from .models.condition import check_prompts, load_condition_encoder
@@ -49,7 +50,8 @@ class CellGenerator:
 
     def __init__(self, run: RunDir, codec: LatentCodec, cond, dit_module: LatentDiT, library: dict, device="cpu",
                  sampler: SamplerConfig | None = None, precision: str = "fp32", compile: bool = False,
-                 prior: GaussianPrior | None = None, type_expression: dict | None = None):
+                 prior: GaussianPrior | None = None, type_expression: dict | None = None,
+                 assay_capture: dict | None = None):
         self.run, self.codec, self.cond, self.dit, self.device = run, codec, cond, dit_module, torch.device(device)
         self.prior = prior  # the flow's per-type or per-condition source (flow.prior), else N(0, I)
         self.default_sampler = sampler or SamplerConfig()  # the DiT config's sampler, unless a call says otherwise
@@ -60,6 +62,10 @@ class CellGenerator:
         self._autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         self._velocity = Compiled(self.dit) if compile else self.dit
         self.library = library
+        # per-assay capture effects over the codec's genes (latent_stats.json's assay_capture); None for runs
+        # whose statistics predate them: an assay in a prompt then picks library sizes and cells, not capture
+        self.capture = None if not assay_capture else {a: np.asarray(e, np.float32)
+                                                       for a, e in assay_capture["effects"].items()}
         manifest = run.manifest()
         organism = (manifest.data.get("source") or {}).get("organism") or ""  # Census style: "homo_sapiens"
         self.organism = organism.replace("_", " ").capitalize() or None  # "Homo sapiens"
@@ -76,13 +82,20 @@ class CellGenerator:
             from .models.prompt_resolver import PromptResolver
 
             markers = MarkerTable.of_run(type_expression, groups, codec, self.var["feature_name"].tolist())
+            self.assays = sorted({g["assay"] for g in groups if g.get("assay")})
             self.resolver = PromptResolver(cond.tower, vocab_from_conditions(groups),
-                                           ontology_ids=manifest.ontology_term_ids(), markers=markers)
+                                           ontology_ids=manifest.ontology_term_ids(), markers=markers,
+                                           assays=self.assays)
             weight: dict[tuple, float] = {}
             for g in groups:
                 key = tuple(g[f] for f in CONDITION_FIELDS)
                 weight[key] = weight.get(key, 0.0) + g["n"]
             self._train_conditions, self._train_weight = list(weight), np.array(list(weight.values()))
+            row = {c: i for i, c in enumerate(self._train_conditions)}
+            self._assay_weight = np.zeros((len(row), len(self.assays)))  # training cells per condition and assay
+            for g in groups:
+                if g.get("assay") in self.assays:
+                    self._assay_weight[row[tuple(g[f] for f in CONDITION_FIELDS)], self.assays.index(g["assay"])] += g["n"]
             self._train_combinations = set(weight)
             self._latent_means = condition_latent_means(groups)
 
@@ -105,7 +118,7 @@ class CellGenerator:
         flow = load_config_section(FlowConfig, run.config_path("dit"), "flow")
         prior = load_prior(stats, flow)
         return cls(run, codec, cond, module.to(device), stats["library"], device, sampler, precision, compile, prior,
-                   stats.get("type_expression"))
+                   stats.get("type_expression"), stats.get("assay_capture"))
 
     # ------------------------------------------------------------------ pieces
     def match_library(self, prompt_emb: torch.Tensor) -> list[dict]:
@@ -173,17 +186,43 @@ class CellGenerator:
             counts = draw_counts(params, g)
         return counts.cpu().numpy(), lib.cpu().numpy()
 
-    def library_groups(self, condition: dict, n: int, rng: np.random.Generator) -> list[dict]:
-        """``n`` library-size groups drawn ∝ cell count among the training groups of the most
-        specific match of ``condition`` (all its fields, else cell type and tissue, else cell
-        type, else any): library sizes come from the cells the prompt denotes."""
+    def matching_groups(self, condition: dict, with_assay: bool = False) -> list[dict]:
+        """The training library-size groups of the most specific match of ``condition`` (all its
+        fields, else cell type and tissue, else cell type, else any); with ``with_assay`` and an
+        ``assay`` in ``condition``, the groups of that assay at each of those levels first."""
         groups = self.library["groups"]
-        for fields in (CONDITION_FIELDS, ("cell_type", "tissue_general"), ("cell_type",), ()):
-            match = [g for g in groups if all(condition.get(f) in (None, g[f]) for f in fields)]
+        levels = [CONDITION_FIELDS, ("cell_type", "tissue_general"), ("cell_type",), ()]
+        if with_assay and condition.get("assay"):
+            levels = [(*fields, "assay") for fields in levels] + levels
+        for fields in levels:
+            match = [g for g in groups if all(condition.get(f) in (None, g.get(f)) for f in fields)]
             if match:
-                w = np.array([g["n"] for g in match], float)
-                return [match[i] for i in rng.choice(len(match), n, p=w / w.sum())]
+                return match
         raise ValueError("the run's latent_stats.json lists no library-size groups")
+
+    def library_groups(self, condition: dict, n: int, rng: np.random.Generator) -> list[dict]:
+        """``n`` library-size groups drawn ∝ cell count among :meth:`matching_groups` (the
+        condition's assay first, where it names one): library sizes come from the cells the
+        prompt denotes."""
+        match = self.matching_groups(condition, with_assay=True)
+        w = np.array([g["n"] for g in match], float)
+        return [match[i] for i in rng.choice(len(match), n, p=w / w.sum())]
+
+    def assay_shift(self, condition: dict) -> torch.Tensor | None:
+        """For a condition with an ``assay`` (a prompt naming one), the log-scale gene shift from
+        the capture its cells have to that assay's (:func:`~clopdit_dist.models.assay_capture.capture_shift`):
+        the DiT learned the condition's training cells, whose capture is the mixture of their assays
+        (:meth:`matching_groups`, assay ignored, weighted by cells). None where nothing moves (no
+        assay asked, no estimate in the run, or its training cells are all of that assay)."""
+        assay = condition.get("assay")
+        if not assay or self.capture is None or assay not in self.capture:
+            return None
+        source: dict[str, float] = {}
+        for g in self.matching_groups(condition):
+            source[g.get("assay")] = source.get(g.get("assay"), 0.0) + g["n"]
+        if set(source) == {assay}:
+            return None
+        return torch.from_numpy(capture_shift(self.capture, assay, source))
 
     def plan_groups(self, plan: list[tuple[dict, int]], rng: np.random.Generator) -> list[dict]:
         """The library-size group of each cell of a plan, in plan order."""
@@ -217,6 +256,19 @@ class CellGenerator:
             which = "types of this model that express" if len(types) > 1 else "type of this model that expresses"
             warnings.warn(PromptWarning(f"prompt {prompt!r} names no cell type; from its markers ({r.markers}) it is "
                                         f"generated as {' or '.join(types)}, the {which} them most"), stacklevel=3)
+        if strict and r.assay_absent:
+            warnings.warn(PromptWarning(f"prompt {prompt!r} names the assay {' or '.join(map(repr, r.assay_absent))}, "
+                                        f"which this model was not trained on (it has {', '.join(map(repr, self.assays))}): "
+                                        "generated with its training studies' assays instead"), stacklevel=3)
+        elif strict and r.assay_text and not r.assays:
+            warnings.warn(PromptWarning(f"prompt {prompt!r}: assay {r.assay_text!r} names no assay this model knows "
+                                        f"(it has {', '.join(map(repr, self.assays))}): generated with its training "
+                                        "studies' assays instead"), stacklevel=3)
+        elif strict and r.assays and self.capture is None:
+            warnings.warn(PromptWarning(f"prompt {prompt!r} names the assay {' or '.join(map(repr, r.assays))}: its "
+                                        "library sizes and cells come from that assay's training cells, but this run "
+                                        "has no capture estimate to give them its capture (add it with `clopdit "
+                                        "assay-capture --run RUN --shards SHARDS`)"), stacklevel=3)
         if strict and r.narrowed:
             said = "; ".join(f"{FIELD_NAMES[f]} {text!r} is generated as {r.fields[f]!r}, the nearest {FIELD_NAMES[f]} "
                              "this model was trained on" for f, text in r.narrowed.items())
@@ -231,12 +283,36 @@ class CellGenerator:
                        for c in self._train_conditions])
         complete = all(v is not None for v in r.fields.values())
         if not ok.any() or (complete and not any(len(r.candidates.get(f) or []) > 1 for f in CONDITION_FIELDS)):
-            return [({f: v for f, v in r.fields.items()}, n)]
+            return self._with_assays([({f: v for f, v in r.fields.items()}, n)], r.assays, rng)
         idx = np.flatnonzero(ok)
+        if r.assays:  # p(missing fields | named fields, assay): the conditions' training cells under the assays
+            cols = [self.assays.index(a) for a in r.assays]
+            w = self._assay_weight[np.ix_(idx, cols)].ravel()
+            if w.sum() > 0:
+                drawn = np.bincount(rng.choice(len(w), n, p=w / w.sum()), minlength=len(w))
+                return [({**dict(zip(CONDITION_FIELDS, self._train_conditions[idx[j // len(cols)]])),
+                          "assay": r.assays[j % len(cols)]}, int(drawn[j])) for j in np.flatnonzero(drawn)]
         w = self._train_weight[idx] / self._train_weight[idx].sum()
         drawn = np.bincount(rng.choice(len(idx), n, p=w), minlength=len(idx))
-        return [(dict(zip(CONDITION_FIELDS, self._train_conditions[idx[j]])), int(drawn[j]))
-                for j in np.flatnonzero(drawn)]
+        return self._with_assays([(dict(zip(CONDITION_FIELDS, self._train_conditions[idx[j]])), int(drawn[j]))
+                                  for j in np.flatnonzero(drawn)], r.assays, rng)
+
+    def _with_assays(self, items: list[tuple[dict, int]], assays: list[str],
+                     rng: np.random.Generator) -> list[tuple[dict, int]]:
+        """Each plan item's cells split over the asked ``assays`` (one, or several for a family name),
+        in proportion to the condition's training cells under each, else to the assays' cells."""
+        if not assays:
+            return items
+        cols = [self.assays.index(a) for a in assays]
+        out = []
+        for c, m in items:
+            key = tuple(c.get(f) for f in CONDITION_FIELDS)
+            row = self._train_conditions.index(key) if key in self._train_combinations else None
+            w = self._assay_weight[row, cols] if row is not None else np.zeros(len(cols))
+            w = w if w.sum() > 0 else self._assay_weight[:, cols].sum(0) + 1e-9
+            split = rng.multinomial(m, w / w.sum()) if len(cols) > 1 else [m]
+            out += [({**c, "assay": a}, int(k)) for a, k in zip(assays, split) if k]
+        return out
 
     # ------------------------------------------------------------------ API
     def generate(self, prompts: list[str], n: int | list[int] = 100, sampler: SamplerConfig | None = None,
@@ -293,6 +369,11 @@ class CellGenerator:
                 z += shift
             else:
                 log_shift = shift
+        captures = [self.assay_shift(c) for c, _ in items]  # an assay the prompt names: its capture
+        if any(c is not None for c in captures):
+            capture = torch.cat([torch.zeros((m, len(self.codec.genes))) if c is None else c.expand(m, -1)
+                                 for (_, m), c in zip(items, captures)])
+            log_shift = capture if log_shift is None else log_shift + capture
         modes = ["disease_shift" if sh is not None else "composed" if smp.field_weights else "joint"
                  for sh, smp in zip(shifts, samplers)]
         parts, start, item_modes = [], 0, iter(modes)
@@ -427,7 +508,7 @@ class CellGenerator:
         n = counts.shape[0]
         fields = condition if condition is not None else parse_fields(prompt)
         obs = pd.DataFrame({
-            "prompt": prompt, **{f: fields.get(f) or "" for f in CONDITION_FIELDS},
+            "prompt": prompt, **{f: fields.get(f) or "" for f in (*CONDITION_FIELDS, "assay")},
             **{f"matched_{k}": [g[k] for g in groups] for k in (*CONDITION_FIELDS, "assay")},
             "guidance": sampler.guidance,
             "guidance_fields": fields_mode or ("composed" if sampler.field_weights else "joint"),

@@ -473,3 +473,24 @@ def test_a_label_may_be_named_by_its_ontology_term_id(resolver):
             r_.resolve("CL:9999999")
     with pytest.raises(PromptError, match="ontology term id"):
         resolver.resolve(cd4)
+
+
+def test_an_assay_in_the_prompt_is_read_apart_from_the_fields(resolver):
+    from clopdit_dist.models.prompt_resolver import PromptResolver
+
+    with_assays = PromptResolver(resolver.tower, VOCAB, assays=["10x 3' v3", "10x 5' v2"])
+    plain = with_assays.resolve("cell type: B cell; tissue: lung; disease: normal")
+    for prompt in ("cell type: B cell; tissue: lung; disease: normal; assay: 10x 3' v3",
+                   "B cells from healthy lung, 10x Genomics Chromium 3 prime version 3"):
+        r = with_assays.resolve(prompt)
+        assert r.fields == plain.fields and r.assays == ["10x 3' v3"], prompt
+    assert plain.assays == [] and plain.assay_text == ""
+    # a family name: the model's assays of that family
+    assert with_assays.resolve("10x 5' data of lung", allow_empty=True).assays == ["10x 5' v2"]
+    # an assay alone is a prompt (that assay's cells), not an empty one
+    assert with_assays.resolve("10x 3' v3").assays == ["10x 3' v3"]
+    # an assay the model lacks is named as absent; an "assay:" value naming none is kept as text
+    r = with_assays.resolve("cell type: B cell; assay: Smart-seq2")
+    assert r.assays == [] and r.assay_absent == ["Smart-seq2"] and r.fields["cell_type"] is not None
+    r = with_assays.resolve("cell type: B cell; assay: nanopore long reads")
+    assert r.assays == [] == r.assay_absent and r.assay_text == "nanopore long reads"

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from clopdit_dist.data.captions import CaptionBuilder, caption_corpus
+from clopdit_dist.data.conditions import condition_key
 from clopdit_dist.evaluate.evaluator import EvalConfig, Evaluation, HeldoutSet, evaluate_run, read_cells
 from clopdit_dist.evaluate.prompts import heldout_sentences, tier_prompt
 from clopdit_dist.generate import CellGenerator
@@ -21,6 +22,7 @@ def test_prompt_tiers_are_deterministic_marker_free_and_unseen_in_training():
     assert tier_prompt(META, "canonical") == ("cell type: CD8-positive, alpha-beta T cell; tissue: lung; "
                                               "disease: lung adenocarcinoma")
     assert "CD8-positive, alpha-beta T cell" not in tier_prompt(META, "reworded")
+    assert tier_prompt({**META, "assay": "10x 5' v2"}, "assay") == tier_prompt(META, "canonical") + "; assay: 10x 5' v2"
     # the fixed words of every free-form sentence occur in no training caption, and no training
     # template is contained in a sentence
     rng = np.random.default_rng(0)
@@ -36,7 +38,7 @@ def test_prompt_tiers_are_deterministic_marker_free_and_unseen_in_training():
 def test_evaluate_writes_every_generator_metric_and_plot(pca_run, shards_dir, tmp_path):
     out = str(tmp_path / "eval")
     cfg = EvalConfig(seeds=2, min_cells=12, max_cells=24, max_conditions=3, train_cells=3000,
-                     guidance_grid=(0.0, 2.0), tiers=("canonical", "reworded"), augmentation_types=2,
+                     guidance_grid=(0.0, 2.0), tiers=("canonical", "reworded", "assay"), augmentation_types=2,
                      compare=(f"again={pca_run}",))
     result = evaluate_run(pca_run, shards_dir, out, cfg, progress=False)
     with open(os.path.join(out, "metrics.json")) as f:
@@ -46,7 +48,13 @@ def test_evaluate_writes_every_generator_metric_and_plot(pca_run, shards_dir, tm
     assert studies["cells"] > 0 and 1 <= len(studies["conditions"]) <= 3
     gens = studies["generators"]
     assert {"real_half", "codec_roundtrip", "training_copies", "gaussian", "type_mean_nb", "unconditional",
-            "model_canonical", "model_reworded", "model_again"} <= set(gens)
+            "model_canonical", "model_reworded", "model_assay", "model_again"} <= set(gens)
+    # each condition names the assay of its real cells, which the "assay" tier's prompt carries
+    real = read_cells(shards_dir, "test", CellGenerator.from_run(pca_run).codec.genes, 20_000)
+    for c in studies["conditions"]:
+        assays = list(real.meta["assay"][real.keys == condition_key(c)])
+        assert c["assay"] in assays and assays.count(c["assay"]) >= len(assays) / 2
+    assert gens["model_assay"]["macro"]["energy"]["n"] == 1
     # a compared run goes through the same code: the same run compared with itself scores the same
     assert gens["model_again"]["macro"]["energy"]["mean"] == gens["model_canonical"]["macro"]["energy"]["mean"]
     for g, res in gens.items():

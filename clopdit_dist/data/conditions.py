@@ -548,6 +548,10 @@ class ResolvedPrompt:
     ``structured``: whether the prompt had recognised "key: value" pairs.
     ``markers``: where the prompt names no cell type in words, the marker genes it was read from
     ("SCGB1A1+"; :class:`~clopdit_dist.models.marker_table.MarkerTable`), else "".
+    ``assays``: the model's assays the prompt names ("10x 3' v3"; several for a family name such as
+    "10x 3'"; :mod:`~clopdit_dist.data.assay_names`), else empty. ``assay_text``: what the assay was
+    read from, or an "assay:" value that names none. ``assay_absent``: Census assays the prompt
+    names that the model was not trained on (``assays`` is then empty).
     """
 
     fields: dict[str, str | None]
@@ -561,6 +565,9 @@ class ResolvedPrompt:
     structured: bool = False
     prompt: str = ""
     markers: str = ""
+    assays: list[str] = field(default_factory=list)
+    assay_text: str = ""
+    assay_absent: list[str] = field(default_factory=list)
 
     def condition(self) -> dict[str, str]:
         """The named fields only (a partial condition meta)."""

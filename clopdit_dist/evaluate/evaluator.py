@@ -13,7 +13,8 @@ Protocol (fixed before results were looked at; DESIGN.md "Evaluation contract"):
    :class:`~clopdit_dist.evaluate.metrics.EvalSpace`) and kNN judges (k=15) for cell type,
    tissue and disease trained on the same real cells.
 3. Conditions: every (cell type, tissue, disease) of the set with at least ``min_cells``
-   real cells; ``novel`` marks combinations no training study contains.
+   real cells; ``novel`` marks combinations no training study contains; ``assay`` is the most
+   common assay of its real cells (what the ``assay`` prompt tier names; added in session 25).
 4. Per condition and seed: the real cells are split in two halves; half A is the reference
    every generator is compared with, and every generator makes ``len(B)`` cells (at most
    ``max_cells``): half B itself (the ceiling), copies of training cells, the per-condition
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -58,7 +60,7 @@ class EvalConfig:
     train_cells: int = 40_000  # training cells read for the baselines and memorisation
     guidance_grid: tuple[float, ...] = (0.0, 1.0, 1.5, 2.0, 3.0, 5.0)
     guidance: float | None = None  # skip the val sweep and use this
-    tiers: tuple[str, ...] = ("canonical", "reworded", "freeform", "type_only")
+    tiers: tuple[str, ...] = ("canonical", "reworded", "freeform", "type_only", "assay")
     tier_seeds: int = 1  # seeds for the non-canonical tiers (canonical gets ``seeds``)
     steps: int | None = None  # sampler steps (default: the run's)
     method: str | None = None  # sampler method (default: the run's)
@@ -101,7 +103,9 @@ def baseline_rng(seed: int, index: int) -> np.random.Generator:
 
 def _condition_table(cells: Cells, train_keys: set[str], min_cells: int, max_conditions: int) -> list[dict]:
     keys, counts = np.unique(cells.keys, return_counts=True)
-    rows = [{**dict(zip(FIELDS, k.split("|"))), "n_real": int(n), "novel": k not in train_keys}
+    assays = cells.meta.get("assay", np.full(len(cells.keys), ""))
+    rows = [{**dict(zip(FIELDS, k.split("|"))), "n_real": int(n), "novel": k not in train_keys,
+             "assay": Counter(assays[cells.keys == k].tolist()).most_common(1)[0][0]}
             for k, n in zip(keys, counts) if n >= min_cells]
     return sorted(rows, key=lambda r: -r["n_real"])[:max_conditions]
 

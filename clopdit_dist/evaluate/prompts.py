@@ -11,6 +11,10 @@ For a held-out condition (cell type, tissue, disease):
 * ``type_only`` / ``tissue_only``: field subsets. A type-only prompt is judged by cell-type
   identity; a tissue-only prompt by the cell-type composition it yields against the real
   composition of that tissue (total-variation distance).
+* ``assay`` (session 25): the canonical prompt with the assay of the condition's held-out real
+  cells (the most common one where they have several), ``"...; assay: 10x 3' v3"``: the
+  Census ``assay`` label, as a user who knows their protocol would name it. Not a floor's tier
+  (the floors read ``canonical``): it measures what naming the assay gives.
 * ``markers``: the training caption template with its marker list (CLOP-DiT's canonical
   caption), kept as a reference, not as a tier a floor is measured on.
 
@@ -29,7 +33,7 @@ import yaml
 
 from ..data.captions import CaptionBuilder, heldout_names
 
-TIERS = ("canonical", "reworded", "freeform", "type_only")
+TIERS = ("canonical", "reworded", "freeform", "type_only", "assay")
 
 
 @cache
@@ -63,6 +67,8 @@ def tier_prompt(meta: dict, tier: str, builder: CaptionBuilder | None = None) ->
         sentence = sentences[int(rng.integers(len(sentences)))]
         return sentence.format(cell_type=_reworded("cell_type", ct, rng), tissue=_reworded("tissue", tissue, rng),
                                disease="" if healthy else _reworded("disease", disease, rng))
+    if tier == "assay":
+        return f"cell type: {ct}; tissue: {tissue}; disease: {disease}; assay: {meta['assay']}"
     if tier == "type_only":
         return f"cell type: {ct}"
     if tier == "tissue_only":

@@ -38,6 +38,9 @@ Method
    "B cells and plasma cells") are each taken, as ``candidates`` with equal weights (a group
    in the list contributes its children): :func:`~clopdit_dist.data.conditions.listed_matches`.
    Exact names only; "lung, not liver" stays one tissue.
+6. Assays ("10x 3' v3", "Smart-seq2"): read apart from the three fields, by exact names only
+   (:mod:`~clopdit_dist.data.assay_names`); an "assay:" pair is read by its value. A prompt
+   naming only an assay the model has is not empty: it asks for that assay's cells.
 5. Names the model lacks: the CELLxGENE Census labels of ``vocab/census_labels.yaml`` that
    are not in the vocabulary take part in step 2 with exact matches only. A field won by one
    ("kidney", "podocytes") is None and listed in ``unresolved`` / ``absent``, so the
@@ -81,6 +84,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..data.assay_names import ASSAY_KEYS, AssaysNamed, assays_named
 from ..data.conditions import (
     CONDITION_FIELDS,
     FIELD_KIND,
@@ -144,12 +148,16 @@ class PromptResolver:
         A :class:`~clopdit_dist.models.marker_table.MarkerTable` of the model's cell types: a prompt
         that names no cell type in words but names marker genes ("SCGB1A1+ cells") gets the types
         that express them (``ResolvedPrompt.markers`` says which genes were read).
+    assays
+        The Census assays of the model's training cells: an assay the prompt names
+        (:func:`~clopdit_dist.data.assay_names.assays_named`) is given in ``ResolvedPrompt.assays``
+        when the model has it, in ``assay_absent`` when not.
     """
 
     def __init__(self, tower: TextTower, vocab: dict[str, list[str]], thresholds: dict[str, float] | None = None,
                  max_words: int = 6, *, ontology_ids: dict[str, dict[str, str]] | None = None,
-                 markers=None, _exclude: NameEntry | None = None):
-        self.tower, self.markers = tower, markers
+                 markers=None, assays: list[str] | None = None, _exclude: NameEntry | None = None):
+        self.tower, self.markers, self.assays = tower, markers, list(assays or ())
         self._generic = generic_words()
         self.vocab = {f: [str(x) for x in vocab.get(f, ())] for f in CONDITION_FIELDS}
         self.thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
@@ -291,8 +299,10 @@ class PromptResolver:
                 chosen[f] = self._refine(m, spans, scores, [])
                 lists.update(listed_matches({f: chosen[f]}, matches, value))
         rest = [f for f in CONDITION_FIELDS if f not in known]
-        text = "; ".join(free + [v for k, v in other.items() if k not in IGNORED_KEYS]) if known or other \
-            else prompt
+        text = "; ".join(free + [v for k, v in other.items() if k not in IGNORED_KEYS | ASSAY_KEYS]) \
+            if known or other else prompt
+        in_text = assays_named(text)  # assay names are not read as fields ("v2" means nothing to a text tower)
+        text = in_text.rest
         if rest and has_words(text):
             spans = candidate_spans(text, self.max_words)
             scores = self.score_spans(spans, rest)
@@ -308,7 +318,9 @@ class PromptResolver:
         out = self._result(prompt, chosen, unresolved, absent, structured=bool(known), lists=lists)
         if self.markers is not None and out.fields["cell_type"] is None and "cell_type" not in absent:
             self._read_markers(out)  # also where a "cell type:" value matched no name: "SCGB1A1+ secretory cell"
-        if not allow_empty and all(v is None for v in out.fields.values()):
+        value = next((v for k, v in other.items() if k in ASSAY_KEYS), None)
+        self._read_assay(out, in_text if value is None else assays_named(value), value)
+        if not allow_empty and all(v is None for v in out.fields.values()) and not out.assays:
             why = self.unresolved_reason(out) if unresolved else \
                 "it names no cell type, tissue or disease this model knows"
             terms = TERM_ID.findall(prompt)
@@ -332,6 +344,13 @@ class PromptResolver:
         r.unresolved.pop("cell_type", None)
         r.candidates["cell_type"] = [(t, 1.0 / len(labels)) for t in labels]
         r.confidence["cell_type"] = round(min(1.0, score / (2 * MIN_SCORE)) / len(labels), 4)
+
+    def _read_assay(self, r: ResolvedPrompt, named: AssaysNamed, value: str | None) -> None:
+        """The assays the prompt names (``named``: read from its "assay:" value where it has one,
+        else from its free text), split into those the model has and those it lacks."""
+        r.assays = [a for a in named.labels if a in self.assays]
+        r.assay_absent = [] if r.assays else named.labels
+        r.assay_text = ", ".join(named.spans) if named.spans else (value or "")
 
     def unresolved_reason(self, r: ResolvedPrompt) -> str:
         """Why the fields of ``r.unresolved`` cannot be given, with the model's labels for them."""

@@ -25,6 +25,7 @@ from ..config import load_config
 from ..data.conditions import CONDITION_FIELDS, train_conditions
 from ..data.loader import CellLoader, LoaderConfig
 from ..data.stats import LIBRARY_KEYS
+from ..models.assay_capture import capture_statistics
 from ..models.codec import load_codec
 from ..models.condition import field_banks, load_condition_encoder, mix_field_codes, shared_caption_bank
 from ..models.dit import DiTConfig, LatentDiT
@@ -122,7 +123,8 @@ class DiTStage(Stage):
         genes) and the mean latent (what a disease shift is estimated from,
         :meth:`CellGenerator.disease_shift`); per cell type the pseudobulk expression proportions
         (what marker genes in a prompt are read against, :class:`~clopdit_dist.models.marker_table.MarkerTable`),
-        from up to ``stats_cells`` cells."""
+        from up to ``stats_cells`` cells; per assay its capture effect (what an assay named in a prompt
+        is given, :mod:`~clopdit_dist.models.assay_capture`)."""
         loader = CellLoader(self.cfg.data.shards, LoaderConfig(
             split="train", genes=self.codec.genes, batch_size=1024, num_workers=0, resampled=False,
             fields=LIBRARY_KEYS), rank=0, world_size=1)
@@ -156,7 +158,8 @@ class DiTStage(Stage):
                 "library": {"keys": list(LIBRARY_KEYS), "unit": "total counts over the autoencoder's genes",
                             "groups": groups},
                 "type_expression": {t: [float(f"{v:.4g}") for v in (c / c.sum()).tolist()]  # pseudobulk proportions
-                                    for t, c in sorted(type_counts.items())}}
+                                    for t, c in sorted(type_counts.items())},
+                "assay_capture": capture_statistics(self.cfg.data.shards, self.codec.genes)}
 
     def build_model(self) -> torch.nn.Module:
         module = LatentDiT(self.cfg.model.build(), self.codec.latent_dim)
