@@ -45,6 +45,7 @@ DEMO_PROMPTS = [
     "cell type: classical monocyte; tissue: blood; disease: COVID-19",
     "killer T cells from the lung of a lung cancer patient",
     "B cell in a lymph node",
+    "type II pneumocytes from healthy lung, 10x 5' v2",
 ]
 
 
