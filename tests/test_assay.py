@@ -22,6 +22,11 @@ def test_assay_names_are_read_exactly_in_the_spellings_people_type():
     assert assays_named("10X 5’ v2 data").labels == ["10x 5' v2"]
     assert assays_named("T cells profiled with SMART-Seq2").labels == ["Smart-seq2"]
     assert assays_named("10x v3 chemistry").labels == ["10x 3' v3"]
+    # 10x's product and kit words, versions with a minor number, pairs without spaces
+    assert assays_named("hepatocytes profiled with Chromium Single Cell 3′ Reagent Kits v3.1").labels == ["10x 3' v3"]
+    assert assays_named("10xv2 3'; goblet cells").labels == ["10x 3' v2"]
+    assert assays_named("assay=Drop-seq; tissue=retina").labels == ["Drop-seq"]
+    assert assays_named("the 3' UTR of CD8A; chromium exposure; single cell RNA-seq, v2 of the atlas").labels == []
     # a family name covers its labels; the longest name wins ("10x 3' v3" is not also the family)
     assert assays_named("10x 3' cells").labels == THREE
     r = assays_named("10x 3' v3 and Smart-seq2")

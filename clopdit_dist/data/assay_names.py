@@ -20,20 +20,27 @@ import yaml
 ASSAY_KEYS = frozenset({"assay", "assays", "technology", "platform", "chemistry", "protocol", "sequencing"})
 
 _QUOTES = re.compile(r"[’‘′`´]")
-_PRIME = re.compile(r"\b([35])\s*(?:-\s*)?(?:'|prime\b)")  # "3 prime", "3-prime", "3 '", "3'"
-_VERSION = re.compile(r"\bversion\s*(\d)")
-_DROPPED = re.compile(r"\b(?:genomics|chromium|single[\s-]cell|gene expression|gem-x|next gem)\b")
-_TOKENS = re.compile(r"[a-z0-9][a-z0-9'.^+-]*[a-z0-9'^+]|[a-z0-9]|\d'")
+_SPLIT = re.compile(r"\b10x(?=v\d)")  # "10xv2"
+_PRIME = re.compile(r"\b([35])\s*(?:-\s*)?(?:'|prime\b)")  # "3 prime", "3-prime", "5prime", "3 '", "3'"
+_VERSION = re.compile(r"\bversion\s*(\d)|\bv(\d)\.\d+")  # "version 3", "v3.1"
+_TEN_X = re.compile(r"\b(?:10x\s+)?(?:genomics|chromium)\b|\bsingle[\s-]cell\s+(?=[35]'|multiome)")  # 10x's names
+_FILLER = re.compile(r"\b(?:reagent|kits?|library|libraries|gel|beads?|gex|gene expression|next gem|gem-x)\b|&")
+_TOKENS = re.compile(r"[a-z0-9][a-z0-9'.+-]*[a-z0-9'+]|[a-z0-9]|\d'")
+_WORDS = re.compile(r"[^\s=:;,()\[\]]+")  # a prompt's words: "assay=Drop-seq" is two
 
 
 def normalize_assay(text: str) -> str:
-    """Lower case, one quote, 3'/5' for "3 prime", vN for "version N", vendor words dropped, one
-    space between tokens: the form names and prompts are compared in."""
-    s = _QUOTES.sub("'", str(text).lower())
+    """Lower case, one quote, 3'/5' for "3 prime", vN for "version N" and "vN.M", 10x for its
+    product names ("10x Genomics", "Chromium", "Single Cell 3'"), kit words dropped, one space
+    between tokens: the form names and prompts are compared in."""
+    s = _QUOTES.sub("'", str(text).lower()).replace("^", "")
+    s = _SPLIT.sub("10x ", s)
     s = _PRIME.sub(r"\1'", s)
-    s = _VERSION.sub(r"v\1", s)
-    s = _DROPPED.sub(" ", s)
-    return " ".join(_TOKENS.findall(s))
+    s = _VERSION.sub(lambda m: f"v{m.group(1) or m.group(2)}", s)
+    s = _TEN_X.sub(" 10x ", s)
+    s = _FILLER.sub(" ", s)
+    words = _TOKENS.findall(s)
+    return " ".join(w for i, w in enumerate(words) if not (w == "10x" and i and words[i - 1] == "10x"))
 
 
 @cache
@@ -64,9 +71,9 @@ class AssaysNamed:
 def assays_named(text: str) -> AssaysNamed:
     """The assays ``text`` names, by its words: the longest run of words whose normalised form is
     a name wins, no two on one word ("10x 3' v3" is one label, not also the family "10x 3'")."""
-    words = list(re.finditer(r"\S+", str(text)))
+    words = list(_WORDS.finditer(str(text)))
     names = assay_names()
-    longest = max((len(n.split()) for n in names), default=0) + 4  # room for dropped vendor words
+    longest = max((len(n.split()) for n in names), default=0) + 6  # room for dropped vendor and kit words
     labels, spans, rest, i = [], [], str(text), 0
     while i < len(words):
         for k in range(min(longest, len(words) - i), 0, -1):
