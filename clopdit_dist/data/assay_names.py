@@ -20,11 +20,12 @@ import yaml
 ASSAY_KEYS = frozenset({"assay", "assays", "technology", "platform", "chemistry", "protocol", "sequencing"})
 
 _QUOTES = re.compile(r"[’‘′`´]")
-_SPLIT = re.compile(r"\b10x(?=v\d)")  # "10xv2"
+_SPLIT = re.compile(r"\b10x(?=v\d|[35]')|(?<=[35]')(?=v\d)")  # "10xv2", "10x5'v2": a space after each
 _PRIME = re.compile(r"\b([35])\s*(?:-\s*)?(?:'|prime\b)")  # "3 prime", "3-prime", "5prime", "3 '", "3'"
 _VERSION = re.compile(r"\bversion\s*(\d)|\bv(\d)\.\d+")  # "version 3", "v3.1"
 _TEN_X = re.compile(r"\b(?:10x\s+)?(?:genomics|chromium)\b|\bsingle[\s-]cell\s+(?=[35]'|multiome)")  # 10x's names
-_FILLER = re.compile(r"\b(?:reagent|kits?|library|libraries|gel|beads?|gex|gene expression|next gem|gem-x)\b|&")
+_FILLER = re.compile(r"\b(?:reagent|kits?|library|libraries|gel|beads?|gem|gex|gene expression|next gem|gem-x|"
+                     r"chemistry|immune profiling)\b|&")
 _TOKENS = re.compile(r"[a-z0-9][a-z0-9'.+-]*[a-z0-9'+]|[a-z0-9]|\d'")
 _WORDS = re.compile(r"[^\s=:;,()\[\]]+")  # a prompt's words: "assay=Drop-seq" is two
 
@@ -34,11 +35,11 @@ def normalize_assay(text: str) -> str:
     product names ("10x Genomics", "Chromium", "Single Cell 3'"), kit words dropped, one space
     between tokens: the form names and prompts are compared in."""
     s = _QUOTES.sub("'", str(text).lower()).replace("^", "")
-    s = _SPLIT.sub("10x ", s)
     s = _PRIME.sub(r"\1'", s)
+    s = _SPLIT.sub(lambda m: m.group() + " ", s)
     s = _VERSION.sub(lambda m: f"v{m.group(1) or m.group(2)}", s)
-    s = _TEN_X.sub(" 10x ", s)
     s = _FILLER.sub(" ", s)
+    s = _TEN_X.sub(" 10x ", s)
     words = _TOKENS.findall(s)
     return " ".join(w for i, w in enumerate(words) if not (w == "10x" and i and words[i - 1] == "10x"))
 
@@ -73,7 +74,7 @@ def assays_named(text: str) -> AssaysNamed:
     a name wins, no two on one word ("10x 3' v3" is one label, not also the family "10x 3'")."""
     words = list(_WORDS.finditer(str(text)))
     names = assay_names()
-    longest = max((len(n.split()) for n in names), default=0) + 6  # room for dropped vendor and kit words
+    longest = max((len(n.split()) for n in names), default=0) + 10  # room for dropped vendor and kit words
     labels, spans, rest, i = [], [], str(text), 0
     while i < len(words):
         for k in range(min(longest, len(words) - i), 0, -1):
