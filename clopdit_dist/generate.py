@@ -95,7 +95,8 @@ class CellGenerator:
             self._assay_weight = np.zeros((len(row), len(self.assays)))  # training cells per condition and assay
             for g in groups:
                 if g.get("assay") in self.assays:
-                    self._assay_weight[row[tuple(g[f] for f in CONDITION_FIELDS)], self.assays.index(g["assay"])] += g["n"]
+                    i = row[tuple(g[f] for f in CONDITION_FIELDS)]
+                    self._assay_weight[i, self.assays.index(g["assay"])] += g["n"]
             self._train_combinations = set(weight)
             self._latent_means = condition_latent_means(groups)
 
@@ -245,7 +246,9 @@ class CellGenerator:
         :class:`~clopdit_dist.errors.PromptWarning` (not under ``strict=False``); so is another
         organism than the one the model was trained on ("mouse" of a human model). A field it
         names more narrowly than the model knows ("Kupffer cells") is generated as the model's
-        label ("macrophage"), with a warning that says so.
+        label ("macrophage"), with a warning that says so. An assay it names ("10x 5' v2") goes
+        into each condition as ``assay``: missing fields are then drawn from that assay's training
+        cells, and :meth:`library_groups` and :meth:`assay_shift` read it.
         """
         r = self.resolver.resolve(prompt, allow_empty=not strict)
         if strict and r.unresolved:
@@ -256,14 +259,15 @@ class CellGenerator:
             which = "types of this model that express" if len(types) > 1 else "type of this model that expresses"
             warnings.warn(PromptWarning(f"prompt {prompt!r} names no cell type; from its markers ({r.markers}) it is "
                                         f"generated as {' or '.join(types)}, the {which} them most"), stacklevel=3)
+        has = ", ".join(map(repr, self.assays))
         if strict and r.assay_absent:
             warnings.warn(PromptWarning(f"prompt {prompt!r} names the assay {' or '.join(map(repr, r.assay_absent))}, "
-                                        f"which this model was not trained on (it has {', '.join(map(repr, self.assays))}): "
-                                        "generated with its training studies' assays instead"), stacklevel=3)
+                                        f"which this model was not trained on (it has {has}): generated with its "
+                                        "training studies' assays instead"), stacklevel=3)
         elif strict and r.assay_text and not r.assays:
             warnings.warn(PromptWarning(f"prompt {prompt!r}: assay {r.assay_text!r} names no assay this model knows "
-                                        f"(it has {', '.join(map(repr, self.assays))}): generated with its training "
-                                        "studies' assays instead"), stacklevel=3)
+                                        f"(it has {has}): generated with its training studies' assays instead"),
+                          stacklevel=3)
         elif strict and r.assays and self.capture is None:
             warnings.warn(PromptWarning(f"prompt {prompt!r} names the assay {' or '.join(map(repr, r.assays))}: its "
                                         "library sizes and cells come from that assay's training cells, but this run "
