@@ -20,7 +20,8 @@ TABLE_METRICS = (("identity_cell_type", "type id", "↑"), ("identity_tissue_gen
                  ("gene_mean_r2", "gene mean R²", "↑"), ("de_logfc_pearson", "DE logFC r", "↑"),
                  ("memorisation_ratio", "NN-dist ratio", "→1"))
 GENERATOR_ORDER = ("real_half", "codec_roundtrip", "training_copies", "gaussian", "type_mean_nb", "unconditional",
-                   "model_canonical", "model_reworded", "model_freeform", "model_type_only", "model_assay", "model_markers")
+                   "model_canonical", "model_reworded", "model_freeform", "model_type_only", "model_assay",
+                   "model_markers")
 LABELS = {"real_half": "real held-out cells, half vs half (ceiling)",
           "codec_roundtrip": "real half encoded and decoded by the run's codec (its ceiling)",
           "training_copies": "copies of training-study cells of the condition",

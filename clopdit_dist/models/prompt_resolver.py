@@ -38,14 +38,15 @@ Method
    "B cells and plasma cells") are each taken, as ``candidates`` with equal weights (a group
    in the list contributes its children): :func:`~clopdit_dist.data.conditions.listed_matches`.
    Exact names only; "lung, not liver" stays one tissue.
-6. Assays ("10x 3' v3", "Smart-seq2"): read apart from the three fields, by exact names only
-   (:mod:`~clopdit_dist.data.assay_names`); an "assay:" pair is read by its value. A prompt
-   naming only an assay the model has is not empty: it asks for that assay's cells.
 5. Names the model lacks: the CELLxGENE Census labels of ``vocab/census_labels.yaml`` that
    are not in the vocabulary take part in step 2 with exact matches only. A field won by one
    ("kidney", "podocytes") is None and listed in ``unresolved`` / ``absent``, so the
    generator can say so instead of reading the name as the nearest label by meaning (the
    tower puts "kidney" at 0.62 from "liver", above the tissue threshold).
+6. Assays ("10x 3' v3", "Smart-seq2"): read apart from the three fields, by exact names only
+   (:mod:`~clopdit_dist.data.assay_names`), and their words taken out of the text the fields are
+   read from; an "assay:" pair is read by its value. A prompt naming only an assay the model
+   has is not empty: it asks for that assay's cells.
 
 The held-out "reworded" and "rare" tables are never read: they are the evaluation's wording.
 
