@@ -10,6 +10,13 @@ demo's DiT (DiT-S: hidden 128, depth 4, on the autoencoder's 64-number latent as
 16), the previous demo's DiT-S on a 256-number latent as 8 tokens of 32, DiT-S on 16 tokens of
 16 (session 1's path), DiT-B; run with ``--dtype bf16`` and ``--compile`` (as ``clopdit
 generate``; the compile time is part of the total) to compare with the fp32 eager baseline.
+
+With ``--run RUN`` it times the user's path instead, ``CellGenerator.generate`` of a trained run
+with its own sampler (prompt resolution, plan, DiT, decoder, NB draws, AnnData), once per
+``--prompt``, after one small warm-up call:
+
+    python benchmarks/generation.py --run runs/demo/run --prompt "cell type: B cell; tissue: lung" \
+        --prompt "cell type: B cell; tissue: lung; assay: 10x 5' v2"
 """
 
 from __future__ import annotations
@@ -48,8 +55,12 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT (as clopdit generate --compile)")
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
+    p.add_argument("--run", default=None, help="time CellGenerator.generate of this trained run instead")
+    p.add_argument("--prompt", action="append", default=[], help="with --run: a prompt to time (repeatable)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.run:
+        return time_run(args)
     device = torch.device(args.device)
     interval = tuple(float(v) for v in args.interval.split(","))
     sampler = SamplerConfig(method=args.method, steps=args.steps, guidance=args.guidance, noise=args.noise,
@@ -92,6 +103,28 @@ def main() -> None:
                "guidance": args.guidance, "nfe_per_cell": nfe,
                "first_call_s": round(t_first, 2), "sampler_s": round(t_dit, 2), "decode_s": round(t_dec, 2),
                "total_s": round(total, 2), "cells_per_s": round(args.cells / total, 1)}
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def time_run(args) -> None:
+    """``--run``: seconds of ``CellGenerator.generate(prompt, n=cells)`` with the run's sampler."""
+    from clopdit_dist.generate import CellGenerator
+
+    gen = CellGenerator.from_run(args.run, device=args.device, precision=args.dtype, compile=args.compile)
+    for prompt in args.prompt:
+        gen.generate([prompt], n=64, seed=1)  # warm-up: resolver caches, first calls
+        t0 = time.perf_counter()
+        adata = gen.generate([prompt], n=args.cells, seed=0)
+        total = time.perf_counter() - t0
+        s = gen.default_sampler
+        row = {"bench": "generation_run", "run": args.run, "prompt": prompt, "cells": adata.n_obs,
+               "device": args.device, "dtype": args.dtype, "compile": args.compile, "threads": torch.get_num_threads(),
+               "cpus": os.cpu_count(), "python": platform.python_version(), "steps": s.steps, "method": s.method,
+               "noise": s.noise, "interval": list(s.interval), "guidance": s.guidance,
+               "total_s": round(total, 2), "cells_per_s": round(adata.n_obs / total, 1)}
         print(json.dumps(row), flush=True)
         if args.out:
             with open(args.out, "a") as f:
