@@ -91,11 +91,11 @@ class CellGenerator:
                 key = tuple(g[f] for f in CONDITION_FIELDS)
                 weight[key] = weight.get(key, 0.0) + g["n"]
             self._train_conditions, self._train_weight = list(weight), np.array(list(weight.values()))
-            row = {c: i for i, c in enumerate(self._train_conditions)}
-            self._assay_weight = np.zeros((len(row), len(self.assays)))  # training cells per condition and assay
+            self._condition_row = {c: i for i, c in enumerate(self._train_conditions)}
+            self._assay_weight = np.zeros((len(weight), len(self.assays)))  # training cells per condition and assay
             for g in groups:
                 if g.get("assay") in self.assays:
-                    i = row[tuple(g[f] for f in CONDITION_FIELDS)]
+                    i = self._condition_row[tuple(g[f] for f in CONDITION_FIELDS)]
                     self._assay_weight[i, self.assays.index(g["assay"])] += g["n"]
             self._train_combinations = set(weight)
             self._latent_means = condition_latent_means(groups)
@@ -310,8 +310,7 @@ class CellGenerator:
         cols = [self.assays.index(a) for a in assays]
         out = []
         for c, m in items:
-            key = tuple(c.get(f) for f in CONDITION_FIELDS)
-            row = self._train_conditions.index(key) if key in self._train_combinations else None
+            row = self._condition_row.get(tuple(c.get(f) for f in CONDITION_FIELDS))
             w = self._assay_weight[row, cols] if row is not None else np.zeros(len(cols))
             w = w if w.sum() > 0 else self._assay_weight[:, cols].sum(0) + 1e-9
             split = rng.multinomial(m, w / w.sum()) if len(cols) > 1 else [m]
