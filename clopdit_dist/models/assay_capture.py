@@ -69,17 +69,21 @@ class CapturePseudobulks:
             resid = y - alpha[ti]
             u = np.stack([np.average(resid[si == s], axis=0, weights=w[si == s]) for s in range(len(studies))])
             u -= u.mean(0)
-        assay_of = {s: self.assay_cells[s].most_common(1)[0][0] for s in studies}
+        assay_of = self.study_assays()
         effects = {a: np.mean([u[i] for i, s in enumerate(studies) if assay_of[s] == a], 0)
                    for a in sorted(set(assay_of.values()))}
         centre = np.mean(list(effects.values()), 0)
         return {a: (e - centre).astype(np.float32) for a, e in effects.items()}
 
+    def study_assays(self) -> dict[str, str]:
+        """Each study's assay: the most common among its cells."""
+        return {s: c.most_common(1)[0][0] for s, c in self.assay_cells.items()}
+
     def statistics(self, min_cells: int = 10) -> dict:
         """What a run keeps (``latent_stats.json``'s ``assay_capture``): effects per assay and
         the studies behind each."""
         effects = self.estimate(min_cells)
-        studies = Counter(c.most_common(1)[0][0] for c in self.assay_cells.values())
+        studies = Counter(self.study_assays().values())
         return {"effects": {a: [round(float(v), 4) for v in e] for a, e in effects.items()},
                 "studies": {a: int(studies[a]) for a in effects},
                 "pseudobulks": int(sum(n >= min_cells for n in self.cells.values()))}
@@ -125,8 +129,7 @@ def add_to_run(run_dir: str, shards: str) -> dict:
     from .codec import load_codec
 
     run = RunDir(run_dir)
-    if not os.path.exists(run.info_path):
-        raise RunDirError(f"{run_dir} is not a clopdit run directory (no run.json)")
+    run.info()  # a run directory of this schema, or a one-line RunDirError (init would create one)
     run.init(shards)  # raises unless the run was trained on these shards
     path = os.path.join(run.stage_dir("dit"), "latent_stats.json")
     if not os.path.exists(path):
