@@ -53,21 +53,19 @@ def main() -> None:
     p.add_argument("--shards", required=True, help="a shard set (its manifest's training labels are the vocabulary)")
     p.add_argument("--name", default="resolver")
     p.add_argument("--out", default=None)
-    p.add_argument("--prompts", default=PROMPTS, help="a development prompt file (default resolver_dev.yaml)")
+    p.add_argument("--prompts", nargs="+", default=[PROMPTS],
+                   help="development prompt files (default resolver_dev.yaml); one line each, named NAME "
+                        "prefixed by the file's suffix after 'resolver_dev' where there are several")
     p.add_argument("--run", default=None, help="a run trained on --shards: resolve as its generator does, marker genes "
                                                "included (without it: the words alone)")
+    p.add_argument("--drop-heldout", action="store_true",
+                   help="leave out (and count) prompts with a held-out name in them instead of refusing the set: "
+                        "for sets written by people who were not shown the held-out names")
     args = p.parse_args()
 
-    from clopdit_dist.data.conditions import CONDITION_FIELDS, normalize_name
     from clopdit_dist.data.manifest import Manifest
     from clopdit_dist.models.prompt_resolver import PromptResolver
     from clopdit_dist.models.text import TextTower
-
-    items = yaml.safe_load(open(args.prompts))
-    held = heldout_names()
-    clash = [it["prompt"] for it in items if any(f" {h} " in f" {normalize_name(it['prompt'])} " for h in held)]
-    if clash:
-        raise SystemExit(f"development prompts with a held-out name in them: {clash}")
 
     if args.run:  # the run's own resolver: the shards' vocabulary and the run's marker table
         from clopdit_dist.generate import CellGenerator
@@ -75,6 +73,22 @@ def main() -> None:
         resolver = CellGenerator.from_run(args.run).resolver
     else:
         resolver = PromptResolver.from_manifest(TextTower("minilm", normalize=True), Manifest.load(args.shards))
+    held = heldout_names()
+    for path in args.prompts:
+        name = args.name if len(args.prompts) == 1 else \
+            os.path.splitext(os.path.basename(path))[0].removeprefix("resolver_dev") + "_" + args.name
+        score(resolver, path, held, name, args)
+
+
+def score(resolver, path: str, held: set[str], name: str, args) -> None:
+    from clopdit_dist.data.conditions import CONDITION_FIELDS, normalize_name
+
+    items = yaml.safe_load(open(path))
+    clash = [it["prompt"] for it in items if any(f" {h} " in f" {normalize_name(it['prompt'])} " for h in held)]
+    if clash and args.drop_heldout:
+        items = [it for it in items if it["prompt"] not in clash]
+    elif clash:
+        raise SystemExit(f"development prompts with a held-out name in them: {clash}")
     right = {f: 0 for f in CONDITION_FIELDS}
     wrong = []
     for it in items:
@@ -86,7 +100,8 @@ def main() -> None:
             wrong.append({"prompt": it["prompt"],
                           **{f: r.groups[f] or r.fields[f] for f in CONDITION_FIELDS if not ok[f]}})
     n = len(items)
-    emit(args.out, [], bench="resolver_dev", name=args.name, prompts=os.path.basename(args.prompts), run=args.run, n=n,
+    emit(args.out, [], bench="resolver_dev", name=name, prompts=os.path.basename(path), run=args.run, n=n,
+         dropped_heldout=len(clash),
          **{f"right_{f}": round(right[f] / n, 4) for f in CONDITION_FIELDS},
          right_all=round((n - len(wrong)) / n, 4), wrong=wrong)
 

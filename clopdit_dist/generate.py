@@ -257,8 +257,13 @@ class CellGenerator:
         if strict and r.markers:
             types = [repr(c) for c, _ in r.candidates["cell_type"]]
             which = "types of this model that express" if len(types) > 1 else "type of this model that expresses"
-            warnings.warn(PromptWarning(f"prompt {prompt!r} names no cell type; from its markers ({r.markers}) it is "
-                                        f"generated as {' or '.join(types)}, the {which} them most"), stacklevel=3)
+            named = r.spans["cell_type"] if r.spans["cell_type"] != r.markers else None  # a group its markers narrowed
+            lead = f"names {named!r}; of those, from its markers" if named else "names no cell type; from its markers"
+            warnings.warn(PromptWarning(f"prompt {prompt!r} {lead} ({r.markers}) it is generated as "
+                                        f"{' or '.join(types)}, the {which} them most"), stacklevel=3)
+        if strict and r.excluded:
+            said = "; ".join(f"{FIELD_NAMES[f]} {' and '.join(map(repr, labels))}" for f, labels in r.excluded.items())
+            warnings.warn(PromptWarning(f"prompt {prompt!r} excludes {said}: generated without them"), stacklevel=3)
         has = ", ".join(map(repr, self.assays))
         if strict and r.assay_absent:
             warnings.warn(PromptWarning(f"prompt {prompt!r} names the assay {' or '.join(map(repr, r.assay_absent))}, "

@@ -170,6 +170,10 @@ def test_a_run_on_the_pca_codec_trains_clop_and_the_dit_and_generates(pca_run, s
     with pytest.warns(PromptWarning, match=r"from its markers \(" + own[t][0]):
         by_markers = gen.generate([prompts[t]], n=4, seed=0)
     assert set(by_markers.obs["cell_type"]) == {t}
+    # a group with one child excluded: the others, said so
+    with pytest.warns(PromptWarning, match="excludes cell type 'memory B cell'"):
+        naive = gen.generate(["B cells from blood, but not memory B cells"], n=6, seed=0)
+    assert set(naive.obs["cell_type"]) == {"naive B cell"}
     out = str(tmp_path / "g.h5ad")
     r = subprocess.run([sys.executable, "-m", "clopdit_dist.cli", "generate", "--run", run, "--prompt", "B cells, kidney",
                         "--n", "4", "--out", out], env=env, capture_output=True, text=True)

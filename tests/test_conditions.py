@@ -494,3 +494,58 @@ def test_an_assay_in_the_prompt_is_read_apart_from_the_fields(resolver):
     assert r.assays == [] and r.assay_absent == ["Smart-seq2"] and r.fields["cell_type"] is not None
     r = with_assays.resolve("cell type: B cell; assay: nanopore long reads")
     assert r.assays == [] == r.assay_absent and r.assay_text == "nanopore long reads"
+
+
+def test_a_request_inside_a_story_resolves_to_what_it_asks_for(resolver):
+    """Names a prompt mentions as context, comparison or exclusion are not read as asked for
+    (clopdit_dist/data/prompt_scope.py): they used to win over the described cell by being exact."""
+    r = resolver.resolve("We already have plenty of ciliated cells from nasal swabs. What I need now are lung cells "
+                         "that secrete surfactant, so I can compare them with the macrophages we sequenced.")
+    assert r.fields["cell_type"] == "type II pneumocyte" and r.fields["tissue_general"] == "lung"
+    # a tissue or disease said only in the story still counts where the request names none
+    r = resolver.resolve("Our lab has lupus PBMCs. Please generate monocytes.")
+    assert r.fields["disease"] == "systemic lupus erythematosus" and r.fields["tissue_general"] == "blood"
+    assert {c for c, _ in r.candidates["cell_type"]} == {"classical monocyte", "non-classical monocyte"}
+
+
+def test_excluded_labels_leave_a_group_or_list(resolver):
+    r = resolver.resolve("dendritic cells from healthy blood, but not the plasmacytoid type")
+    assert r.fields["cell_type"] == "conventional dendritic cell" and r.candidates["cell_type"] == \
+        [("conventional dendritic cell", 1.0)] and r.excluded == {"cell_type": ["plasmacytoid dendritic cell"]}
+    assert resolver.resolve("T cells from lymph node that are neither CD8 nor Tregs").fields["cell_type"] == \
+        "CD4-positive, alpha-beta T cell"
+    r = resolver.resolve("non-ciliated airway epithelial cells from the lung")
+    assert {c for c, _ in r.candidates["cell_type"]} == {"basal cell", "club cell", "goblet cell"}
+    # "non-" that begins a name is that name
+    assert resolver.resolve("non-classical monocytes").fields["cell_type"] == "non-classical monocyte"
+    # an exclusion that leaves nothing, or names nothing asked, changes nothing
+    assert resolver.resolve("B cells, not T cells").candidates["cell_type"] == \
+        resolver.resolve("B cells").candidates["cell_type"]
+    # a field left open on purpose is not guessed
+    assert resolver.resolve("COVID-19 samples, any tissue", allow_empty=True).fields["tissue_general"] is None
+    # sample shorthand and acronym plurals
+    assert resolver.resolve("AMs from healthy BAL").fields == \
+        {"cell_type": "alveolar macrophage", "tissue_general": "lung", "disease": "normal"}
+
+
+def test_a_group_named_with_its_markers_is_narrowed_by_them(resolver):
+    from clopdit_dist.models.prompt_resolver import PromptResolver
+
+    r0 = PromptResolver(resolver.tower, VOCAB, markers=_marker_table())
+    # "CD14- monocytes" is not the synonym "CD14 monocyte" (classical): the sign is read by the marker table
+    r = r0.resolve("FCGR3A+ CD14- monocytes from healthy blood")
+    assert r.fields["cell_type"] == "non-classical monocyte" and r.markers == "FCGR3A+, CD14-"
+    r = r0.resolve("monocytes from blood")  # no marker: the group stays whole
+    assert {c for c, _ in r.candidates["cell_type"]} == {"classical monocyte", "non-classical monocyte"}
+
+
+def test_misspelt_names_and_a_colon_inside_a_sentence(resolver):
+    # a word the text tower does not know, one or two edits from one name, is that name; a real word is not
+    assert resolver.resolve("hepatocyets from helthy livr").fields == \
+        {"cell_type": "hepatocyte", "tissue_general": "liver", "disease": "normal"}
+    assert resolver.resolve("B cells that live long in the lymph node").fields["tissue_general"] == "lymph node"
+    assert resolver.resolve("B cells that live long", allow_empty=True).fields["tissue_general"] is None
+    # before a long lead-in a colon ends a sentence, it does not start a "key: value" pair that drops the lead-in
+    r = resolver.resolve("I study psoriasis plaques and want to model the epidermis itself: its main cells")
+    assert r.fields["disease"] == "psoriasis" and r.fields["tissue_general"] == "skin of body"
+    assert resolver.resolve("location: lung", allow_empty=True).fields["tissue_general"] == "lung"

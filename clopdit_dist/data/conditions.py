@@ -80,7 +80,7 @@ def vocab_from_conditions(conditions: list[dict]) -> dict[str, list[str]]:
 # ---------------------------------------------------------------------------------------
 
 VOCAB_FILES = ("train_names", "heldout_reworded", "heldout_rare", "templates", "caption_style", "parents",
-               "census_labels", "narrower", "descriptions")
+               "census_labels", "narrower", "descriptions", "shorthand")
 
 
 @functools.cache
@@ -185,8 +185,8 @@ def split_structured(prompt: str) -> tuple[dict[str, str], dict[str, str], list[
     ``fields``: recognised field pairs, ``key: value`` (also ``key=value``, ``key == 'value'``,
     JSON's ``"key": "value"``), keys as in :func:`parse_fields`, a value running to the next field
     key or the end of its part; ``other_pairs``: ``key: value`` pairs with any other key
-    (lower-cased key -> value), e.g. "organism: human" or "location: lung"; ``free_text``: the
-    rest. Parts are separated by ";" or newlines."""
+    (lower-cased key of at most three words -> value), e.g. "organism: human" or "location: lung";
+    ``free_text``: the rest. Parts are separated by ";" or newlines."""
     fields, other, free = {}, {}, []
     for part in prompt.replace("\n", ";").split(";"):
         keys = list(_FIELD_KEY.finditer(part))
@@ -195,7 +195,10 @@ def split_structured(prompt: str) -> tuple[dict[str, str], dict[str, str], list[
             value = _strip_value(part[m.end():keys[k + 1].start() if k + 1 < len(keys) else len(part)])
             if value:
                 fields[_FIELD_OF_KEY[m.group(1).lower().replace("_", " ")]] = value
-        if ":" in head and head.split(":", 1)[1].strip() and not TERM_ID.match(head.strip()):
+        # a key is a few words ("location", "marker genes"); before a longer one the colon ends a sentence
+        # ("... I want to model the epidermis itself: the main epidermal cells"), which is free text
+        if ":" in head and head.split(":", 1)[1].strip() and not TERM_ID.match(head.strip()) \
+                and len(head.split(":", 1)[0].split()) <= 3:
             key, value = head.split(":", 1)
             other[key.strip().lower()] = value.strip()
         elif head.strip(_VALUE_EDGES + "()[]"):
@@ -262,7 +265,8 @@ def resolver_names(vocab: dict[str, list[str]], ontology_ids: dict[str, dict[str
     its TRAINING synonyms and generic rewrites (:func:`train_names`), and the names of the
     ``parents.yaml`` groups that have children in the vocabulary; then (``narrower=True``) the
     ``narrower.yaml`` names of labels in the vocabulary, the ``descriptions.yaml`` phrases of labels
-    in the vocabulary (what a cell does or where it sits, as leaf names of the label), and
+    in the vocabulary (what a cell does or where it sits, as leaf names of the label) and the
+    ``shorthand.yaml`` names of sample and donor shorthand ("BAL", "PB", "ctrl"), and
     (``in_model=False``) the names of ``census_labels.yaml`` labels outside it, each where its
     normalised form is none of the former's; and (``ontology_id=True``) the vocabulary labels'
     ontology term ids where given (``Manifest.ontology_term_ids``). Never a held-out name."""
@@ -279,9 +283,10 @@ def resolver_names(vocab: dict[str, list[str]], ontology_ids: dict[str, dict[str
                     out.append(NameEntry(f, label, name, normalize_name(name), (), is_acronym(name), narrower=True))
     taken = {e.norm for e in out}
     for f in CONDITION_FIELDS:  # leaf names of their label, matched by meaning like the training synonyms
-        for label, names in (vocab_file("descriptions").get(FIELD_KIND[f]) or {}).items():
-            out += [NameEntry(f, label, name, normalize_name(name)) for name in names
-                    if label in present[f] and normalize_name(name) not in taken]
+        for file in ("descriptions", "shorthand"):
+            for label, names in (vocab_file(file).get(FIELD_KIND[f]) or {}).items():
+                out += [NameEntry(f, label, name, normalize_name(name), (), is_acronym(name)) for name in names
+                        if label in present[f] and normalize_name(name) not in taken]
     taken = {e.norm for e in out}
     for f in CONDITION_FIELDS:
         for label, names in (vocab_file("census_labels").get(FIELD_KIND[f]) or {}).items():
@@ -552,6 +557,8 @@ class ResolvedPrompt:
     "10x 3'"; :mod:`~clopdit_dist.data.assay_names`), else empty. ``assay_text``: what the assay was
     read from, or an "assay:" value that names none. ``assay_absent``: Census assays the prompt
     names that the model was not trained on (``assays`` is then empty).
+    ``excluded``: per field, the labels the prompt asked for by a group or list and then excluded
+    ("dendritic cells, but not the plasmacytoid type"; :mod:`~clopdit_dist.data.prompt_scope`).
     """
 
     fields: dict[str, str | None]
@@ -568,6 +575,7 @@ class ResolvedPrompt:
     assays: list[str] = field(default_factory=list)
     assay_text: str = ""
     assay_absent: list[str] = field(default_factory=list)
+    excluded: dict[str, list[str]] = field(default_factory=dict)
 
     def condition(self) -> dict[str, str]:
         """The named fields only (a partial condition meta)."""

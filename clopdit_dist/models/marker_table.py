@@ -115,10 +115,13 @@ class MarkerTable:
         signs = np.array([s for _, s in mentions], np.float32)
         return (self.z[:, cols] * signs).mean(1)
 
-    def cell_types(self, prompt: str, vocab: list[str] | None = None) -> tuple[list[str], float, str] | None:
+    def cell_types(self, prompt: str, vocab: list[str] | None = None,
+                   min_score: float = MIN_SCORE) -> tuple[list[str], float, str] | None:
         """The types (of ``vocab``, if given) the prompt's markers name: every type within
-        :data:`MARGIN` of the best mean z-score where the best reaches :data:`MIN_SCORE`, with that
-        score and the genes read; None where the prompt names no expressed gene or no type stands out."""
+        :data:`MARGIN` of the best mean z-score where the best reaches ``min_score``, with that
+        score and the genes read; None where the prompt names no expressed gene or no type stands out.
+        Among the few types a prompt already names ("FCGR3A+ CD14- monocytes") the markers only have
+        to tell them apart: pass a lower ``min_score``."""
         mentions = self.mentions(prompt)
         if not any(s > 0 for _, s in mentions):
             return None
@@ -126,7 +129,7 @@ class MarkerTable:
         allowed = np.array([vocab is None or t in vocab for t in self.labels])
         score = np.where(allowed, score, -np.inf)
         best = float(score.max())
-        if best < MIN_SCORE:
+        if best < min_score:
             return None
         keep = [self.labels[i] for i in np.argsort(-score) if score[i] >= best - MARGIN]
         said = ", ".join(f"{g}{'+' if s > 0 else '-'}" for g, s in mentions)

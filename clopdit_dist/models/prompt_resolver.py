@@ -82,10 +82,14 @@ candidate spans at all (:func:`~clopdit_dist.data.conditions.generic_words`): Mi
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
+from rapidfuzz.distance import DamerauLevenshtein
 
 from ..data.assay_names import ASSAY_KEYS, AssaysNamed, assays_named
+from ..data.prompt_scope import PromptScope, read_scope
 from ..data.conditions import (
     CONDITION_FIELDS,
     FIELD_KIND,
@@ -109,6 +113,7 @@ from ..data.conditions import (
     split_structured,
     train_names,
     train_tables,
+    vocab_file,
     vocab_from_conditions,
 )
 from .marker_table import MIN_SCORE
@@ -122,7 +127,13 @@ DEFAULT_THRESHOLDS = {"cell_type": 0.666, "tissue_general": 0.600, "disease": 0.
 # cell-type groups' names are Cell Ontology synonyms ("T cell", "T lymphocyte"); the disease group's
 # span broader and narrower terms ("neoplasm", "cancer"), so "lung tumour" stays the cancer group
 SYNONYM_GROUP_FIELDS = ("cell_type",)
+# a misspelt name ("helthy", "livr"): above every field's threshold, below an exact name, so a name spelt right wins
+TYPO_SCORE = 0.97
 GROUP_DISCOUNT = 0.8  # confidence of a parent-group resolution relative to a leaf match
+# an excluded text's list words: "neither CD8 nor Tregs", "plasma cells and memory cells"
+_LIST_SPLIT = re.compile(r",|/|\b(?:and|or|nor)\b", re.IGNORECASE)
+# a gene symbol with a negative sign glued to it ("CD14-", "CD3E-neg", "CD16low"): read by the marker table only
+_NEGATED_GENE = re.compile(r"[A-Z][A-Z0-9]*\d[A-Z0-9]*(?:-|[-_]?(?:neg|negative|lo|low|dim))")
 # keys of "key: value" pairs that name no condition field: ignored
 IGNORED_KEYS = frozenset({"organism", "species", "markers", "marker genes", "genes", "organism_ontology_term_id"})
 
@@ -167,6 +178,15 @@ class PromptResolver:
         self._cache = TextEmbeddingCache(tower) if tower.frozen else None
         self._field_of = np.array([e.field for e in self.entries])
         self._norms = [e.norm for e in self.entries]
+        # one-word names a misspelt word may stand for, and the tower's whole-word vocabulary: a word it knows
+        # ("lives", "long") is a word, not a misspelt name ("liver", "lung")
+        self._one_word: dict[str, list[int]] = {}
+        for j, e in enumerate(self.entries):
+            if e.norm.isalpha() and len(e.norm) >= 4 and not e.acronym and not e.exact_only:
+                self._one_word.setdefault(e.norm, []).append(j)
+        self._words = {w.lower() for w in tower.tokenizer.get_vocab() if w.isalpha()}
+        described = {normalize_name(n) for t in vocab_file("descriptions").values() for ns in t.values() for n in ns}
+        self._names = {n for n in self._norms if n not in described}
         self._is_group = np.array([bool(e.group) for e in self.entries])
         self._exact_only = np.array([e.exact_only for e in self.entries])
         self._acronym = np.array([e.acronym for e in self.entries])
@@ -217,10 +237,18 @@ class PromptResolver:
         for i, n in enumerate(span_norms):
             for j in norm_index.get(n, ()):
                 sims[i, j] = 1.0
+            if spans[i].text.endswith("s"):  # an acronym's plural ("AMs", "DCs") is that acronym
+                for j in norm_index.get(normalize_name(spans[i].text[:-1]), ()):
+                    if self._acronym[j]:
+                        sims[i, j] = 1.0
             for f, variant in self._group_synonym_variants(n):
                 for j in norm_index.get(variant, ()):
                     if self._field_of[j] == f:
                         sims[i, j] = 1.0
+        for i, n in enumerate(span_norms):
+            if sims[i].max() < 1.0:
+                for j in self._misspelt(n):
+                    sims[i, j] = max(sims[i, j], TYPO_SCORE)
         # a Census name counts only when named exactly: it flags or narrows a prompt, it never guesses
         sims[:, self._exact_only] = np.where(sims[:, self._exact_only] >= 1.0, 1.0, -np.inf)
         # gene symbols mean nothing to the text tower (it read "KRT5+ TP63+ cells" as regulatory T cells, 0.70):
@@ -231,6 +259,10 @@ class PromptResolver:
                 gene = [self.markers.symbol(w) is not None for w in words]
                 if any(gene) and all(g or w.lower().strip(".,") in self._generic for g, w in zip(gene, words)):
                     sims[i] = np.where(sims[i] >= 1.0, 1.0, -np.inf)
+        # a gene negated in the span ("CD14- monocytes") is not the name that carries it ("CD14 monocyte")
+        for i, s in enumerate(spans):
+            if any(_NEGATED_GENE.fullmatch(w) for w in s.text.split()):
+                sims[i] = -np.inf
         allowed = np.isin(self._field_of, list(fields))
         if exclude_norms:
             allowed &= ~np.isin(np.array(self._norms, dtype=object), list(exclude_norms))
@@ -240,6 +272,20 @@ class PromptResolver:
                 if not acronym_allowed(self.entries[j], s.text):
                     sims[i, j] = -np.inf
         return sims
+
+    def _misspelt(self, norm: str) -> list[int]:
+        """The names a one-word span misspells ("helthy", "livr", "hepatocyets"): at Damerau-Levenshtein
+        distance 1 (2 from eight letters on) of one-word names, all of one label per field, where the
+        word is none the text tower knows whole."""
+        if not norm.isalpha() or len(norm) < 4 or norm in self._words:
+            return []
+        limit = 1 if len(norm) < 8 else 2
+        near = [j for name, js in self._one_word.items() if DamerauLevenshtein.distance(norm, name, score_cutoff=limit)
+                <= limit for j in js]
+        labels: dict[str, set[str]] = {}
+        for j in near:
+            labels.setdefault(self.entries[j].field, set()).add(self.entries[j].label)
+        return [j for j in near if len(labels[self.entries[j].field]) == 1]
 
     def _group_synonym_variants(self, norm: str) -> list[tuple[str, str]]:
         """(field, ``norm`` with one group name inside it, not all of it, swapped for another
@@ -304,10 +350,18 @@ class PromptResolver:
             if known or other else prompt
         in_text = assays_named(text)  # assay names are not read as fields ("v2" means nothing to a text tower)
         text = in_text.rest
-        if rest and has_words(text):
-            spans = candidate_spans(text, self.max_words)
-            scores = self.score_spans(spans, rest)
-            matches = self._matches(spans, scores, rest)
+        scope = read_scope(text, self._names_a_label) if rest and has_words(text) else PromptScope(text)
+        # what is asked first, then the context; a cell type is never read from an aside ("we already have
+        # plenty of ciliated cells"), a tissue or disease may be (module docstring of prompt_scope)
+        parts = [(scope.asked, rest), (scope.context, rest), (scope.asides, [f for f in rest if f != "cell_type"])] \
+            if scope.split else [(text, rest)]
+        for part, fields in parts:
+            todo = [f for f in fields if f not in chosen and f not in unresolved]
+            if not todo or not has_words(part):
+                continue
+            spans = candidate_spans(part, self.max_words)
+            scores = self.score_spans(spans, todo)
+            matches = self._matches(spans, scores, todo)
             picked = select_matches(matches, self.thresholds)
             for f, m in picked.items():
                 if not m.entry.in_model:
@@ -315,10 +369,13 @@ class PromptResolver:
                     continue
                 others = [c.span for g, c in picked.items() if g != f]
                 chosen[f] = self._refine(m, spans, scores, others)
-            lists.update(listed_matches({f: chosen[f] for f in picked if f in chosen}, matches, text))
+            lists.update(listed_matches({f: chosen[f] for f in picked if f in chosen}, matches, part))
         out = self._result(prompt, chosen, unresolved, absent, structured=bool(known), lists=lists)
-        if self.markers is not None and out.fields["cell_type"] is None and "cell_type" not in absent:
-            self._read_markers(out)  # also where a "cell type:" value matched no name: "SCGB1A1+ secretory cell"
+        if self.markers is not None and "cell_type" not in absent:
+            # also where a "cell type:" value matched no name ("SCGB1A1+ secretory cell"); read from what is asked
+            self._read_markers(out, "; ".join(p for p in (scope.asked, scope.context) if p) if scope.split
+                               else prompt)
+        self._exclude(out, scope.excluded)  # after the markers: "CD4+ cells, but not Tregs"
         value = next((v for k, v in other.items() if k in ASSAY_KEYS), None)
         self._read_assay(out, in_text if value is None else assays_named(value), value)
         if not allow_empty and all(v is None for v in out.fields.values()) and not out.assays:
@@ -333,14 +390,24 @@ class PromptResolver:
             raise prompt_error(prompt, why)
         return out
 
-    def _read_markers(self, r: ResolvedPrompt) -> None:
-        """The cell type of a prompt that names none in words, from the marker genes it names
-        (:class:`~clopdit_dist.models.marker_table.MarkerTable`): every type near the best as a
-        candidate, equal weights; confidence ``min(1, score / (2 * MIN_SCORE)) / candidates``."""
-        found = self.markers.cell_types(r.prompt, self.vocab["cell_type"])
+    def _read_markers(self, r: ResolvedPrompt, text: str) -> None:
+        """The cell type from the marker genes ``text`` names
+        (:class:`~clopdit_dist.models.marker_table.MarkerTable`): for a prompt that names none in
+        words, every type near the best as a candidate, equal weights, confidence ``min(1, score /
+        (2 * MIN_SCORE)) / candidates``; for one that names a group or list ("FCGR3A+ CD14-
+        monocytes"), those of its candidates the markers name."""
+        named = [c for c, _ in r.candidates["cell_type"]]
+        if len(named) == 1:
+            return
+        found = self.markers.cell_types(text, named, min_score=0.0) if named else \
+            self.markers.cell_types(text, self.vocab["cell_type"])
         if found is None:
             return
         labels, score, said = found
+        if named:
+            self._narrow(r, "cell_type", labels)
+            r.markers = said
+            return
         r.fields["cell_type"], r.spans["cell_type"], r.markers = labels[0], said, said
         r.unresolved.pop("cell_type", None)
         r.candidates["cell_type"] = [(t, 1.0 / len(labels)) for t in labels]
@@ -352,6 +419,43 @@ class PromptResolver:
         r.assays = [a for a in named.labels if a in self.assays]
         r.assay_absent = [] if r.assays else named.labels
         r.assay_text = ", ".join(named.spans) if named.spans else (value or "")
+
+    def _names_a_label(self, word: str) -> bool:
+        """Whether ``word`` ("non-classical") begins a label or a synonym of one (not a description:
+        "non-ciliated secretory cell" of club cells does not make "non-ciliated" a name)."""
+        norm = normalize_name(word)
+        return any(n == norm or n.startswith(norm + " ") for n in self._names)
+
+    def _exclude(self, r: ResolvedPrompt, excluded: list[str]) -> None:
+        """Remove from each field's candidates the labels the prompt excludes ("dendritic cells, but
+        not the plasmacytoid type"; :func:`~clopdit_dist.data.prompt_scope.read_scope`): each excluded
+        text, split at list words, resolved like free text; its labels (a group's children) are taken
+        out of a group or list the prompt asks for and listed in ``r.excluded``."""
+        named: dict[str, set[str]] = {}
+        for piece in (p for text in excluded for p in _LIST_SPLIT.split(text)):
+            if not has_words(piece):
+                continue
+            spans = candidate_spans(piece, self.max_words)
+            matches = self._matches(spans, self.score_spans(spans), CONDITION_FIELDS)
+            for f, m in select_matches(matches, self.thresholds).items():
+                if m.entry.in_model:
+                    named.setdefault(f, set()).update(m.entry.group or (m.entry.label,))
+        for f, labels in named.items():
+            keep = [c for c, _ in r.candidates.get(f, ()) if c not in labels]
+            if len(keep) < len(r.candidates.get(f, ())) and keep:
+                r.excluded[f] = sorted(labels & {c for c, _ in r.candidates[f]})
+                self._narrow(r, f, keep)
+
+    def _narrow(self, r: ResolvedPrompt, f: str, labels: list[str]) -> None:
+        """Field ``f`` of ``r`` restricted to ``labels`` (a subset of its candidates), equal weights."""
+        old = {c for c, _ in r.candidates[f]}
+        labels = [c for c in labels if c in old]
+        r.candidates[f] = [(c, 1.0 / len(labels)) for c in labels]
+        r.confidence[f] = round(r.confidence[f] * len(old) / len(labels), 4)
+        if len(labels) == 1:
+            r.fields[f], r.groups[f] = labels[0], None
+        elif r.fields[f] not in labels:
+            r.fields[f] = labels[0]
 
     def unresolved_reason(self, r: ResolvedPrompt) -> str:
         """Why the fields of ``r.unresolved`` cannot be given, with the model's labels for them."""

@@ -1,0 +1,144 @@
+"""Which words of a free-text prompt ask for cells, which only give context, and which exclude.
+
+People ask for cells inside a story: "We already have plenty of ciliated cells. What I need now are
+the surfactant-secreting cells of the alveoli, so I can compare them with the macrophages we
+sequenced", "monocytes, but not the CD16+ ones", "non-ciliated airway cells". Read as one bag of
+names, such a prompt generated the cells it mentions in passing (a blind development set of session
+26, ``benchmarks/prompts/resolver_dev_s26a.yaml``: 10 of its 12 long requests got a cell type named
+only as context). :func:`read_scope` splits the free text by cue words alone (no model):
+
+* **asked**: the sentences and ";"-parts that carry a request ("generate", "simulate", "I need",
+  "could you", "please", ...), or every one of them when none does, without their asides;
+* **context**: the other sentences and parts, without their asides;
+* **asides**: what follows a comparison ("to compare them with X", "contrast", "combine them with"),
+  what the user already has ("we already have X", "our data has lots of X") or will add ("we'll add
+  X later"), each up to the end of its clause;
+* **excluded**: what follows a negation ("not", "neither ... nor", "excluding", "except", "other
+  than", "rather than", "instead of", "isn't", "aren't", "as opposed to", "unlike") up to the end of its clause or the next
+  preposition, and "X cells" for a "non-X" word that begins no name the model knows
+  ("non-ciliated", not "non-classical").
+
+The resolver reads a cell type from asked, then context; a tissue or disease from asked, then
+context, then asides (a side clause's tissue is usually the study's: "we have lupus PBMCs"); it
+never reads excluded text as asked for, and removes the labels it names from a group or list the
+prompt asks for ("dendritic cells, but not the plasmacytoid type": conventional DCs). A field left
+open on purpose ("any tissue", "whatever disease", "regardless of cell type") is taken out of the
+text, so nothing is read for it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+# a sentence or ";"-part that asks for something
+REQUEST = re.compile(
+    r"\b(?:please|pls|generate|simulate|synthesi[sz]e|produce|create|make|give|show|need|want|would\s+like|"
+    r"(?:i|we)'d\s+like|looking\s+for|can\s+you|could\s+you|get\s+me|request)\b", re.IGNORECASE)
+# asides: the removed text starts at the group "cut" and runs to the end of the clause
+ASIDES = [re.compile(p, re.IGNORECASE) for p in (
+    # comparisons: "so I can compare them with X", "to contrast against X", "we'll combine them with X"
+    r"(?P<cut>\b(?:compar|contrast|combin|benchmark|pair)\w*(?:\s+(?:it|them|these|those|this|that))?"
+    r"\s+(?:with|against|to|alongside|versus)\b)",
+    # plans: "we'll add X", "we will take X from a public atlas"
+    r"\b(?:we|i)\s*(?:'ll|will|would|'d|'re\s+going\s+to|plan\s+to)\s+(?:also\s+|then\s+|later\s+)?"
+    r"(?P<cut>(?:add|take|use|get|pull|combine|contrast|compare|bring|supply|borrow|merge|integrate|source)\b)",
+    # what the user has: "we already have X", "our blood dataset has lots of X", "I sequenced X"
+    r"\b(?:we|i|our(?:\s+[\w'-]+){0,3}?\s+(?:data(?:set)?s?|atlas|cohort|samples?|study|lab|reference))"
+    r"\s+(?:already\s+)?(?P<cut>(?:ha(?:ve|s|d)|got|sequenced|profiled|captured|collected)\b)",
+    r"(?P<cut>\balready\s+(?:ha(?:ve|s|d)|got|in|sequenced|profiled|captured|collected)\b)",
+)]
+NEGATION = re.compile(
+    r"\b(?:not|neither|nor|excluding|exclude|except(?:\s+for)?|other\s+than|rather\s+than|instead\s+of|"
+    r"apart\s+from|aren't|isn't|are\s+not|is\s+not|minus|as\s+opposed\s+to|in\s+contrast\s+to|unlike)\b",
+    re.IGNORECASE)
+# a field left open on purpose: "any tissue", "whatever disease", "regardless of (the) cell type"
+OPEN_FIELD = re.compile(
+    r"\b(?:any|whatever|whichever|every|all|regardless\s+of(?:\s+the)?|across(?:\s+all)?)\s+"
+    r"(?:cell[\s-]?types?|tissues?|organs?|diseases?|conditions?|disease\s+states?)\b", re.IGNORECASE)
+_NON = re.compile(r"\bnon-?([a-z][\w-]*)", re.IGNORECASE)
+_SENTENCE = re.compile(r"(?<=[.?!])\s+|[;\n]+")
+_CLAUSE_END = re.compile(r"[,;:.?!()]|\bbut\b", re.IGNORECASE)
+_PREPOSITION = re.compile(r"\b(?:from|in|of|with|at|on)\b", re.IGNORECASE)
+
+
+@dataclass
+class PromptScope:
+    """A prompt's free text split by what it does (module docstring); each part keeps its
+    sentences as ";"-separated segments."""
+
+    asked: str
+    context: str = ""
+    asides: str = ""
+    excluded: list[str] = field(default_factory=list)
+    split: bool = False  # whether anything was set apart or taken out (else read the text as it is)
+
+
+def _clause_end(text: str, start: int) -> int:
+    m = _CLAUSE_END.search(text, start)
+    return m.start() if m else len(text)
+
+
+def _clause_start(text: str, end: int) -> int:
+    starts = [m.end() for m in _CLAUSE_END.finditer(text, 0, end)]
+    return starts[-1] if starts else 0
+
+
+def _negated_end(text: str, start: int) -> int:
+    """The end of a negation's scope: the clause end, or a preposition after its first word
+    ("aren't airway cells from normal lung" excludes "airway cells")."""
+    end = _clause_end(text, start)
+    first = re.search(r"\S+", text[start:end])
+    if first:
+        m = _PREPOSITION.search(text, start + first.end(), end)
+        if m:
+            end = m.start()
+    return end
+
+
+def _cut(text: str, spans: list[tuple[int, int]]) -> str:
+    out, at = [], 0
+    for a, b in sorted(spans):
+        if a >= at:
+            out.append(text[at:a])
+            at = b
+        else:
+            at = max(at, b)
+    return " ".join(" ".join(out + [text[at:]]).split())
+
+
+def read_scope(text: str, names_a_label: Callable[[str], bool] = lambda _: False) -> PromptScope:
+    """``text`` split into asked, context, asides and excluded parts (module docstring).
+    ``names_a_label(word)``: whether a "non-X" word begins one of the model's names (it is then
+    a name, "non-classical", not a negation)."""
+    asked, context, asides, excluded, split = [], [], [], [], False
+    parts = [p for p in _SENTENCE.split(text) if p and p.strip()]
+    requests = [bool(REQUEST.search(p)) for p in parts]
+    for part, is_request in zip(parts, requests):
+        removed: list[tuple[int, int]] = [m.span() for m in OPEN_FIELD.finditer(part)]
+        for m in _NON.finditer(part):
+            if not names_a_label(m.group(0)):
+                removed.append(m.span())
+                excluded.append(f"{m.group(1)} cells")
+        for m in NEGATION.finditer(part):
+            end = _negated_end(part, m.end())
+            removed.append((m.start(), end))
+            if part[m.end():end].strip():
+                excluded.append(" ".join(part[m.end():end].split()))
+        side = []
+        for pattern in ASIDES:
+            for m in pattern.finditer(part):
+                # outside a request the whole clause is the aside ("the melanocytes we'll take from an atlas");
+                # inside one, from the cue on ("I want X, to compare against Y")
+                start = m.start("cut") if is_request else _clause_start(part, m.start("cut"))
+                side.append((start, _clause_end(part, m.end())))
+        for a, b in side:
+            kept = _cut(part[a:b], [(x - a, y - a) for x, y in removed if a <= x < b])
+            if kept:
+                asides.append(kept)
+        rest = _cut(part, removed + side)
+        if rest:
+            (asked if is_request or not any(requests) else context).append(rest)
+        split = split or bool(removed or side)
+    return PromptScope("; ".join(asked), "; ".join(context), "; ".join(asides), excluded, split or bool(context))

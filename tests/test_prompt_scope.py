@@ -1,0 +1,51 @@
+"""What a free-text prompt asks for, what it only mentions, and what it excludes
+(clopdit_dist/data/prompt_scope.py; the resolver's use of it is tested in test_conditions.py)."""
+
+from clopdit_dist.data.prompt_scope import read_scope
+
+
+def test_a_plain_prompt_is_read_as_it_is():
+    for text in ("CD8 T cells from a lung tumour", "I'd like to generate helper T cells from blood",
+                 "B cells and plasma cells from lymph node"):
+        s = read_scope(text)
+        assert not s.split and s.asked == text and not s.excluded
+
+
+def test_the_request_sentence_is_asked_and_the_story_around_it_is_not():
+    s = read_scope("We already have plenty of ciliated cells from nasal swabs. What I need now are the "
+                   "surfactant-secreting cells of the alveoli, so I can compare them with the macrophages we sequenced.")
+    assert "surfactant-secreting cells of the alveoli" in s.asked
+    assert "macrophages" not in s.asked + s.context and "ciliated" not in s.asked + s.context
+    assert "macrophages" in s.asides and "ciliated cells from nasal swabs" in s.asides
+    # a sentence with no request in a prompt that has one is context, read for what the request leaves out
+    s = read_scope("For a Crohn's project. Please simulate the absorptive cells lining the colon")
+    assert s.asked == "Please simulate the absorptive cells lining the colon" and s.context == "For a Crohn's project."
+    # outside a request the whole clause of a plan is an aside, the names before its verb included
+    s = read_scope("Please generate the main cell of the epidermis; the melanocytes we'll take from a public atlas")
+    assert "melanocytes" in s.asides and "melanocytes" not in s.asked + s.context
+    # inside a request only what follows the cue
+    s = read_scope("I want the bile duct cells from NAFLD livers, to compare against the hepatocytes in our atlas")
+    assert "bile duct cells from NAFLD livers" in s.asked and "hepatocytes" in s.asides
+
+
+def test_negations_exclude_up_to_their_clause_or_preposition():
+    s = read_scope("dendritic cells from healthy blood, but not the plasmacytoid type")
+    assert s.excluded == ["the plasmacytoid type"] and "plasmacytoid" not in s.asked
+    assert "dendritic cells from healthy blood" in s.asked
+    s = read_scope("T cells from lymph node that are neither CD8 nor Tregs")
+    assert "CD8" in " ".join(s.excluded) and "Tregs" in " ".join(s.excluded) and "CD8" not in s.asked
+    s = read_scope("Lung epithelial cells that aren't airway cells from normal lung")
+    assert s.excluded == ["airway cells"] and "from normal lung" in s.asked
+
+
+def test_non_x_is_a_negation_unless_it_begins_a_name():
+    names = {"non-classical", "non-alcoholic"}
+    s = read_scope("non-classical monocytes from non-alcoholic fatty liver", lambda w: w.lower() in names)
+    assert not s.split and not s.excluded
+    s = read_scope("Non-ciliated airway epithelial cells from the lungs", lambda w: w.lower() in names)
+    assert s.excluded == ["ciliated cells"] and "ciliated" not in s.asked.lower()
+
+
+def test_a_field_left_open_on_purpose_is_taken_out():
+    s = read_scope("covid-19 samples, any tissue, whatever cell type")
+    assert s.split and "tissue" not in s.asked and "cell type" not in s.asked and "covid-19 samples" in s.asked
