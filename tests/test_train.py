@@ -60,6 +60,16 @@ def _launch(shards, run, stages, overrides, nproc=2, port=29561):
     return proc
 
 
+def test_min_epochs_raises_the_steps_to_that_many_passes_over_the_training_cells():
+    from clopdit_dist.train.config import TrainConfig
+    from clopdit_dist.train.trainer import steps_for_epochs
+
+    # the demo's DiT preset: 4,000 steps of 256 cells are 76 passes over 13,447 cells; 70 passes change nothing there
+    assert steps_for_epochs(TrainConfig(steps=4000, min_epochs=70), 13_447, 256) == 4000
+    assert steps_for_epochs(TrainConfig(steps=4000, min_epochs=70), 32_406, 256) == 8862  # 2.4x the cells
+    assert steps_for_epochs(TrainConfig(steps=4000), 32_406, 256) == 4000  # off by default
+
+
 def test_launcher_under_torchrun_as_documented(shards_dir, tmp_path):
     """README's torchrun line: the launcher's --run after "--" (without it torchrun stops on
     "ambiguous option: --run could match --run-path")."""

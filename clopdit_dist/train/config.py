@@ -46,6 +46,9 @@ class WandbConfig:
 class TrainConfig:
     run_dir: str = "runs/demo/run"  # the run directory; the stage writes into run_dir/<stage>
     steps: int = 1000  # optimizer steps
+    # at least this many passes over the training cells: steps = max(steps, ceil(min_epochs x training cells /
+    # cells per step)), so a preset sized on one atlas keeps its training per cell on a larger one (0: off)
+    min_epochs: float = 0.0
     grad_accum: int = 1
     zero_stage: int = 1  # 0, 1, 2 or 3
     offload: bool = False  # ZeRO optimizer offload to CPU (configs/ds/zero{2,3}_offload.json)

@@ -23,6 +23,7 @@ rank), so a resumed run draws what the uninterrupted run drew.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 
@@ -69,6 +70,13 @@ def _evaluate(stage: Stage, state: dict, run: RunDir, device) -> dict:
     return stage.evaluate(model, run, device)
 
 
+def steps_for_epochs(tcfg, n_train: int, cells_per_step: int) -> int:
+    """``tcfg.steps``, or more where ``tcfg.min_epochs`` passes over ``n_train`` cells need more (the
+    resolved number is what the stage's saved config records, so a resumed run keeps it)."""
+    return max(tcfg.steps, math.ceil(tcfg.min_epochs * n_train / cells_per_step)) if tcfg.min_epochs > 0 \
+        else tcfg.steps
+
+
 def train(stage: Stage) -> dict:
     """Train ``stage`` to ``cfg.train.steps``, resuming from its latest checkpoint."""
     cfg = stage.cfg
@@ -85,6 +93,7 @@ def train(stage: Stage) -> dict:
         split="train", genes=stage.genes(run), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
         seed=tcfg.seed, fields=stage.fields(), exact=cfg.data.exact), rank=rank, world_size=world)
     stage.setup(run, loader, device)  # may fill in config values from the data (e.g. gene count)
+    tcfg.steps = steps_for_epochs(tcfg, loader.manifest.n_cells("train"), cfg.data.batch_size * world * tcfg.grad_accum)
     if rank == 0:
         save_config(cfg, os.path.join(stage_dir, "config.yaml"))
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
