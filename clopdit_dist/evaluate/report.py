@@ -184,7 +184,8 @@ def _per_condition_plot(result, ev, hs, out_dir):
     import matplotlib.pyplot as plt
 
     gens = result["sets"]["studies"]["generators"]
-    names = [g for g in ("real_half", "training_copies", "gaussian", "type_mean_nb", "model_canonical") if g in gens]
+    names = [g for g in ("real_half", "training_copies", "gaussian", "type_mean_nb", "model_canonical", "model_assay")
+             if g in gens]
     labels = [f"{r['cell_type']}\n{r['tissue_general']}, {r['disease']}" for r in gens[names[0]]["per_condition"]]
     fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(labels)), 5))
     width = 0.8 / len(names)

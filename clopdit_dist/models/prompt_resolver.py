@@ -48,6 +48,15 @@ Method
    read from; an "assay:" pair is read by its value. A prompt naming only an assay the model
    has is not empty: it asks for that assay's cells.
 
+7. What the prompt asks for (:mod:`~clopdit_dist.data.prompt_scope`): free text is read in the order
+   request sentences, other sentences, asides ("we already have X", "to compare with Y"; a tissue or
+   disease only), so a name mentioned in passing does not win over the cell asked for; labels the prompt
+   excludes ("but not the plasmacytoid type", "non-ciliated") leave a group or list it asks for
+   (``ResolvedPrompt.excluded``); marker genes narrow a group it names ("FCGR3A+ CD14- monocytes").
+8. A one-word span that misspells a one-word name ("helthy", "livr"; Damerau-Levenshtein distance 1, 2
+   from eight letters on, one label per field, and a word the text tower does not know whole) scores
+   :data:`TYPO_SCORE`, below an exact name.
+
 The held-out "reworded" and "rare" tables are never read: they are the evaluation's wording.
 
 Thresholds
@@ -89,7 +98,6 @@ import torch
 from rapidfuzz.distance import DamerauLevenshtein
 
 from ..data.assay_names import ASSAY_KEYS, AssaysNamed, assays_named
-from ..data.prompt_scope import PromptScope, read_scope
 from ..data.conditions import (
     CONDITION_FIELDS,
     FIELD_KIND,
@@ -116,6 +124,7 @@ from ..data.conditions import (
     vocab_file,
     vocab_from_conditions,
 )
+from ..data.prompt_scope import PromptScope, read_scope
 from .marker_table import MIN_SCORE
 from .text import TextEmbeddingCache, TextTower
 
