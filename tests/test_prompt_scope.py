@@ -44,6 +44,7 @@ def test_non_x_is_a_negation_unless_it_begins_a_name():
     assert not s.split and not s.excluded
     s = read_scope("Non-ciliated airway epithelial cells from the lungs", lambda w: w.lower() in names)
     assert s.excluded == ["ciliated cells"] and "ciliated" not in s.asked.lower()
+    assert not read_scope("B cells from blood, none from COVID-19 donors, nonetheless healthy").excluded
 
 
 def test_a_field_left_open_on_purpose_is_taken_out():

@@ -57,7 +57,7 @@ NEGATION = re.compile(
 OPEN_FIELD = re.compile(
     r"\b(?:any|whatever|whichever|every|all|regardless\s+of(?:\s+the)?|across(?:\s+all)?)\s+"
     r"(?:cell[\s-]?types?|tissues?|organs?|diseases?|conditions?|disease\s+states?)\b", re.IGNORECASE)
-_NON = re.compile(r"\bnon-?([a-z][\w-]*)", re.IGNORECASE)
+_NON = re.compile(r"\bnon[- ]([a-z][\w-]*)", re.IGNORECASE)  # "non-ciliated", "non ciliated"; not "none", "nonetheless"
 _SENTENCE = re.compile(r"(?<=[.?!])\s+|[;\n]+")
 _CLAUSE_END = re.compile(r"[,;:.?!()]|\bbut\b", re.IGNORECASE)
 _PREPOSITION = re.compile(r"\b(?:from|in|of|with|at|on)\b", re.IGNORECASE)
