@@ -118,10 +118,12 @@ def test_resolver_never_uses_heldout_names():
     assert held and not names & held
     # not even after normalisation ("B cell, naive" vs "B naive" would be one form)
     assert not norms & {normalize_name(h) for h in held}
-    # every training name of every label is there
+    # every training name of every label is there, as the label's own or (a parent group's name, such as
+    # "inflammatory bowel disease" for ulcerative colitis) as a group that holds the label
     for f in CONDITION_FIELDS:
         for label in VOCAB[f]:
-            assert set(train_names(FIELD_KIND[f], label)) <= {e.name for e in entries if e.label == label}
+            assert set(train_names(FIELD_KIND[f], label)) <= {e.name for e in entries
+                                                              if e.label == label or label in e.group}
 
 
 def test_organisms_named_word_for_word():
@@ -549,3 +551,20 @@ def test_misspelt_names_and_a_colon_inside_a_sentence(resolver):
     r = resolver.resolve("I study psoriasis plaques and want to model the epidermis itself: its main cells")
     assert r.fields["disease"] == "psoriasis" and r.fields["tissue_general"] == "skin of body"
     assert resolver.resolve("location: lung", allow_empty=True).fields["tissue_general"] == "lung"
+
+
+def test_spelling_alike_words_sub_sites_and_health_wordings(resolver):
+    # "myocyte" embeds near "mastocyte" by its word pieces: it is a muscle cell (the group, one child here)
+    r = resolver.resolve("myocyte, lung")
+    assert r.fields["cell_type"] == "smooth muscle cell" and r.fields["tissue_general"] == "lung"
+    # a tissue's part or sampling site is that tissue; after a group's name it does not refine the group
+    assert resolver.resolve("macrophages in the alveoli").fields["tissue_general"] == "lung"
+    r = resolver.resolve("T cells in the rectum")
+    assert r.groups["cell_type"] == "T cell" and r.fields["tissue_general"] == "large intestine"
+    assert resolver.resolve("periportal hepatocytes").fields["tissue_general"] == "liver"
+    # health said as "none" or as the absence of a disease
+    assert resolver.resolve("cell type: CD8 T cell; tissue: lung; disease: none").fields["disease"] == "normal"
+    assert resolver.resolve("CD8 T cells from tumor-free lung").fields["disease"] == "normal"
+    # a parent's name names the parent even where a training caption used it for one child
+    r = resolver.resolve("macrophages, colon, inflammatory bowel disease")
+    assert {c for c, _ in r.candidates["disease"]} == {"ulcerative colitis", "Crohn disease"}

@@ -252,11 +252,13 @@ class NameEntry:
     in_model: bool = True  # False: a Census label the vocabulary lacks (census_labels.yaml)
     narrower: bool = False  # a name more specific than ``label``, answered with it (narrower.yaml)
     ontology_id: bool = False  # ``name`` is the label's ontology term id ("CL:0000236")
+    shorthand: bool = False  # lab shorthand or a health wording (shorthand.yaml)
 
     @property
     def exact_only(self) -> bool:
-        """Census names (lacking or narrower) and term ids count only when a span is one exactly."""
-        return not self.in_model or self.narrower or self.ontology_id
+        """Census names (lacking or narrower), term ids and shorthand count only when a span is one exactly:
+        by similarity "uninfected" was "virus-infected" and "healthy donor" "infected donors"."""
+        return not self.in_model or self.narrower or self.ontology_id or self.shorthand
 
 
 def resolver_names(vocab: dict[str, list[str]], ontology_ids: dict[str, dict[str, str]] | None = None
@@ -265,8 +267,9 @@ def resolver_names(vocab: dict[str, list[str]], ontology_ids: dict[str, dict[str
     its TRAINING synonyms and generic rewrites (:func:`train_names`), and the names of the
     ``parents.yaml`` groups that have children in the vocabulary; then (``narrower=True``) the
     ``narrower.yaml`` names of labels in the vocabulary, the ``descriptions.yaml`` phrases of labels
-    in the vocabulary (what a cell does or where it sits, as leaf names of the label) and the
-    ``shorthand.yaml`` names of sample and donor shorthand ("BAL", "PB", "ctrl"), and
+    in the vocabulary (what a cell does or where it sits, as leaf names of the label) and
+    (``shorthand=True``, exact only) the ``shorthand.yaml`` names of sample, donor and cell shorthand
+    ("BAL", "PB", "ctrl", "VSMC"), and
     (``in_model=False``) the names of ``census_labels.yaml`` labels outside it, each where its
     normalised form is none of the former's; and (``ontology_id=True``) the vocabulary labels'
     ontology term ids where given (``Manifest.ontology_term_ids``). Never a held-out name."""
@@ -282,10 +285,11 @@ def resolver_names(vocab: dict[str, list[str]], ontology_ids: dict[str, dict[str
                 if label in present[f] and normalize_name(name) not in own:
                     out.append(NameEntry(f, label, name, normalize_name(name), (), is_acronym(name), narrower=True))
     taken = {e.norm for e in out}
-    for f in CONDITION_FIELDS:  # leaf names of their label, matched by meaning like the training synonyms
+    for f in CONDITION_FIELDS:  # leaf names of their label: descriptions by meaning, shorthand exactly
         for file in ("descriptions", "shorthand"):
             for label, names in (vocab_file(file).get(FIELD_KIND[f]) or {}).items():
-                out += [NameEntry(f, label, name, normalize_name(name), (), is_acronym(name)) for name in names
+                out += [NameEntry(f, label, name, normalize_name(name), (), is_acronym(name),
+                                  shorthand=file == "shorthand") for name in names
                         if label in present[f] and normalize_name(name) not in taken]
     taken = {e.norm for e in out}
     for f in CONDITION_FIELDS:
@@ -302,13 +306,19 @@ def _model_names(vocab: dict[str, list[str]]) -> list[NameEntry]:
     out: list[NameEntry] = []
     for f in CONDITION_FIELDS:
         labels = [str(x) for x in vocab.get(f, ())]
+        present = set(labels)
+        # a parent group's name with two or more children here names the group, even where a training caption
+        # used it for one child ("inflammatory bowel disease" for ulcerative colitis)
+        grouped = {normalize_name(n) for g, spec in (vocab_file("parents").get(f) or {}).items()
+                   if g not in present and len(set(spec["children"]) & present) > 1 for n in spec["names"]}
         seen = set()
         for label in labels:
             for name in train_names(FIELD_KIND[f], label):
+                if normalize_name(name) in grouped and normalize_name(name) != normalize_name(label):
+                    continue
                 if (label, name) not in seen:
                     seen.add((label, name))
                     out.append(NameEntry(f, label, name, normalize_name(name), (), is_acronym(name)))
-        present = set(labels)
         for group, spec in (vocab_file("parents").get(f) or {}).items():
             children = tuple(c for c in spec["children"] if c in present)
             if not children or group in present:  # a group that is itself a label resolves as the label
@@ -519,14 +529,17 @@ def listed_matches(chosen: dict[str, Match], matches: list[Match], text: str) ->
 def _nested_ok(a: Match, b: Match) -> bool:
     """A tissue span inside a strictly longer span that exactly names a disease, or a cell type
     when the tissue is named exactly too ("lung cancer", "liver sinusoidal endothelial cell"):
-    names that carry their organ; not "lymphocyte" (near "lymph node") inside "B lymphocyte"."""
+    names that carry their organ; not "lymphocyte" (near "lymph node") inside "B lymphocyte". A
+    sub-site of a tissue (``narrower.yaml``) named exactly may lie inside any longer cell-type span."""
     pair = {a.field: a, b.field: b}
     if len(pair) != 2 or "tissue_general" not in pair:
         return False
     tissue = pair["tissue_general"]
     outer = next(m for f, m in pair.items() if f != "tissue_general")
     exact = outer.score >= 1.0 and (outer.field == "disease" or tissue.score >= 1.0)
-    return exact and outer.span.contains(tissue.span) and outer.span.length > tissue.span.length
+    # a sub-site named exactly inside a cell type's name or description: "cells lining the air sacs"
+    site = outer.field == "cell_type" and tissue.entry.narrower and tissue.score >= 1.0
+    return (exact or site) and outer.span.contains(tissue.span) and outer.span.length > tissue.span.length
 
 
 @dataclass

@@ -28,7 +28,7 @@ MIN_SCORE = 1.5
 MARGIN = 0.5
 _TOKEN = re.compile(r"[^\s,;:()\[\]/]+")
 _UP = {"+", "high", "hi", "positive", "pos", "bright", "++"}
-_DOWN = {"-", "low", "lo", "negative", "neg", "dim", "--"}
+_DOWN = NEGATIVE_SIGNS = frozenset({"-", "low", "lo", "negative", "neg", "dim", "--"})  # the resolver's too
 # suffixes glued to a symbol ("CD14-", "FCGR3A-high", "CD34hi"), longest first
 _SUFFIXES = sorted({(f"{sep}{w}", sign) for sep in ("", "-", "_") for ws, sign in ((_UP, 1), (_DOWN, -1))
                     for w in ws if sep == "" or w.isalpha()}, key=lambda x: -len(x[0]))

@@ -125,7 +125,7 @@ from ..data.conditions import (
     vocab_from_conditions,
 )
 from ..data.prompt_scope import PromptScope, read_scope
-from .marker_table import MIN_SCORE
+from .marker_table import MIN_SCORE, NEGATIVE_SIGNS
 from .text import TextEmbeddingCache, TextTower
 
 # Per-field thresholds: calibrate_thresholds(TextTower("minilm", normalize=True), <the
@@ -138,11 +138,14 @@ DEFAULT_THRESHOLDS = {"cell_type": 0.666, "tissue_general": 0.600, "disease": 0.
 SYNONYM_GROUP_FIELDS = ("cell_type",)
 # a misspelt name ("helthy", "livr"): above every field's threshold, below an exact name, so a name spelt right wins
 TYPO_SCORE = 0.97
+# a "disease:" value that says there is none ("disease: none") means the label "normal"
+NO_DISEASE_VALUES = frozenset({"none", "no", "nil", "absent"})
 GROUP_DISCOUNT = 0.8  # confidence of a parent-group resolution relative to a leaf match
 # an excluded text's list words: "neither CD8 nor Tregs", "plasma cells and memory cells"
 _LIST_SPLIT = re.compile(r",|/|\b(?:and|or|nor)\b", re.IGNORECASE)
 # a gene symbol with a negative sign glued to it ("CD14-", "CD3E-neg", "CD16low"): read by the marker table only
-_NEGATED_GENE = re.compile(r"[A-Z][A-Z0-9]*\d[A-Z0-9]*(?:-|[-_]?(?:neg|negative|lo|low|dim))")
+_NEGATED_GENE = re.compile(r"[A-Z][A-Z0-9]*\d[A-Z0-9]*(?:" + "|".join(
+    re.escape(w) if not w.isalpha() else f"[-_]?{w}" for w in sorted(NEGATIVE_SIGNS, key=len, reverse=True)) + ")")
 # keys of "key: value" pairs that name no condition field: ignored
 IGNORED_KEYS = frozenset({"organism", "species", "markers", "marker genes", "genes", "organism_ontology_term_id"})
 
@@ -199,6 +202,7 @@ class PromptResolver:
         self._is_group = np.array([bool(e.group) for e in self.entries])
         self._exact_only = np.array([e.exact_only for e in self.entries])
         self._acronym = np.array([e.acronym for e in self.entries])
+        self._one_word_name = np.array([" " not in e.norm for e in self.entries])
         # Census names (labels the model lacks, or narrower than its own) match exactly or not at
         # all: no embedding needed
         self._name_emb = np.zeros((len(self.entries), self.tower.dim), dtype=np.float32)
@@ -240,6 +244,11 @@ class PromptResolver:
             return np.zeros((0, len(self.entries)), dtype=np.float32)
         sims = np.minimum(self._embed([s.text for s in spans]) @ self._name_emb.T, 0.999)
         span_norms = [normalize_name(s.text) for s in spans]
+        # two words the tower splits into pieces are alike by their spelling, not their meaning ("myocyte" and
+        # "mastocyte", 0.7): such a word names a one-word name exactly, as an acronym's plural or misspelt only
+        for i, n in enumerate(span_norms):
+            if n.isalpha() and n not in self._words and n + "s" not in self._words:
+                sims[i, self._one_word_name] = -np.inf
         norm_index: dict[str, list[int]] = {}
         for j, n in enumerate(self._norms):
             norm_index.setdefault(n, []).append(j)
@@ -343,6 +352,8 @@ class PromptResolver:
         absent: dict[str, str] = {}
         lists: dict[str, list[Match]] = {}
         for f, value in known.items():
+            if f == "disease" and normalize_name(value) in NO_DISEASE_VALUES:
+                value = "normal"  # "disease: none" is a healthy donor's cell, not an open field
             spans = candidate_spans(value, self.max_words)
             scores = self.score_spans(spans, (f,))
             matches = self._matches(spans, scores, (f,))
@@ -376,7 +387,10 @@ class PromptResolver:
                 if not m.entry.in_model:
                     unresolved[f], absent[f] = m.span.text, m.entry.label
                     continue
-                others = [c.span for g, c in picked.items() if g != f]
+                # a tissue's sub-site inside the cell type's own words may refine it ("airway cells with beating
+                # cilia"); one after them may not ("T cells in the rectum" is no kind of T cell)
+                others = [c.span for g, c in picked.items() if g != f and not (
+                    f == "cell_type" and g == "tissue_general" and c.entry.narrower and c.span.overlaps(m.span))]
                 chosen[f] = self._refine(m, spans, scores, others)
             lists.update(listed_matches({f: chosen[f] for f in picked if f in chosen}, matches, part))
         out = self._result(prompt, chosen, unresolved, absent, structured=bool(known), lists=lists)
