@@ -387,10 +387,12 @@ class PromptResolver:
                 if not m.entry.in_model:
                     unresolved[f], absent[f] = m.span.text, m.entry.label
                     continue
-                # a tissue's sub-site inside the cell type's own words may refine it ("airway cells with beating
-                # cilia"); one after them may not ("T cells in the rectum" is no kind of T cell)
+                # a tissue's sub-site in or before the cell type's own words is part of its name and may refine it
+                # ("airway cells with beating cilia", "type 2 alveolar pneumocytes"); one after them is where the
+                # cells are ("T cells in the rectum" is no kind of T cell)
                 others = [c.span for g, c in picked.items() if g != f and not (
-                    f == "cell_type" and g == "tissue_general" and c.entry.narrower and c.span.overlaps(m.span))]
+                    f == "cell_type" and g == "tissue_general" and c.entry.narrower
+                    and c.span.segment == m.span.segment and c.span.start < m.span.end)]
                 chosen[f] = self._refine(m, spans, scores, others)
             lists.update(listed_matches({f: chosen[f] for f in picked if f in chosen}, matches, part))
         out = self._result(prompt, chosen, unresolved, absent, structured=bool(known), lists=lists)
