@@ -554,6 +554,8 @@ def test_misspelt_names_and_a_colon_inside_a_sentence(resolver):
 
 
 def test_spelling_alike_words_sub_sites_and_health_wordings(resolver):
+    # "type I" is read as "type 1" (the uncased tower took a lone "i" for the pronoun: type II pneumocytes)
+    assert resolver.resolve("type I alveolar cells").fields["cell_type"] == "type I pneumocyte"
     # "myocyte" embeds near "mastocyte" by its word pieces: it is a muscle cell (the group, one child here)
     r = resolver.resolve("myocyte, lung")
     assert r.fields["cell_type"] == "smooth muscle cell" and r.fields["tissue_general"] == "lung"

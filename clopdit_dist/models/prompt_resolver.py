@@ -138,6 +138,10 @@ DEFAULT_THRESHOLDS = {"cell_type": 0.666, "tissue_general": 0.600, "disease": 0.
 SYNONYM_GROUP_FIELDS = ("cell_type",)
 # a misspelt name ("helthy", "livr"): above every field's threshold, below an exact name, so a name spelt right wins
 TYPO_SCORE = 0.97
+# "type I" / "group II" embedded as "type 1" / "group 2": the uncased tower reads a lone "i" as the pronoun, so
+# "type I alveolar cells" was nearer "alveolar type 2 cell" (0.86) than any type-1 name
+_ROMAN = {"I": "1", "II": "2", "III": "3"}
+_ROMAN_TYPE = re.compile(r"\b(type|group|class)[\s-]+(III|II|I)\b", re.IGNORECASE)
 # a "disease:" value that says there is none ("disease: none") means the label "normal"
 NO_DISEASE_VALUES = frozenset({"none", "no", "nil", "absent"})
 GROUP_DISCOUNT = 0.8  # confidence of a parent-group resolution relative to a leaf match
@@ -230,6 +234,7 @@ class PromptResolver:
     def _embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.tower.dim), dtype=np.float32)
+        texts = [_ROMAN_TYPE.sub(lambda m: f"{m.group(1)} {_ROMAN[m.group(2).upper()]}", t) for t in texts]
         e = self._cache.encode(texts) if self._cache is not None else self.tower.embed(texts)
         return torch.nn.functional.normalize(e.float(), dim=-1).cpu().numpy()
 
