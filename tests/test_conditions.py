@@ -567,6 +567,8 @@ def test_spelling_alike_words_sub_sites_and_health_wordings(resolver):
     # health said as "none" or as the absence of a disease
     assert resolver.resolve("cell type: CD8 T cell; tissue: lung; disease: none").fields["disease"] == "normal"
     assert resolver.resolve("CD8 T cells from tumor-free lung").fields["disease"] == "normal"
+    # a span that begins or ends with a relative pronoun is no name ("cells that" was a B cell by similarity)
+    assert resolver.resolve("cells that give rise to every blood lineage", allow_empty=True).groups["cell_type"] is None
     # a parent's name names the parent even where a training caption used it for one child
     r = resolver.resolve("macrophages, colon, inflammatory bowel disease")
     assert {c for c, _ in r.candidates["disease"]} == {"ulcerative colitis", "Crohn disease"}
