@@ -279,8 +279,9 @@ class CellGenerator:
                                         "has no capture estimate to give them its capture (add it with `clopdit "
                                         "assay-capture --run RUN --shards SHARDS`)"), stacklevel=3)
         if strict and r.narrowed:
-            said = "; ".join(f"{FIELD_NAMES[f]} {text!r} is generated as {r.fields[f]!r}, the nearest {FIELD_NAMES[f]} "
-                             "this model was trained on" for f, text in r.narrowed.items())
+            said = "; ".join(f"{FIELD_NAMES[f]} {text!r} is generated as {r.fields[f]!r}, " + (
+                "the tissue it is part of" if f == "tissue_general" else
+                f"the nearest {FIELD_NAMES[f]} this model was trained on") for f, text in r.narrowed.items())
             warnings.warn(PromptWarning(f"prompt {prompt!r}: {said}"), stacklevel=3)
         other = sorted(organisms_named(prompt) - {self.organism}) if strict and self.organism else []
         if other:

@@ -156,6 +156,10 @@ def test_a_run_on_the_pca_codec_trains_clop_and_the_dit_and_generates(pca_run, s
     with pytest.warns(PromptWarning, match=f"cell type '{name}' is generated as '{label}'"):
         narrowed = gen.generate([name], n=4, seed=0)
     assert set(narrowed.obs["cell_type"]) == {label}
+    # a part of a tissue is that tissue, said so
+    with pytest.warns(PromptWarning, match="tissue 'alveoli' is generated as 'lung', the tissue it is part of"):
+        alveoli = gen.generate(["cells from the alveoli"], n=4, seed=0)
+    assert set(alveoli.obs["tissue_general"]) == {"lung"}
     # marker genes and no cell type: the types whose decoded training means express them most, said so. Each
     # type's own first two atlas markers name it (the codec keeps 200 genes: the types with two of them)
     from clopdit_dist.data import biology
