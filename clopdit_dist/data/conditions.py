@@ -307,19 +307,20 @@ def _model_names(vocab: dict[str, list[str]]) -> list[NameEntry]:
     for f in CONDITION_FIELDS:
         labels = [str(x) for x in vocab.get(f, ())]
         present = set(labels)
+        parents = vocab_file("parents").get(f) or {}
         # a parent group's name with two or more children here names the group, even where a training caption
         # used it for one child ("inflammatory bowel disease" for ulcerative colitis)
-        grouped = {normalize_name(n) for g, spec in (vocab_file("parents").get(f) or {}).items()
+        grouped = {normalize_name(n) for g, spec in parents.items()
                    if g not in present and len(set(spec["children"]) & present) > 1 for n in spec["names"]}
         seen = set()
         for label in labels:
             for name in train_names(FIELD_KIND[f], label):
-                if normalize_name(name) in grouped and normalize_name(name) != normalize_name(label):
+                norm = normalize_name(name)
+                if (norm in grouped and norm != normalize_name(label)) or (label, name) in seen:
                     continue
-                if (label, name) not in seen:
-                    seen.add((label, name))
-                    out.append(NameEntry(f, label, name, normalize_name(name), (), is_acronym(name)))
-        for group, spec in (vocab_file("parents").get(f) or {}).items():
+                seen.add((label, name))
+                out.append(NameEntry(f, label, name, norm, (), is_acronym(name)))
+        for group, spec in parents.items():
             children = tuple(c for c in spec["children"] if c in present)
             if not children or group in present:  # a group that is itself a label resolves as the label
                 continue
