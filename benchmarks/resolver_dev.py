@@ -13,7 +13,9 @@ One JSON line, with the wrong prompts and what they resolved to.
 ``--prompts benchmarks/prompts/resolver_dev_s23.yaml``: the second set (session 23), written before any run on it;
 ``resolver_dev_s24.yaml`` (cells described, not named) and ``resolver_dev_s24b.yaml`` / ``_s24c.yaml`` (the same and
 marker genes, written by helpers that read none of the project's files); ``resolver_dev_s26a.yaml`` / ``_s26b.yaml``
-(session 26, two more such helpers: long requests with side clauses, negations, shorthand, field subsets, typos).
+(session 26, two more such helpers: long requests with side clauses, negations, shorthand, field subsets, typos);
+``resolver_dev_s28a.yaml`` / ``_s28b.yaml`` (session 28, two more, from ``helper_brief_s28.md``: metadata strings,
+search queries, figure legends and clinical wordings; chat-box requests).
 Several files give one line each in one process. ``--run RUN``: resolve as that run's generator does, reading marker
 genes with its marker table. ``--drop-heldout``: leave out and count prompts that contain a held-out name (sets written
 by people who were not shown the held-out names) instead of refusing the set.

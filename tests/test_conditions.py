@@ -392,6 +392,10 @@ def test_marker_table_reads_signed_gene_mentions_and_names_the_types_that_expres
     assert t.cell_types("ACTB+ cells") is None and t.cell_types("CD14- cells") is None
     assert t.cell_types("cells from the lung") is None
     assert t.cell_types("SCGB1A1+ cells", vocab=["naive B cell", "memory B cell"]) is None  # outside the model
+    # markers glued together, and a protein name's case ("Cd14", with a digit and a capital)
+    assert t.mentions("CD14-FCGR3A+ cells") == [("CD14", -1), ("FCGR3A", 1)]
+    assert t.mentions("Fcgr3a+ Cd14-") == [("FCGR3A", 1), ("CD14", -1)]
+    assert t.mentions("HLA-FCGR3A+") == []  # a hyphen inside a name that is no gene is not a glued pair
 
 
 def test_descriptions_cover_every_cell_type_and_never_hold_a_heldout_name():
@@ -572,3 +576,31 @@ def test_spelling_alike_words_sub_sites_and_health_wordings(resolver):
     # a parent's name names the parent even where a training caption used it for one child
     r = resolver.resolve("macrophages, colon, inflammatory bowel disease")
     assert {c for c, _ in r.candidates["disease"]} == {"ulcerative colitis", "Crohn disease"}
+
+
+def test_metadata_strings_clinical_wordings_and_shared_heads(resolver):
+    # metadata strings: "=" and "_" join words, a field's value ends at the next pair's key
+    r = resolver.resolve("condition=healthy_control; compartment=LN; cluster=pDC")
+    assert (r.fields["cell_type"], r.fields["tissue_general"], r.fields["disease"]) == \
+        ("plasmacytoid dendritic cell", "lymph node", "normal")
+    r = resolver.resolve("tissue: sigmoid colon, diagnosis: CD, sorted population: goblet")
+    assert (r.fields["cell_type"], r.fields["tissue_general"], r.fields["disease"]) == \
+        ("goblet cell", "large intestine", "Crohn disease")
+    # a compound that starts with a name ("blood ##stream"); a misspelt shorthand name ("lupus")
+    assert resolver.resolve("bloodstream neutrophils").fields["tissue_general"] == "blood"
+    assert resolver.resolve("CD8 T cells in lupsu blood").fields["disease"] == "systemic lupus erythematosus"
+    # words that name no particular disease name none by similarity (they were COVID-19 and Crohn disease)
+    assert resolver.resolve("lymphocytes that kill virus-infected cells").fields["disease"] is None
+    assert resolver.resolve("colonic mucosal biopsies").fields["disease"] is None
+    # a disease described by its signs; a sampling procedure names its tissue
+    r = resolver.resolve("punch biopsy of a silvery, scaly plaque")
+    assert (r.fields["tissue_general"], r.fields["disease"]) == ("skin of body", "psoriasis")
+    assert resolver.resolve("T cells from a colectomy").fields["tissue_general"] == "large intestine"
+    # two names sharing their last words: both; a label with a comma in it stays one label
+    r = resolver.resolve("CD4 and CD8 T cells")
+    assert {c for c, _ in r.candidates["cell_type"]} == {"CD4-positive, alpha-beta T cell",
+                                                        "CD8-positive, alpha-beta T cell"}
+    r = resolver.resolve("naive and memory B cells")
+    assert {c for c, _ in r.candidates["cell_type"]} == {"naive B cell", "memory B cell"}
+    r = resolver.resolve("cell type: CD4-positive, alpha-beta T cell; tissue: lung")
+    assert [c for c, _ in r.candidates["cell_type"]] == ["CD4-positive, alpha-beta T cell"]

@@ -80,7 +80,7 @@ def vocab_from_conditions(conditions: list[dict]) -> dict[str, list[str]]:
 # ---------------------------------------------------------------------------------------
 
 VOCAB_FILES = ("train_names", "heldout_reworded", "heldout_rare", "templates", "caption_style", "parents",
-               "census_labels", "narrower", "descriptions", "shorthand")
+               "census_labels", "narrower", "descriptions", "shorthand", "unspecific")
 
 
 @functools.cache
@@ -154,6 +154,8 @@ def heldout_names(kind: str, label: str, tier: str = "reworded") -> list[str]:
 _FIELD_KEY = re.compile(r"""(?:^|(?<=[\s,.{(\[]))["']?(cell[ _]type|tissue(?:[ _]general)?|disease)(?:_ontology_term_id)?"""
                         r"""["']?\s*(?:==|=|:)""", re.IGNORECASE)
 _FIELD_OF_KEY = {v: k for k, v in FIELD_NAMES.items()} | {f.replace("_", " "): f for f in CONDITION_FIELDS}
+# ", key:" / "| key =" inside a field's value: another pair's key of one to three words (not a term id's "CL:")
+_NEXT_KEY = re.compile(r"[,|]\s*(?:[A-Za-z][\w-]*\s+){0,2}[A-Za-z][\w-]*\s*[:=](?!\d)")
 TERM_ID = re.compile(r"\b[A-Za-z]+:\d+\b")  # "CL:0000236 from UBERON:0002048": ids, no "CL" pair
 _VALUE_EDGES = " \t\"'{},."  # and a closing bracket the value does not open (_strip_value)
 
@@ -192,7 +194,14 @@ def split_structured(prompt: str) -> tuple[dict[str, str], dict[str, str], list[
         keys = list(_FIELD_KEY.finditer(part))
         head = part[:keys[0].start()] if keys else part
         for k, m in enumerate(keys):
-            value = _strip_value(part[m.end():keys[k + 1].start() if k + 1 < len(keys) else len(part)])
+            value = part[m.end():keys[k + 1].start() if k + 1 < len(keys) else len(part)]
+            # a value ends where another key's pair begins ("tissue: sigmoid colon, diagnosis: CD, ..."): the
+            # pairs after it are read as free text
+            cut = _NEXT_KEY.search(value)
+            if cut:
+                free.append(value[cut.start() + 1:].strip())
+                value = value[:cut.start()]
+            value = _strip_value(value)
             if value:
                 fields[_FIELD_OF_KEY[m.group(1).lower().replace("_", " ")]] = value
         # a key is a few words ("location", "marker genes"); before a longer one the colon ends a sentence
@@ -223,11 +232,11 @@ def _singular(w: str) -> str:
 
 
 def normalize_name(text: str) -> str:
-    """The form exact matching compares: case, accents, plurals, hyphens and punctuation
+    """The form exact matching compares: case, accents, plurals, hyphens, underscores and punctuation
     folded, "positive" written "+" ("CD8-positive T cells" == "cd8+ t cell")."""
     s = _strip_accents(text).lower()
     s = re.sub(r"[-\s]?positive\b", "+", s)
-    s = s.replace("-", " ")
+    s = s.replace("-", " ").replace("_", " ")
     s = re.sub(r"[^\w+ ]", " ", s)
     return " ".join(_singular(w) for w in s.split())
 
@@ -329,7 +338,8 @@ def _model_names(vocab: dict[str, list[str]]) -> list[NameEntry]:
     return out
 
 
-_WORD = re.compile(r"[^\s,;:|()\[\]{}\"]+")
+# "=" and "_" join the words of metadata strings ("condition=healthy_control; compartment=LN")
+_WORD = re.compile(r"[^\s,;:|()\[\]{}\"=_]+")
 # (relative pronouns and demonstratives since session 27: "cells that" was a B cell by similarity, 0.715)
 EDGE_STOPWORDS = frozenset("a an the of from in into with and or for to on at by as is are my me some any "
                            "please generate simulate show give want i that which who whose those these this "
@@ -401,6 +411,28 @@ def candidate_spans(text: str, max_words: int = 6) -> list[Span]:
                     continue
                 spans.append(Span(si, i, j, text[words[i][1]:words[j - 1][2]]))
     return spans
+
+
+# not a comma: labels hold one ("CD4-positive, alpha-beta T cell")
+_SHARED_HEAD = re.compile(r"(?<![\w+-])([\w+-]+)(\s*(?:/|&|\band\b|\bor\b)\s*)([\w+-]+)((?:\s+[\w-]+){1,3})", re.IGNORECASE)
+
+
+def expand_shared_heads(text: str, names: dict[str, str]) -> str:
+    """"CD4 and CD8 T cells" -> "CD4 T cells and CD8 T cells": two words joined by "and", "or", "/" or "&"
+    before the words they share, where each word with those words is an exact name (``names``: normalised
+    name -> field) of one field; the longest shared words that make both names. Other text is left as it is."""
+    def swap(m: re.Match) -> str:
+        a, gap, b, tail = m.groups()
+        words = tail.split()
+        for k in range(len(words), 0, -1):
+            head = " ".join(words[:k])
+            fa, fb = names.get(normalize_name(f"{a} {head}")), names.get(normalize_name(f"{b} {head}"))
+            whole = normalize_name(f"{a}{gap}{b} {head}") in names  # a name with "and" in it stays whole
+            if fa is not None and fa == fb and normalize_name(a) != normalize_name(b) and not whole:
+                rest = tail[tail.index(words[k - 1]) + len(words[k - 1]):]
+                return f"{a} {head}{gap}{b} {head}{rest}"
+        return m.group()
+    return _SHARED_HEAD.sub(swap, text)
 
 
 def organisms_named(text: str) -> set[str]:

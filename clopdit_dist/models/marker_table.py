@@ -27,6 +27,7 @@ import torch
 MIN_SCORE = 1.5
 MARGIN = 0.5
 _TOKEN = re.compile(r"[^\s,;:()\[\]/]+")
+_GLUED = re.compile(r"(?<=[+-])(?=[A-Za-z])")  # "CD19+CD27-" -> "CD19+", "CD27-" (not "HLA-DR": "HLA-" is no gene)
 _UP = {"+", "high", "hi", "positive", "pos", "bright", "++"}
 _DOWN = NEGATIVE_SIGNS = frozenset({"-", "low", "lo", "negative", "neg", "dim", "--"})  # the resolver's too
 # suffixes glued to a symbol ("CD14-", "FCGR3A-high", "CD34hi"), longest first
@@ -82,19 +83,31 @@ class MarkerTable:
         "FCGR3A-high", "CD34hi"; +1 without one); None for any other word."""
         word = token.rstrip(".")
         sign = 1
-        if word not in self._column:
+        if self._gene(word) is None:
             for suffix, s in _SUFFIXES:
-                if word.lower().endswith(suffix) and word[: -len(suffix)] in self._column:
+                if word.lower().endswith(suffix) and self._gene(word[: -len(suffix)]) is not None:
                     word, sign = word[: -len(suffix)], s
                     break
-        if word not in self._column or not (word.isupper() or any(c.isdigit() for c in word)):
-            return None
-        return word, sign
+        gene = self._gene(word)
+        return None if gene is None else (gene, sign)
+
+    def _gene(self, word: str) -> str | None:
+        """The symbol ``word`` is: exactly, in upper case or with a digit; or, with a digit and a capital, in
+        another case as protein names write it ("CD1c", "Cd14"; all lower case is a word)."""
+        if word in self._column:
+            return word if word.isupper() or any(c.isdigit() for c in word) else None
+        if any(c.isdigit() for c in word) and any(c.isupper() for c in word) and word.upper() in self._column:
+            return word.upper()
+        return None
 
     def mentions(self, prompt: str) -> list[tuple[str, int]]:
         """The gene symbols ``prompt`` names (:meth:`symbol`), each with +1 (expressed, the default) or
         -1 ("CD14-", "CD14 low")."""
-        tokens = _TOKEN.findall(prompt)
+        tokens = []
+        for tok in _TOKEN.findall(prompt):  # markers glued together ("CD19+CD27-"), where each piece is one
+            pieces = _GLUED.split(tok)
+            glued = len(pieces) > 1 and all(self.symbol(p) is not None for p in pieces)
+            tokens += pieces if glued else [tok]
         out = []
         for i, tok in enumerate(tokens):
             found = self.symbol(tok)

@@ -111,6 +111,7 @@ from ..data.conditions import (
     TERM_ID,
     acronym_allowed,
     candidate_spans,
+    expand_shared_heads,
     generic_words,
     has_words,
     listed_matches,
@@ -187,6 +188,8 @@ class PromptResolver:
                  markers=None, assays: list[str] | None = None, _exclude: NameEntry | None = None):
         self.tower, self.markers, self.assays = tower, markers, list(assays or ())
         self._generic = generic_words()
+        self._unspecific = {f: frozenset(normalize_name(w) for w in vocab_file("unspecific").get(FIELD_KIND[f]) or ())
+                            for f in CONDITION_FIELDS}
         self.vocab = {f: [str(x) for x in vocab.get(f, ())] for f in CONDITION_FIELDS}
         self.thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
         self.max_words = max_words
@@ -194,11 +197,14 @@ class PromptResolver:
         self._cache = TextEmbeddingCache(tower) if tower.frozen else None
         self._field_of = np.array([e.field for e in self.entries])
         self._norms = [e.norm for e in self.entries]
-        # one-word names a misspelt word may stand for, and the tower's whole-word vocabulary: a word it knows
+        self._norm_array = np.array(self._norms, dtype=object)
+        self._exact_field = {e.norm: e.field for e in self.entries if e.in_model and not e.ontology_id}
+        # one-word names a misspelt word may stand for (a model label's, shorthand and narrower names too; not a
+        # Census label the model lacks), and the tower's whole-word vocabulary: a word it knows
         # ("lives", "long") is a word, not a misspelt name ("liver", "lung")
         self._one_word: dict[str, list[int]] = {}
         for j, e in enumerate(self.entries):
-            if e.norm.isalpha() and len(e.norm) >= 4 and not e.acronym and not e.exact_only:
+            if e.norm.isalpha() and len(e.norm) >= 4 and not e.acronym and e.in_model and not e.ontology_id:
                 self._one_word.setdefault(e.norm, []).append(j)
         self._words = {w.lower() for w in tower.tokenizer.get_vocab() if w.isalpha()}
         described = {normalize_name(n) for t in vocab_file("descriptions").values() for ns in t.values() for n in ns}
@@ -250,10 +256,12 @@ class PromptResolver:
         sims = np.minimum(self._embed([s.text for s in spans]) @ self._name_emb.T, 0.999)
         span_norms = [normalize_name(s.text) for s in spans]
         # two words the tower splits into pieces are alike by their spelling, not their meaning ("myocyte" and
-        # "mastocyte", 0.7): such a word names a one-word name exactly, as an acronym's plural or misspelt only
+        # "mastocyte", 0.7): such a word names a one-word name exactly, as an acronym's plural or misspelt only,
+        # or by meaning when its first piece is that name ("bloodstream": blood ##stream)
         for i, n in enumerate(span_norms):
             if n.isalpha() and n not in self._words and n + "s" not in self._words:
-                sims[i, self._one_word_name] = -np.inf
+                head = self.tower.tokenizer.tokenize(n)[0]
+                sims[i, self._one_word_name & (self._norm_array != head)] = -np.inf
         norm_index: dict[str, list[int]] = {}
         for j, n in enumerate(self._norms):
             norm_index.setdefault(n, []).append(j)
@@ -268,12 +276,18 @@ class PromptResolver:
                 for j in norm_index.get(variant, ()):
                     if self._field_of[j] == f:
                         sims[i, j] = 1.0
-        for i, n in enumerate(span_norms):
+        # words that name no particular disease ("infection", "lesions": unspecific.yaml) name one only exactly
+        for f, words in self._unspecific.items():
+            cols = self._field_of == f
+            for i, n in enumerate(span_norms):
+                if all(w in words or w in self._generic for w in n.split()):
+                    sims[i, cols] = np.where(sims[i, cols] >= 1.0, 1.0, -np.inf)
+        # a Census name counts only when named exactly: it flags or narrows a prompt, it never guesses
+        sims[:, self._exact_only] = np.where(sims[:, self._exact_only] >= 1.0, 1.0, -np.inf)
+        for i, n in enumerate(span_norms):  # misspelt: also a shorthand or narrower name ("lupsu", "alveloi")
             if sims[i].max() < 1.0:
                 for j in self._misspelt(n):
                     sims[i, j] = max(sims[i, j], TYPO_SCORE)
-        # a Census name counts only when named exactly: it flags or narrows a prompt, it never guesses
-        sims[:, self._exact_only] = np.where(sims[:, self._exact_only] >= 1.0, 1.0, -np.inf)
         # gene symbols mean nothing to the text tower (it read "KRT5+ TP63+ cells" as regulatory T cells, 0.70):
         # a span of symbols and generic words only is read by the marker table, never by meaning
         if self.markers is not None:
@@ -288,7 +302,7 @@ class PromptResolver:
                 sims[i] = -np.inf
         allowed = np.isin(self._field_of, list(fields))
         if exclude_norms:
-            allowed &= ~np.isin(np.array(self._norms, dtype=object), list(exclude_norms))
+            allowed &= ~np.isin(self._norm_array, list(exclude_norms))
         sims[:, ~allowed] = -np.inf
         for j in np.flatnonzero(self._acronym & allowed):
             for i, s in enumerate(spans):
@@ -359,6 +373,7 @@ class PromptResolver:
         for f, value in known.items():
             if f == "disease" and normalize_name(value) in NO_DISEASE_VALUES:
                 value = "normal"  # "disease: none" is a healthy donor's cell, not an open field
+            value = expand_shared_heads(value, self._exact_field)
             spans = candidate_spans(value, self.max_words)
             scores = self.score_spans(spans, (f,))
             matches = self._matches(spans, scores, (f,))
@@ -374,7 +389,7 @@ class PromptResolver:
         text = "; ".join(free + [v for k, v in other.items() if k not in IGNORED_KEYS | ASSAY_KEYS]) \
             if known or other else prompt
         in_text = assays_named(text)  # assay names are not read as fields ("v2" means nothing to a text tower)
-        text = in_text.rest
+        text = expand_shared_heads(in_text.rest, self._exact_field)
         scope = read_scope(text, self._names_a_label) if rest and has_words(text) else PromptScope(text)
         # what is asked first, then the context; a cell type is never read from an aside ("we already have
         # plenty of ciliated cells"), a tissue or disease may be (module docstring of prompt_scope)
