@@ -589,6 +589,11 @@ def test_metadata_strings_clinical_wordings_and_shared_heads(resolver):
     # a compound that starts with a name ("blood ##stream"); a misspelt shorthand name ("lupus")
     assert resolver.resolve("bloodstream neutrophils").fields["tissue_general"] == "blood"
     assert resolver.resolve("CD8 T cells in lupsu blood").fields["disease"] == "systemic lupus erythematosus"
+    # a name with one word clipped ("adeno"), its organ inside it as in the whole name
+    r = resolver.resolve("fibros from a lung adeno")
+    assert (r.fields["cell_type"], r.fields["tissue_general"], r.fields["disease"]) == \
+        ("fibroblast", "lung", "lung adenocarcinoma")
+    assert resolver.resolve("circulating monocytes").fields["tissue_general"] == "blood"
     # words that name no particular disease name none by similarity (they were COVID-19 and Crohn disease)
     assert resolver.resolve("lymphocytes that kill virus-infected cells").fields["disease"] is None
     assert resolver.resolve("colonic mucosal biopsies").fields["disease"] is None

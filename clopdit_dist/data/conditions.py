@@ -338,6 +338,9 @@ def _model_names(vocab: dict[str, list[str]]) -> list[NameEntry]:
     return out
 
 
+# a misspelt or clipped name ("helthy", "lung adeno"): above every field's threshold, below an exact name, so a
+# name spelt right wins
+TYPO_SCORE = 0.97
 # "=" and "_" join the words of metadata strings ("condition=healthy_control; compartment=LN")
 _WORD = re.compile(r"[^\s,;:|()\[\]{}\"=_]+")
 # (relative pronouns and demonstratives since session 27: "cells that" was a B cell by similarity, 0.715)
@@ -571,7 +574,7 @@ def _nested_ok(a: Match, b: Match) -> bool:
         return False
     tissue = pair["tissue_general"]
     outer = next(m for f, m in pair.items() if f != "tissue_general")
-    exact = outer.score >= 1.0 and (outer.field == "disease" or tissue.score >= 1.0)
+    exact = outer.score >= TYPO_SCORE and (outer.field == "disease" or tissue.score >= 1.0)  # "lung adeno" too
     # a sub-site named exactly inside a cell type's name or description: "cells lining the air sacs"
     site = outer.field == "cell_type" and tissue.entry.narrower and tissue.score >= 1.0
     return (exact or site) and outer.span.contains(tissue.span) and outer.span.length > tissue.span.length

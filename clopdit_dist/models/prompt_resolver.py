@@ -54,8 +54,9 @@ Method
    excludes ("but not the plasmacytoid type", "non-ciliated") leave a group or list it asks for
    (``ResolvedPrompt.excluded``); marker genes narrow a group it names ("FCGR3A+ CD14- monocytes").
 8. A one-word span that misspells a one-word name ("helthy", "livr"; Damerau-Levenshtein distance 1, 2
-   from eight letters on, one label per field, and a word the text tower does not know whole) scores
-   :data:`TYPO_SCORE`, below an exact name.
+   from eight letters on, one label per field, and a word the text tower does not know whole), and a span
+   that says a name with one word clipped ("lung adeno", "fibros"), score :data:`TYPO_SCORE`, below an
+   exact name.
 
 The held-out "reworded" and "rare" tables are never read: they are the evaluation's wording.
 
@@ -109,6 +110,7 @@ from ..data.conditions import (
     ResolvedPrompt,
     Span,
     TERM_ID,
+    TYPO_SCORE,
     acronym_allowed,
     candidate_spans,
     expand_shared_heads,
@@ -137,8 +139,6 @@ DEFAULT_THRESHOLDS = {"cell_type": 0.666, "tissue_general": 0.600, "disease": 0.
 # cell-type groups' names are Cell Ontology synonyms ("T cell", "T lymphocyte"); the disease group's
 # span broader and narrower terms ("neoplasm", "cancer"), so "lung tumour" stays the cancer group
 SYNONYM_GROUP_FIELDS = ("cell_type",)
-# a misspelt name ("helthy", "livr"): above every field's threshold, below an exact name, so a name spelt right wins
-TYPO_SCORE = 0.97
 # "type I" / "group II" embedded as "type 1" / "group 2": the uncased tower reads a lone "i" as the pronoun, so
 # "type I alveolar cells" was nearer "alveolar type 2 cell" (0.86) than any type-1 name
 _ROMAN = {"I": "1", "II": "2", "III": "3"}
@@ -207,6 +207,9 @@ class PromptResolver:
             if e.norm.isalpha() and len(e.norm) >= 4 and not e.acronym and e.in_model and not e.ontology_id:
                 self._one_word.setdefault(e.norm, []).append(j)
         self._words = {w.lower() for w in tower.tokenizer.get_vocab() if w.isalpha()}
+        self._name_words = {w for j in (j for js in self._one_word.values() for j in js) for w in self.entries[j].norm.split()}
+        self._name_words |= {w for e in self.entries if e.in_model and not e.acronym and not e.ontology_id
+                             for w in e.norm.split() if w.isalpha()}
         described = {normalize_name(n) for t in vocab_file("descriptions").values() for ns in t.values() for n in ns}
         self._names = {n for n in self._norms if n not in described}
         self._is_group = np.array([bool(e.group) for e in self.entries])
@@ -284,9 +287,9 @@ class PromptResolver:
                     sims[i, cols] = np.where(sims[i, cols] >= 1.0, 1.0, -np.inf)
         # a Census name counts only when named exactly: it flags or narrows a prompt, it never guesses
         sims[:, self._exact_only] = np.where(sims[:, self._exact_only] >= 1.0, 1.0, -np.inf)
-        for i, n in enumerate(span_norms):  # misspelt: also a shorthand or narrower name ("lupsu", "alveloi")
+        for i, n in enumerate(span_norms):  # misspelt or clipped: also a shorthand or narrower name ("lupsu")
             if sims[i].max() < 1.0:
-                for j in self._misspelt(n):
+                for j in self._misspelt(n) + self._clipped(n, norm_index):
                     sims[i, j] = max(sims[i, j], TYPO_SCORE)
         # gene symbols mean nothing to the text tower (it read "KRT5+ TP63+ cells" as regulatory T cells, 0.70):
         # a span of symbols and generic words only is read by the marker table, never by meaning
@@ -323,6 +326,23 @@ class PromptResolver:
         for j in near:
             labels.setdefault(self.entries[j].field, set()).add(self.entries[j].label)
         return [j for j in near if len(labels[self.entries[j].field]) == 1]
+
+    def _clipped(self, norm: str, norm_index: dict[str, list[int]]) -> list[int]:
+        """The names a span says with one word clipped, as lab speech does ("lung adeno", "fibros", "endo
+        cells"): a word of four letters or more that the text tower does not know whole and that begins a
+        longer word of the names, such that the span with that word completed is a name; all of one label
+        per field."""
+        words, found = norm.split(), []
+        for k, w in enumerate(words):
+            if not w.isalpha() or len(w) < 4 or w in self._words:
+                continue
+            for c in self._name_words:
+                if len(c) > len(w) and c.startswith(w):
+                    found += norm_index.get(" ".join(words[:k] + [c] + words[k + 1:]), [])
+        labels: dict[str, set[str]] = {}
+        for j in found:
+            labels.setdefault(self.entries[j].field, set()).add(self.entries[j].label)
+        return [j for j in found if len(labels[self.entries[j].field]) == 1]
 
     def _group_synonym_variants(self, norm: str) -> list[tuple[str, str]]:
         """(field, ``norm`` with one group name inside it, not all of it, swapped for another
