@@ -545,6 +545,22 @@ def test_a_group_named_with_its_markers_is_narrowed_by_them(resolver):
     assert {c for c, _ in r.candidates["cell_type"]} == {"classical monocyte", "non-classical monocyte"}
 
 
+def test_markers_name_the_subtype_of_a_named_type_only_when_they_set_it_apart(resolver):
+    from clopdit_dist.models.marker_table import MarkerTable
+    from clopdit_dist.models.prompt_resolver import PromptResolver
+
+    labels = ["CD4-positive, alpha-beta T cell", "regulatory T cell", "CD8-positive, alpha-beta T cell",
+              "macrophage", "alveolar macrophage"]
+    p = np.full((5, 4), 1e-3)  # CD4: both CD4 types alike; FOXP3: Tregs; MARCO: alveolar macrophages
+    p[0, 0] = p[1, 0] = p[1, 1] = p[2, 2] = p[4, 3] = 1e-1
+    r0 = PromptResolver(resolver.tower, VOCAB, markers=MarkerTable.from_expression(labels, ["CD4", "FOXP3", "CD8A",
+                                                                                             "MARCO"], p))
+    assert r0.resolve("FOXP3+ CD4 T cells").fields["cell_type"] == "regulatory T cell"
+    assert r0.resolve("CD4+ CD4 T cells").fields["cell_type"] == "CD4-positive, alpha-beta T cell"
+    assert r0.resolve("MARCO+ macrophages").fields["cell_type"] == "alveolar macrophage"
+    assert r0.resolve("macrophages").fields["cell_type"] == "macrophage"
+
+
 def test_misspelt_names_and_a_colon_inside_a_sentence(resolver):
     # a word the text tower does not know, one or two edits from one name, is that name; a real word is not
     assert resolver.resolve("hepatocyets from helthy livr").fields == \
@@ -609,3 +625,17 @@ def test_metadata_strings_clinical_wordings_and_shared_heads(resolver):
     assert {c for c, _ in r.candidates["cell_type"]} == {"naive B cell", "memory B cell"}
     r = resolver.resolve("cell type: CD4-positive, alpha-beta T cell; tissue: lung")
     assert [c for c, _ in r.candidates["cell_type"]] == ["CD4-positive, alpha-beta T cell"]
+    # one wording that names a tissue and a disease names both
+    r = resolver.resolve("cDC2s in psoriatic plaques")
+    assert (r.fields["tissue_general"], r.fields["disease"]) == ("skin of body", "psoriasis")
+    # "control" said of the experiment is no healthy donor; said of the donors it is
+    r = resolver.resolve("UC patients in remission. I want their colon enterocytes to use as an in-silico control.")
+    assert r.fields["disease"] == "ulcerative colitis"
+    assert resolver.resolve("colon enterocytes from controls").fields["disease"] == "normal"
+    # "non-immune cells of the liver" names no type: every type but the immune ones (the generator keeps the
+    # liver's); an excluded type takes its subtypes with it
+    r = resolver.resolve("non-immune cells of the liver")
+    kept = {c for c, _ in r.candidates["cell_type"]}
+    assert {"hepatocyte", "cholangiocyte", "fibroblast"} <= kept and not kept & {"macrophage", "naive B cell"}
+    r = resolver.resolve("lung cells, not macrophages")
+    assert not {c for c, _ in r.candidates["cell_type"]} & {"macrophage", "alveolar macrophage"}

@@ -80,7 +80,7 @@ def vocab_from_conditions(conditions: list[dict]) -> dict[str, list[str]]:
 # ---------------------------------------------------------------------------------------
 
 VOCAB_FILES = ("train_names", "heldout_reworded", "heldout_rare", "templates", "caption_style", "parents",
-               "census_labels", "narrower", "descriptions", "shorthand", "unspecific")
+               "census_labels", "narrower", "descriptions", "shorthand", "unspecific", "subtypes")
 
 
 @functools.cache
@@ -293,13 +293,13 @@ def resolver_names(vocab: dict[str, list[str]], ontology_ids: dict[str, dict[str
             for name in dict.fromkeys([n for name in names for n in (name, *generic_rewrites(name))]):
                 if label in present[f] and normalize_name(name) not in own:
                     out.append(NameEntry(f, label, name, normalize_name(name), (), is_acronym(name), narrower=True))
-    taken = {e.norm for e in out}
+    taken = {(e.field, e.norm) for e in out}
     for f in CONDITION_FIELDS:  # leaf names of their label: descriptions by meaning, shorthand exactly
         for file in ("descriptions", "shorthand"):
             for label, names in (vocab_file(file).get(FIELD_KIND[f]) or {}).items():
                 out += [NameEntry(f, label, name, normalize_name(name), (), is_acronym(name),
                                   shorthand=file == "shorthand") for name in names
-                        if label in present[f] and normalize_name(name) not in taken]
+                        if label in present[f] and (f, normalize_name(name)) not in taken]
     taken = {e.norm for e in out}
     for f in CONDITION_FIELDS:
         for label, names in (vocab_file("census_labels").get(FIELD_KIND[f]) or {}).items():
@@ -568,7 +568,8 @@ def _nested_ok(a: Match, b: Match) -> bool:
     """A tissue span inside a strictly longer span that exactly names a disease, or a cell type
     when the tissue is named exactly too ("lung cancer", "liver sinusoidal endothelial cell"):
     names that carry their organ; not "lymphocyte" (near "lymph node") inside "B lymphocyte". A
-    sub-site of a tissue (``narrower.yaml``) named exactly may lie inside any longer cell-type span."""
+    sub-site of a tissue (``narrower.yaml``) named exactly may lie inside any longer cell-type span, and a
+    span that is exactly both a tissue's and a disease's name ("psoriatic plaque") is both."""
     pair = {a.field: a, b.field: b}
     if len(pair) != 2 or "tissue_general" not in pair:
         return False
@@ -577,6 +578,9 @@ def _nested_ok(a: Match, b: Match) -> bool:
     exact = outer.score >= TYPO_SCORE and (outer.field == "disease" or tissue.score >= 1.0)  # "lung adeno" too
     # a sub-site named exactly inside a cell type's name or description: "cells lining the air sacs"
     site = outer.field == "cell_type" and tissue.entry.narrower and tissue.score >= 1.0
+    # one wording that is exactly a name of a tissue and of a disease names both: "psoriatic plaque"
+    if outer.field == "disease" and tissue.span == outer.span:
+        return tissue.score >= 1.0 and outer.score >= 1.0
     return (exact or site) and outer.span.contains(tissue.span) and outer.span.length > tissue.span.length
 
 

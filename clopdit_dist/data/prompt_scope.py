@@ -23,7 +23,8 @@ context, then asides (a side clause's tissue is usually the study's: "we have lu
 never reads excluded text as asked for, and removes the labels it names from a group or list the
 prompt asks for ("dendritic cells, but not the plasmacytoid type": conventional DCs). A field left
 open on purpose ("any tissue", "whatever disease", "regardless of cell type") is taken out of the
-text, so nothing is read for it.
+text, so nothing is read for it, and so is "control" said of the experiment ("as an in-silico control", "a
+negative control"), which is no healthy donor.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ NEGATION = re.compile(
 OPEN_FIELD = re.compile(
     r"\b(?:any|whatever|whichever|every|all|regardless\s+of(?:\s+the)?|across(?:\s+all)?)\s+"
     r"(?:cell[\s-]?types?|tissues?|organs?|diseases?|conditions?|disease\s+states?)\b", re.IGNORECASE)
+# "control" as a part of the experiment, not a healthy donor: "as an in-silico control", "a negative control"
+DESIGN_CONTROL = re.compile(
+    r"\b(?:as\s+an?\s+(?:(?:in[\s-]?silico|negative|positive|internal|technical|baseline)\s+)?control|"
+    r"(?:in[\s-]?silico|negative|positive|internal|technical|spike[\s-]?in)\s+controls?)\b", re.IGNORECASE)
 _NON = re.compile(r"\bnon[- ]([a-z][\w-]*)", re.IGNORECASE)  # "non-ciliated", "non ciliated"; not "none", "nonetheless"
 _SENTENCE = re.compile(r"(?<=[.?!])\s+|[;\n]+")
 _CLAUSE_END = re.compile(r"[,;:.?!()]|\bbut\b", re.IGNORECASE)
@@ -116,7 +121,7 @@ def read_scope(text: str, names_a_label: Callable[[str], bool] = lambda _: False
     parts = [p for p in _SENTENCE.split(text) if p and p.strip()]
     requests = [bool(REQUEST.search(p)) for p in parts]
     for part, is_request in zip(parts, requests):
-        removed: list[tuple[int, int]] = [m.span() for m in OPEN_FIELD.finditer(part)]
+        removed: list[tuple[int, int]] = [m.span() for p in (OPEN_FIELD, DESIGN_CONTROL) for m in p.finditer(part)]
         for m in _NON.finditer(part):
             if not names_a_label(m.group(0)):
                 removed.append(m.span())

@@ -188,6 +188,7 @@ class PromptResolver:
                  markers=None, assays: list[str] | None = None, _exclude: NameEntry | None = None):
         self.tower, self.markers, self.assays = tower, markers, list(assays or ())
         self._generic = generic_words()
+        self._subtypes = vocab_file("subtypes").get("cell_type") or {}
         self._unspecific = {f: frozenset(normalize_name(w) for w in vocab_file("unspecific").get(FIELD_KIND[f]) or ())
                             for f in CONDITION_FIELDS}
         self.vocab = {f: [str(x) for x in vocab.get(f, ())] for f in CONDITION_FIELDS}
@@ -460,9 +461,17 @@ class PromptResolver:
         (:class:`~clopdit_dist.models.marker_table.MarkerTable`): for a prompt that names none in
         words, every type near the best as a candidate, equal weights, confidence ``min(1, score /
         (2 * MIN_SCORE)) / candidates``; for one that names a group or list ("FCGR3A+ CD14-
-        monocytes"), those of its candidates the markers name."""
+        monocytes"), those of its candidates the markers name; for one that names a type with subtypes of
+        its own (``subtypes.yaml``), the subtype where the markers name it and not the type ("FOXP3+ CD4 T
+        cells": regulatory T cells)."""
         named = [c for c, _ in r.candidates["cell_type"]]
-        if len(named) == 1:
+        if len(named) == 1:  # a named type's own subtype, where the markers name it clearly apart
+            subtypes = [t for t in self._subtypes.get(named[0], ()) if t in self.vocab["cell_type"]]
+            found = self.markers.cell_types(text, named + subtypes) if subtypes else None
+            if found is not None and named[0] not in found[0]:
+                r.fields["cell_type"], r.markers = found[0][0], found[2]
+                r.candidates["cell_type"] = [(t, 1.0 / len(found[0])) for t in found[0]]
+                r.confidence["cell_type"] = round(r.confidence["cell_type"] / len(found[0]), 4)
             return
         found = self.markers.cell_types(text, named, min_score=0.0) if named else \
             self.markers.cell_types(text, self.vocab["cell_type"])
@@ -495,7 +504,9 @@ class PromptResolver:
         """Remove from each field's candidates the labels the prompt excludes ("dendritic cells, but
         not the plasmacytoid type"; :func:`~clopdit_dist.data.prompt_scope.read_scope`): each excluded
         text, split at list words, resolved like free text; its labels (a group's children) are taken
-        out of a group or list the prompt asks for and listed in ``r.excluded``."""
+        out of a group or list the prompt asks for and listed in ``r.excluded``; where the prompt names no cell
+        type ("non-immune cells of the liver", "lung cells, not macrophages"), every other type is a candidate
+        (the generator keeps those of the conditions the other fields allow)."""
         named: dict[str, set[str]] = {}
         for piece in (p for text in excluded for p in _LIST_SPLIT.split(text)):
             if not has_words(piece):
@@ -505,7 +516,17 @@ class PromptResolver:
             for f, m in select_matches(matches, self.thresholds).items():
                 if m.entry.in_model:
                     named.setdefault(f, set()).update(m.entry.group or (m.entry.label,))
+        if "cell_type" in named:  # "not macrophages" leaves out alveolar macrophages too
+            named["cell_type"] |= {t for c in named["cell_type"] for t in self._subtypes.get(c, ())}
         for f, labels in named.items():
+            if f == "cell_type" and not r.candidates.get(f):  # "non-immune cells of the liver": every other type
+                keep = [c for c in self.vocab[f] if c not in labels]
+                if keep and len(keep) < len(self.vocab[f]):
+                    r.excluded[f] = sorted(labels & set(self.vocab[f]))
+                    r.fields[f], r.candidates[f] = keep[0], [(c, 1.0 / len(keep)) for c in keep]
+                    r.confidence[f] = round(GROUP_DISCOUNT / len(keep), 4)
+                    r.unresolved.pop(f, None)
+                continue
             keep = [c for c, _ in r.candidates.get(f, ()) if c not in labels]
             if len(keep) < len(r.candidates.get(f, ())) and keep:
                 r.excluded[f] = sorted(labels & {c for c, _ in r.candidates[f]})
