@@ -2,7 +2,8 @@
 (free-form wordings written for finding the resolver's errors; not a held-out set).
 
 Right, per field: the resolved label is the expected one and no other candidate is kept; for a
-``{group: [...]}`` expectation, the candidates are exactly those children; for ``{any: [...]}``,
+``{group: [...]}`` expectation, the candidates are exactly those members, whether the prompt named their group
+or listed them ("CD4 and CD8 T cells"; until session 28 a list did not count); for ``{any: [...]}``,
 the resolved label (or None) is one of them. A prompt is right when all three fields are.
 A prompt that contains one of the evaluation's held-out names (``vocab/heldout_*.yaml``, read
 for that check only) is refused: the set must not tune the resolver to the held-out wording.
@@ -14,8 +15,8 @@ One JSON line, with the wrong prompts and what they resolved to.
 ``resolver_dev_s24.yaml`` (cells described, not named) and ``resolver_dev_s24b.yaml`` / ``_s24c.yaml`` (the same and
 marker genes, written by helpers that read none of the project's files); ``resolver_dev_s26a.yaml`` / ``_s26b.yaml``
 (session 26, two more such helpers: long requests with side clauses, negations, shorthand, field subsets, typos);
-``resolver_dev_s28a.yaml`` / ``_s28b.yaml`` (session 28, two more, from ``helper_brief_s28.md``: metadata strings,
-search queries, figure legends and clinical wordings; chat-box requests).
+``resolver_dev_s28a.yaml`` to ``_s28d.yaml`` (session 28, four more, from ``helper_brief_s28.md``: metadata
+strings and clinical wordings; chat-box requests; programmatic conditions and cluster annotations; a forum mix).
 Several files give one line each in one process. ``--run RUN``: resolve as that run's generator does, reading marker
 genes with its marker table. ``--drop-heldout``: leave out and count prompts that contain a held-out name (sets written
 by people who were not shown the held-out names) instead of refusing the set.
@@ -35,8 +36,8 @@ PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "r
 
 
 def field_right(expected, label: str | None, candidates: list[tuple[str, float]], group: str | None) -> bool:
-    if isinstance(expected, dict) and "group" in expected:
-        return group is not None and {c for c, _ in candidates} == set(expected["group"])
+    if isinstance(expected, dict) and "group" in expected:  # the members, named as their group or one by one
+        return {c for c, _ in candidates} == set(expected["group"])
     if isinstance(expected, dict) and "any" in expected:
         return label in expected["any"]
     # a group with one child in the vocabulary ("tumour": lung adenocarcinoma only) generates as that child

@@ -75,7 +75,7 @@ def test_parse_structured_prompts():
     assert parse_fields("just lung") == {} and parse_fields("tissue: ") == {}
     known, other, free = split_structured("cell type: NK cell; species: human; location: lymph node; healthy")
     assert known == {"cell_type": "NK cell"}
-    assert other == {"species": "human", "location": "lymph node"} and free == ["healthy"]
+    assert other == {"species": "human", "location": "lymph node"} and free == ["species", "location", "healthy"]
 
 
 @pytest.mark.parametrize("prompt", [
@@ -396,6 +396,10 @@ def test_marker_table_reads_signed_gene_mentions_and_names_the_types_that_expres
     assert t.mentions("CD14-FCGR3A+ cells") == [("CD14", -1), ("FCGR3A", 1)]
     assert t.mentions("Fcgr3a+ Cd14-") == [("FCGR3A", 1), ("CD14", -1)]
     assert t.mentions("HLA-FCGR3A+") == []  # a hyphen inside a name that is no gene is not a glued pair
+    # a protein name stands for its gene (vocab/protein_aliases.yaml); "Mono_CD16" is two words
+    assert t.mentions("CD16+ cells, Mono_CD16") == [("FCGR3A", 1)]
+    # a gene said absent counts against the types that express it, never for those that lack it
+    assert t.cell_types("CD14+ CD16- cells")[0] == ["classical monocyte"]
 
 
 def test_descriptions_cover_every_cell_type_and_never_hold_a_heldout_name():
@@ -561,6 +565,18 @@ def test_markers_name_the_subtype_of_a_named_type_only_when_they_set_it_apart(re
     assert r0.resolve("macrophages").fields["cell_type"] == "macrophage"
 
 
+def test_markers_in_an_exclusion_or_glued_name_no_type_by_meaning(resolver):
+    from clopdit_dist.models.prompt_resolver import PromptResolver
+
+    r0 = PromptResolver(resolver.tower, VOCAB, markers=_marker_table())
+    # markers in what the prompt excludes leave its types out ("CD16" is FCGR3A: non-classical monocytes)
+    r = r0.resolve("blood monocytes, but not the CD16+ ones")
+    assert [c for c, _ in r.candidates["cell_type"]] == ["classical monocyte"]
+    # a span of symbols and a name ("Mono_CD16") is read by the marker table, not by meaning
+    assert r0.resolve("Mono_CD16, PBMC").fields["cell_type"] == "non-classical monocyte"
+    assert r0.resolve("MS4A1+CD14- cells").fields["cell_type"] in ("naive B cell", "memory B cell")
+
+
 def test_misspelt_names_and_a_colon_inside_a_sentence(resolver):
     # a word the text tower does not know, one or two edits from one name, is that name; a real word is not
     assert resolver.resolve("hepatocyets from helthy livr").fields == \
@@ -639,3 +655,13 @@ def test_metadata_strings_clinical_wordings_and_shared_heads(resolver):
     assert {"hepatocyte", "cholangiocyte", "fibroblast"} <= kept and not kept & {"macrophage", "naive B cell"}
     r = resolver.resolve("lung cells, not macrophages")
     assert not {c for c, _ in r.candidates["cell_type"]} & {"macrophage", "alveolar macrophage"}
+    # in free text a disease whose name holds its organ names the organ; a "key:" may say something itself
+    assert resolver.resolve("AT2 cells, LUAD resection").fields["tissue_general"] == "lung"
+    assert resolver.resolve("LUAD T cells from any tissue").fields["tissue_general"] is None
+    assert resolver.resolve("cell type: T cell; disease: lung adenocarcinoma").fields["tissue_general"] is None
+    assert resolver.resolve("COVID-19 ICU cohort: classical monocytes").fields["disease"] == "COVID-19"
+    # a misspelt word inside a longer name, and a JSON key that is no field's ends the value before it
+    assert resolver.resolve("alveloar macrophages").fields["cell_type"] == "alveolar macrophage"
+    r = resolver.resolve('{"celltype": "plasma cell", "tissue": "lung", "condition": "COVID-19"}')
+    assert (r.fields["cell_type"], r.fields["tissue_general"], r.fields["disease"]) == \
+        ("plasma cell", "lung", "COVID-19")

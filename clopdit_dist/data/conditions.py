@@ -80,7 +80,8 @@ def vocab_from_conditions(conditions: list[dict]) -> dict[str, list[str]]:
 # ---------------------------------------------------------------------------------------
 
 VOCAB_FILES = ("train_names", "heldout_reworded", "heldout_rare", "templates", "caption_style", "parents",
-               "census_labels", "narrower", "descriptions", "shorthand", "unspecific", "subtypes")
+               "census_labels", "narrower", "descriptions", "shorthand", "unspecific", "subtypes",
+               "protein_aliases")
 
 
 @functools.cache
@@ -151,11 +152,12 @@ def heldout_names(kind: str, label: str, tier: str = "reworded") -> list[str]:
 # "cell_type_ontology_term_id: CL:..."), also quoted (JSON) and anywhere in a part, so
 # "Cell type: B cell. Tissue: lung." and Census value filters
 # ("cell_type == 'B cell' and tissue_general == 'lung'") read as pairs
-_FIELD_KEY = re.compile(r"""(?:^|(?<=[\s,.{(\[]))["']?(cell[ _]type|tissue(?:[ _]general)?|disease)(?:_ontology_term_id)?"""
+_FIELD_KEY = re.compile(r"""(?:^|(?<=[\s,.{(\[=]))["']?(cell[ _]?type|tissue(?:[ _]general)?|disease)(?:_ontology_term_id)?"""
                         r"""["']?\s*(?:==|=|:)""", re.IGNORECASE)
-_FIELD_OF_KEY = {v: k for k, v in FIELD_NAMES.items()} | {f.replace("_", " "): f for f in CONDITION_FIELDS}
+_FIELD_OF_KEY = {v: k for k, v in FIELD_NAMES.items()} | {f.replace("_", " "): f for f in CONDITION_FIELDS} | {
+    "celltype": "cell_type"}
 # ", key:" / "| key =" inside a field's value: another pair's key of one to three words (not a term id's "CL:")
-_NEXT_KEY = re.compile(r"[,|]\s*(?:[A-Za-z][\w-]*\s+){0,2}[A-Za-z][\w-]*\s*[:=](?!\d)")
+_NEXT_KEY = re.compile(r"""[,|]\s*["']?(?:[A-Za-z][\w-]*\s+){0,2}[A-Za-z][\w-]*["']?\s*[:=](?!\d)""")
 TERM_ID = re.compile(r"\b[A-Za-z]+:\d+\b")  # "CL:0000236 from UBERON:0002048": ids, no "CL" pair
 _VALUE_EDGES = " \t\"'{},."  # and a closing bracket the value does not open (_strip_value)
 
@@ -188,7 +190,9 @@ def split_structured(prompt: str) -> tuple[dict[str, str], dict[str, str], list[
     JSON's ``"key": "value"``), keys as in :func:`parse_fields`, a value running to the next field
     key or the end of its part; ``other_pairs``: ``key: value`` pairs with any other key
     (lower-cased key of at most three words -> value), e.g. "organism: human" or "location: lung";
-    ``free_text``: the rest. Parts are separated by ";" or newlines."""
+    ``free_text``: the rest, with those keys ("COVID-19 ICU cohort: classical monocytes") and what follows
+    another pair's key inside a field's value ("tissue: colon, diagnosis: CD"). Parts are separated by ";" or
+    newlines."""
     fields, other, free = {}, {}, []
     for part in prompt.replace("\n", ";").split(";"):
         keys = list(_FIELD_KEY.finditer(part))
@@ -210,6 +214,7 @@ def split_structured(prompt: str) -> tuple[dict[str, str], dict[str, str], list[
                 and len(head.split(":", 1)[0].split()) <= 3:
             key, value = head.split(":", 1)
             other[key.strip().lower()] = value.strip()
+            free.append(key.strip())  # a key may say something itself: "COVID-19 ICU cohort: classical monocytes"
         elif head.strip(_VALUE_EDGES + "()[]"):
             free.append(head.strip())
     return fields, other, free
@@ -501,8 +506,9 @@ def select_matches(matches: list[Match], thresholds: dict[str, float]) -> dict[s
     def inside_other(m: Match) -> bool:
         return any(o.field != m.field and o.span.contains(m.span) and o.span.length > m.span.length for o in passing)
 
-    order = sorted(passing, key=lambda m: (-m.score, inside_other(m), -m.span.length, bool(m.entry.group),
-                                           m.span.segment, m.span.start))
+    # a name put right ("alveloar macrophages", TYPO_SCORE) ranks as a name spelt right, so the longer one wins
+    order = sorted(passing, key=lambda m: (-max(m.score, float(m.score >= TYPO_SCORE)), inside_other(m),
+                                           -m.span.length, -m.score, bool(m.entry.group), m.span.segment, m.span.start))
     chosen: dict[str, Match] = {}
     for m in order:
         if m.field in chosen:
@@ -577,7 +583,7 @@ def _nested_ok(a: Match, b: Match) -> bool:
     outer = next(m for f, m in pair.items() if f != "tissue_general")
     exact = outer.score >= TYPO_SCORE and (outer.field == "disease" or tissue.score >= 1.0)  # "lung adeno" too
     # a sub-site named exactly inside a cell type's name or description: "cells lining the air sacs"
-    site = outer.field == "cell_type" and tissue.entry.narrower and tissue.score >= 1.0
+    site = outer.field == "cell_type" and tissue.entry.narrower and tissue.score >= TYPO_SCORE
     # one wording that is exactly a name of a tissue and of a disease names both: "psoriatic plaque"
     if outer.field == "disease" and tissue.span == outer.span:
         return tissue.score >= 1.0 and outer.score >= 1.0

@@ -58,6 +58,13 @@ NEGATION = re.compile(
 OPEN_FIELD = re.compile(
     r"\b(?:any|whatever|whichever|every|all|regardless\s+of(?:\s+the)?|across(?:\s+all)?)\s+"
     r"(?:cell[\s-]?types?|tissues?|organs?|diseases?|conditions?|disease\s+states?)\b", re.IGNORECASE)
+def open_fields(text: str) -> set[str]:
+    """The fields ``text`` leaves open on purpose (:data:`OPEN_FIELD`): {"tissue_general"} for "any tissue"."""
+    words = {"cell": "cell_type", "tissue": "tissue_general", "organ": "tissue_general", "disease": "disease",
+             "condition": "disease"}
+    return {f for m in OPEN_FIELD.finditer(text) for w, f in words.items() if w in m.group(0).lower()}
+
+
 # "control" as a part of the experiment, not a healthy donor: "as an in-silico control", "a negative control"
 DESIGN_CONTROL = re.compile(
     r"\b(?:as\s+an?\s+(?:(?:in[\s-]?silico|negative|positive|internal|technical|baseline)\s+)?control|"

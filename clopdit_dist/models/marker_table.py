@@ -17,6 +17,7 @@ autoencoder, fewer with a 16-component PCA codec).
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -26,13 +27,21 @@ import torch
 # within MARGIN of the best is kept as a candidate (MS4A1 names naive and memory B cells alike)
 MIN_SCORE = 1.5
 MARGIN = 0.5
-_TOKEN = re.compile(r"[^\s,;:()\[\]/]+")
+_TOKEN = re.compile(r"[^\s,;:()\[\]/_]+")
 _GLUED = re.compile(r"(?<=[+-])(?=[A-Za-z])")  # "CD19+CD27-" -> "CD19+", "CD27-" (not "HLA-DR": "HLA-" is no gene)
 _UP = {"+", "high", "hi", "positive", "pos", "bright", "++"}
 _DOWN = NEGATIVE_SIGNS = frozenset({"-", "low", "lo", "negative", "neg", "dim", "--"})  # the resolver's too
+MARKER_SIGNS = frozenset(_UP) | NEGATIVE_SIGNS  # words after a symbol that say its sign
 # suffixes glued to a symbol ("CD14-", "FCGR3A-high", "CD34hi"), longest first
 _SUFFIXES = sorted({(f"{sep}{w}", sign) for sep in ("", "-", "_") for ws, sign in ((_UP, 1), (_DOWN, -1))
                     for w in ws if sep == "" or w.isalpha()}, key=lambda x: -len(x[0]))
+
+
+@functools.cache
+def _protein_aliases() -> dict[str, str]:
+    from ..data.conditions import vocab_file
+
+    return {str(k).upper(): str(v) for k, v in vocab_file("protein_aliases").items()}
 
 
 class MarkerTable:
@@ -93,21 +102,28 @@ class MarkerTable:
 
     def _gene(self, word: str) -> str | None:
         """The symbol ``word`` is: exactly, in upper case or with a digit; or, with a digit and a capital, in
-        another case as protein names write it ("CD1c", "Cd14"; all lower case is a word)."""
+        another case as protein names write it ("CD1c", "Cd14"; all lower case is a word); or the gene a
+        protein name with a capital stands for ("CD16": FCGR3A, ``vocab/protein_aliases.yaml``)."""
         if word in self._column:
             return word if word.isupper() or any(c.isdigit() for c in word) else None
         if any(c.isdigit() for c in word) and any(c.isupper() for c in word) and word.upper() in self._column:
             return word.upper()
-        return None
+        gene = _protein_aliases().get(word.upper()) if any(c.isupper() for c in word) else None
+        return gene if gene in self._column else None
+
+    def tokens(self, text: str) -> list[str]:
+        """``text``'s words as :meth:`symbol` reads them: split at spaces, punctuation and "_" ("Mono_CD16"),
+        and markers glued together split apart ("CD19+CD27-"), where each piece is one."""
+        out = []
+        for tok in _TOKEN.findall(text):
+            pieces = _GLUED.split(tok)
+            out += pieces if len(pieces) > 1 and all(self.symbol(p) is not None for p in pieces) else [tok]
+        return out
 
     def mentions(self, prompt: str) -> list[tuple[str, int]]:
         """The gene symbols ``prompt`` names (:meth:`symbol`), each with +1 (expressed, the default) or
         -1 ("CD14-", "CD14 low")."""
-        tokens = []
-        for tok in _TOKEN.findall(prompt):  # markers glued together ("CD19+CD27-"), where each piece is one
-            pieces = _GLUED.split(tok)
-            glued = len(pieces) > 1 and all(self.symbol(p) is not None for p in pieces)
-            tokens += pieces if glued else [tok]
+        tokens = self.tokens(prompt)
         out = []
         for i, tok in enumerate(tokens):
             found = self.symbol(tok)
@@ -123,15 +139,18 @@ class MarkerTable:
         return list(dict.fromkeys(out))
 
     def scores(self, mentions: list[tuple[str, int]]) -> np.ndarray:
-        """Each type's mean signed z-score over the mentioned genes."""
-        cols = np.array([self._column[g] for g, _ in mentions])
-        signs = np.array([s for _, s in mentions], np.float32)
-        return (self.z[:, cols] * signs).mean(1)
+        """Each type's mean z-score over the genes said expressed, less the mean z above 0 of the genes said
+        absent: a gene said absent counts against the types that express it and for none that lack it (a type
+        is not named by what it lacks: stem cells lack FCGR3A as classical monocytes do)."""
+        up = [self._column[g] for g, s in mentions if s > 0]
+        down = [self._column[g] for g, s in mentions if s < 0]
+        score = self.z[:, up].mean(1) if up else np.zeros(len(self.labels), np.float32)
+        return score - (np.maximum(self.z[:, down], 0).mean(1) if down else 0.0)
 
     def cell_types(self, prompt: str, vocab: list[str] | None = None,
                    min_score: float = MIN_SCORE) -> tuple[list[str], float, str] | None:
         """The types (of ``vocab``, if given) the prompt's markers name: every type within
-        :data:`MARGIN` of the best mean z-score where the best reaches ``min_score``, with that
+        :data:`MARGIN` of the best score (:meth:`scores`) where the best reaches ``min_score``, with that
         score and the genes read; None where the prompt names no expressed gene or no type stands out.
         Among the few types a prompt already names ("FCGR3A+ CD14- monocytes") the markers only have
         to tell them apart: pass a lower ``min_score``."""

@@ -127,8 +127,8 @@ from ..data.conditions import (
     vocab_file,
     vocab_from_conditions,
 )
-from ..data.prompt_scope import PromptScope, read_scope
-from .marker_table import MIN_SCORE, NEGATIVE_SIGNS
+from ..data.prompt_scope import PromptScope, open_fields, read_scope
+from .marker_table import MARKER_SIGNS, MIN_SCORE, NEGATIVE_SIGNS
 from .text import TextEmbeddingCache, TextTower
 
 # Per-field thresholds: calibrate_thresholds(TextTower("minilm", normalize=True), <the
@@ -194,6 +194,13 @@ class PromptResolver:
         self.vocab = {f: [str(x) for x in vocab.get(f, ())] for f in CONDITION_FIELDS}
         self.thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
         self.max_words = max_words
+        # a disease whose label holds one tissue's label ("lung adenocarcinoma", "fatty liver disease"): its organ
+        self._organ = {}
+        for d in self.vocab["disease"]:
+            words = f" {normalize_name(d)} "
+            organs = [t for t in self.vocab["tissue_general"] if f" {normalize_name(t)} " in words]
+            if len(organs) == 1:
+                self._organ[d] = organs[0]
         self.entries: list[NameEntry] = resolver_names(self.vocab, ontology_ids)
         self._cache = TextEmbeddingCache(tower) if tower.frozen else None
         self._field_of = np.array([e.field for e in self.entries])
@@ -211,6 +218,7 @@ class PromptResolver:
         self._name_words = {w for j in (j for js in self._one_word.values() for j in js) for w in self.entries[j].norm.split()}
         self._name_words |= {w for e in self.entries if e.in_model and not e.acronym and not e.ontology_id
                              for w in e.norm.split() if w.isalpha()}
+        self._fixes: dict[str, list[str]] = {}  # word -> the name words it may be clipped or misspelt from
         described = {normalize_name(n) for t in vocab_file("descriptions").values() for ns in t.values() for n in ns}
         self._names = {n for n in self._norms if n not in described}
         self._is_group = np.array([bool(e.group) for e in self.entries])
@@ -292,13 +300,15 @@ class PromptResolver:
             if sims[i].max() < 1.0:
                 for j in self._misspelt(n) + self._clipped(n, norm_index):
                     sims[i, j] = max(sims[i, j], TYPO_SCORE)
-        # gene symbols mean nothing to the text tower (it read "KRT5+ TP63+ cells" as regulatory T cells, 0.70):
-        # a span of symbols and generic words only is read by the marker table, never by meaning
+        # gene symbols mean nothing to the text tower (it read "KRT5+ TP63+ cells" as regulatory T cells, 0.70,
+        # "CD19+CD27+ cells" as stem cells, "Mono_CD16" as classical monocytes): a span of symbols and generic
+        # words, or of symbols and one name ("Mono"), is read by the marker table, never by meaning
         if self.markers is not None:
             for i, s in enumerate(spans):
-                words = s.text.split()
-                gene = [self.markers.symbol(w) is not None for w in words]
-                if any(gene) and all(g or w.lower().strip(".,") in self._generic for g, w in zip(gene, words)):
+                tokens = self.markers.tokens(s.text)
+                rest = [w for w in tokens if self.markers.symbol(w) is None and w.lower() not in MARKER_SIGNS]
+                if len(rest) < len(tokens) and (all(w.lower().strip(".,") in self._generic for w in rest)
+                                                or normalize_name(" ".join(rest)) in self._exact_field):
                     sims[i] = np.where(sims[i] >= 1.0, 1.0, -np.inf)
         # a gene negated in the span ("CD14- monocytes") is not the name that carries it ("CD14 monocyte")
         for i, s in enumerate(spans):
@@ -329,21 +339,30 @@ class PromptResolver:
         return [j for j in near if len(labels[self.entries[j].field]) == 1]
 
     def _clipped(self, norm: str, norm_index: dict[str, list[int]]) -> list[int]:
-        """The names a span says with one word clipped, as lab speech does ("lung adeno", "fibros", "endo
-        cells"): a word of four letters or more that the text tower does not know whole and that begins a
-        longer word of the names, such that the span with that word completed is a name; all of one label
-        per field."""
+        """The names a span says with one word clipped or misspelt ("lung adeno", "fibros", "endo cells",
+        "alveloar macrophages"): a word of four letters or more that the text tower does not know whole, and
+        that begins a longer word of the names or is at :meth:`_misspelt`'s distance from one, such that the
+        span with that word put right is a name; all of one label per field."""
         words, found = norm.split(), []
         for k, w in enumerate(words):
-            if not w.isalpha() or len(w) < 4 or w in self._words:
-                continue
-            for c in self._name_words:
-                if len(c) > len(w) and c.startswith(w):
-                    found += norm_index.get(" ".join(words[:k] + [c] + words[k + 1:]), [])
+            for c in self._word_fixes(w):
+                found += norm_index.get(" ".join(words[:k] + [c] + words[k + 1:]), [])
         labels: dict[str, set[str]] = {}
         for j in found:
             labels.setdefault(self.entries[j].field, set()).add(self.entries[j].label)
         return [j for j in found if len(labels[self.entries[j].field]) == 1]
+
+    def _word_fixes(self, word: str) -> list[str]:
+        """The words of the names that ``word`` may be clipped or misspelt from (see :meth:`_clipped`)."""
+        if word not in self._fixes:
+            out = []
+            if word.isalpha() and len(word) >= 4 and word not in self._words:
+                limit = 1 if len(word) < 8 else 2
+                out = [c for c in self._name_words if c != word and (
+                    len(c) > len(word) and c.startswith(word)
+                    or DamerauLevenshtein.distance(word, c, score_cutoff=limit) <= limit)]
+            self._fixes[word] = out
+        return self._fixes[word]
 
     def _group_synonym_variants(self, norm: str) -> list[tuple[str, str]]:
         """(field, ``norm`` with one group name inside it, not all of it, swapped for another
@@ -437,6 +456,13 @@ class PromptResolver:
                 chosen[f] = self._refine(m, spans, scores, others)
             lists.update(listed_matches({f: chosen[f] for f in picked if f in chosen}, matches, part))
         out = self._result(prompt, chosen, unresolved, absent, structured=bool(known), lists=lists)
+        left_open = set(unresolved) | open_fields(text)
+        if out.fields["tissue_general"] is None and not known and "tissue_general" not in left_open \
+                and len(out.candidates["disease"]) == 1 and out.fields["disease"] in self._organ:
+            # "AT2 cells, LUAD": in free text a disease whose name holds its organ names that organ
+            organ = self._organ[out.fields["disease"]]
+            out.fields["tissue_general"], out.candidates["tissue_general"] = organ, [(organ, 1.0)]
+            out.confidence["tissue_general"], out.spans["tissue_general"] = out.confidence["disease"], out.spans["disease"]
         if self.markers is not None and "cell_type" not in absent:
             # also where a "cell type:" value matched no name ("SCGB1A1+ secretory cell"); read from what is asked
             self._read_markers(out, "; ".join(p for p in (scope.asked, scope.context) if p) if scope.split
@@ -465,9 +491,16 @@ class PromptResolver:
         its own (``subtypes.yaml``), the subtype where the markers name it and not the type ("FOXP3+ CD4 T
         cells": regulatory T cells)."""
         named = [c for c, _ in r.candidates["cell_type"]]
-        if len(named) == 1:  # a named type's own subtype, where the markers name it clearly apart
+        span = r.spans.get("cell_type")
+        if span and normalize_name(span) in self._exact_field:  # "CD45+ cells" names the group: CD45 narrows nothing
+            text = text.replace(span, " ")
+        if len(named) == 1:
+            # a named type's own subtype, where the markers name it clearly apart; a type read by meaning only
+            # ("cells lining the air sacs, SFTPC+"), where the markers name others and not it
             subtypes = [t for t in self._subtypes.get(named[0], ()) if t in self.vocab["cell_type"]]
-            found = self.markers.cell_types(text, named + subtypes) if subtypes else None
+            by_meaning = r.confidence["cell_type"] < TYPO_SCORE and self.markers.cell_types(text, named) is None
+            pool = self.vocab["cell_type"] if by_meaning else named + subtypes if subtypes else None
+            found = self.markers.cell_types(text, pool) if pool else None
             if found is not None and named[0] not in found[0]:
                 r.fields["cell_type"], r.markers = found[0][0], found[2]
                 r.candidates["cell_type"] = [(t, 1.0 / len(found[0])) for t in found[0]]
@@ -508,12 +541,20 @@ class PromptResolver:
         type ("non-immune cells of the liver", "lung cells, not macrophages"), every other type is a candidate
         (the generator keeps those of the conditions the other fields allow)."""
         named: dict[str, set[str]] = {}
+        asked = [c for c, _ in r.candidates.get("cell_type", ())]
         for piece in (p for text in excluded for p in _LIST_SPLIT.split(text)):
             if not has_words(piece):
                 continue
             spans = candidate_spans(piece, self.max_words)
             matches = self._matches(spans, self.score_spans(spans), CONDITION_FIELDS)
-            for f, m in select_matches(matches, self.thresholds).items():
+            picked = select_matches(matches, self.thresholds)
+            # a cell type by its markers: "but not the CD16+ ones", "neither CD8 nor Tregs"
+            found = None if self.markers is None else self.markers.cell_types(piece, asked, min_score=0.0) \
+                if len(asked) > 1 else self.markers.cell_types(piece, self.vocab["cell_type"])
+            if found is not None and not (picked.get("cell_type") and picked["cell_type"].score >= 1.0):
+                picked.pop("cell_type", None)
+                named.setdefault("cell_type", set()).update(found[0])
+            for f, m in picked.items():
                 if m.entry.in_model:
                     named.setdefault(f, set()).update(m.entry.group or (m.entry.label,))
         if "cell_type" in named:  # "not macrophages" leaves out alveolar macrophages too
