@@ -258,7 +258,7 @@ class CellGenerator:
             types = [repr(c) for c, _ in r.candidates["cell_type"]]
             which = "types of this model that express" if len(types) > 1 else "type of this model that expresses"
             named = r.spans["cell_type"] if r.spans["cell_type"] != r.markers else None  # a group its markers narrowed
-            lead = f"names {named!r}; of those, from its markers" if named else "names no cell type; from its markers"
+            lead = f"names {named!r}; by its markers" if named else "names no cell type; by its markers"
             warnings.warn(PromptWarning(f"prompt {prompt!r} {lead} ({r.markers}) it is generated as "
                                         f"{' or '.join(types)}, the {which} them most"), stacklevel=3)
         if strict and r.excluded:

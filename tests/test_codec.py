@@ -171,7 +171,7 @@ def test_a_run_on_the_pca_codec_trains_clop_and_the_dit_and_generates(pca_run, s
     assert len(found) >= 5 and np.mean([r is not None and t in r[0] for t, r in found.items()]) >= 0.8, found
     prompts = {t: f"{own[t][0]}+ {own[t][1]}+ cells" for t, r in found.items() if r is not None and r[0] == [t]}
     t = next(t for t, p in prompts.items() if gen.resolver.resolve(p).markers)  # not named in words ("CD4+")
-    with pytest.warns(PromptWarning, match=r"from its markers \(" + own[t][0]):
+    with pytest.warns(PromptWarning, match=r"by its markers \(" + own[t][0]):
         by_markers = gen.generate([prompts[t]], n=4, seed=0)
     assert set(by_markers.obs["cell_type"]) == {t}
     # a group with one child excluded: the others, said so

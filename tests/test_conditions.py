@@ -639,6 +639,10 @@ def test_metadata_strings_clinical_wordings_and_shared_heads(resolver):
                                                         "CD8-positive, alpha-beta T cell"}
     r = resolver.resolve("naive and memory B cells")
     assert {c for c, _ in r.candidates["cell_type"]} == {"naive B cell", "memory B cell"}
+    r = resolver.resolve("type I and type II pneumocytes")
+    assert {c for c, _ in r.candidates["cell_type"]} == {"type I pneumocyte", "type II pneumocyte"}
+    r = resolver.resolve("hepatocytes together with cholangiocytes")
+    assert {c for c, _ in r.candidates["cell_type"]} == {"hepatocyte", "cholangiocyte"}
     r = resolver.resolve("cell type: CD4-positive, alpha-beta T cell; tissue: lung")
     assert [c for c, _ in r.candidates["cell_type"]] == ["CD4-positive, alpha-beta T cell"]
     # one wording that names a tissue and a disease names both

@@ -422,12 +422,13 @@ def candidate_spans(text: str, max_words: int = 6) -> list[Span]:
 
 
 # not a comma: labels hold one ("CD4-positive, alpha-beta T cell")
-_SHARED_HEAD = re.compile(r"(?<![\w+-])([\w+-]+)(\s*(?:/|&|\band\b|\bor\b)\s*)([\w+-]+)((?:\s+[\w-]+){1,3})", re.IGNORECASE)
+_SHARED_HEAD = re.compile(r"(?<![\w+-])((?:type\s+)?[\w+-]+)(\s*(?:/|&|\band\b|\bor\b)\s*)((?:type\s+)?[\w+-]+)"
+                          r"((?:\s+[\w-]+){1,3})", re.IGNORECASE)
 
 
 def expand_shared_heads(text: str, names: dict[str, str]) -> str:
-    """"CD4 and CD8 T cells" -> "CD4 T cells and CD8 T cells": two words joined by "and", "or", "/" or "&"
-    before the words they share, where each word with those words is an exact name (``names``: normalised
+    """"CD4 and CD8 T cells" -> "CD4 T cells and CD8 T cells": two words (or "type" and a word: "type I and
+    type II pneumocytes") joined by "and", "or", "/" or "&" before the words they share, where each word with those words is an exact name (``names``: normalised
     name -> field) of one field; the longest shared words that make both names. Other text is left as it is."""
     def swap(m: re.Match) -> str:
         a, gap, b, tail = m.groups()
@@ -527,8 +528,9 @@ def select_matches(matches: list[Match], thresholds: dict[str, float]) -> dict[s
 
 # what may stand between the names of a list: "lung and liver", "lung, liver or blood", "lung/liver"; not a
 # space alone ("NK lymphocyte" is one name, not NK cells and lymphocytes)
-_LIST_GAP = re.compile(r"\s*(?:[,/&]\s*)?(?:(?:and|or|plus|as well as)(?:\s+the)?\s*)?", re.IGNORECASE)
-_LIST_SEPARATOR = re.compile(r"[,/&]|\b(?:and|or|plus)\b", re.IGNORECASE)
+_LIST_GAP = re.compile(r"\s*(?:[,/&]\s*)?(?:(?:and|or|plus|as well as|together with|along with)(?:\s+the)?\s*)?",
+                       re.IGNORECASE)
+_LIST_SEPARATOR = re.compile(r"[,/&]|\b(?:and|or|plus|with)\b", re.IGNORECASE)
 # the words that join two names into a list: a span holding one names two things, never one narrower thing
 LIST_WORDS = re.compile(r"&|\b(?:and|or|plus)\b", re.IGNORECASE)
 

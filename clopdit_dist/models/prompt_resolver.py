@@ -466,7 +466,7 @@ class PromptResolver:
         if self.markers is not None and "cell_type" not in absent:
             # also where a "cell type:" value matched no name ("SCGB1A1+ secretory cell"); read from what is asked
             self._read_markers(out, "; ".join(p for p in (scope.asked, scope.context) if p) if scope.split
-                               else prompt)
+                               else expand_shared_heads(prompt, self._exact_field))
         self._exclude(out, scope.excluded)  # after the markers: "CD4+ cells, but not Tregs"
         value = next((v for k, v in other.items() if k in ASSAY_KEYS), None)
         self._read_assay(out, in_text if value is None else assays_named(value), value)
@@ -491,9 +491,9 @@ class PromptResolver:
         its own (``subtypes.yaml``), the subtype where the markers name it and not the type ("FOXP3+ CD4 T
         cells": regulatory T cells)."""
         named = [c for c, _ in r.candidates["cell_type"]]
-        span = r.spans.get("cell_type")
-        if span and normalize_name(span) in self._exact_field:  # "CD45+ cells" names the group: CD45 narrows nothing
-            text = text.replace(span, " ")
+        for name in (r.spans.get("cell_type") or "").split(", "):  # each name of a list ("CD4 T cells, CD8 T cells")
+            if name and normalize_name(name) in self._exact_field:  # "CD45+ cells" names the group: CD45 narrows nothing
+                text = text.replace(name, " ")
         if len(named) == 1:
             # a named type's own subtype, where the markers name it clearly apart; a type read by meaning only
             # ("cells lining the air sacs, SFTPC+"), where the markers name others and not it
