@@ -53,10 +53,9 @@ Method
    disease only), so a name mentioned in passing does not win over the cell asked for; labels the prompt
    excludes ("but not the plasmacytoid type", "non-ciliated") leave a group or list it asks for
    (``ResolvedPrompt.excluded``); marker genes narrow a group it names ("FCGR3A+ CD14- monocytes").
-8. A one-word span that misspells a one-word name ("helthy", "livr"; Damerau-Levenshtein distance 1, 2
-   from eight letters on, one label per field, and a word the text tower does not know whole), and a span
-   that says a name with one word clipped ("lung adeno", "fibros"), score :data:`TYPO_SCORE`, below an
-   exact name.
+8. A span that says a name with one word misspelt or clipped ("helthy", "livr", "alveloar macrophages",
+   "lung adeno", "fibros"; Damerau-Levenshtein distance 1, 2 from eight letters on, one label per field, and
+   a word the text tower does not know whole) scores :data:`TYPO_SCORE`, below an exact name.
 
 The held-out "reworded" and "rare" tables are never read: they are the evaluation's wording.
 
@@ -207,17 +206,12 @@ class PromptResolver:
         self._norms = [e.norm for e in self.entries]
         self._norm_array = np.array(self._norms, dtype=object)
         self._exact_field = {e.norm: e.field for e in self.entries if e.in_model and not e.ontology_id}
-        # one-word names a misspelt word may stand for (a model label's, shorthand and narrower names too; not a
-        # Census label the model lacks), and the tower's whole-word vocabulary: a word it knows
+        # the words of the names a clipped or misspelt word may stand for (a model label's, shorthand and narrower
+        # names too; not a Census label the model lacks), and the tower's whole-word vocabulary: a word it knows
         # ("lives", "long") is a word, not a misspelt name ("liver", "lung")
-        self._one_word: dict[str, list[int]] = {}
-        for j, e in enumerate(self.entries):
-            if e.norm.isalpha() and len(e.norm) >= 4 and not e.acronym and e.in_model and not e.ontology_id:
-                self._one_word.setdefault(e.norm, []).append(j)
         self._words = {w.lower() for w in tower.tokenizer.get_vocab() if w.isalpha()}
-        self._name_words = {w for j in (j for js in self._one_word.values() for j in js) for w in self.entries[j].norm.split()}
-        self._name_words |= {w for e in self.entries if e.in_model and not e.acronym and not e.ontology_id
-                             for w in e.norm.split() if w.isalpha()}
+        self._name_words = {w for e in self.entries if e.in_model and not e.acronym and not e.ontology_id
+                            for w in e.norm.split() if w.isalpha()}
         self._fixes: dict[str, list[str]] = {}  # word -> the name words it may be clipped or misspelt from
         described = {normalize_name(n) for t in vocab_file("descriptions").values() for ns in t.values() for n in ns}
         self._names = {n for n in self._norms if n not in described}
@@ -298,7 +292,7 @@ class PromptResolver:
         sims[:, self._exact_only] = np.where(sims[:, self._exact_only] >= 1.0, 1.0, -np.inf)
         for i, n in enumerate(span_norms):  # misspelt or clipped: also a shorthand or narrower name ("lupsu")
             if sims[i].max() < 1.0:
-                for j in self._misspelt(n) + self._clipped(n, norm_index):
+                for j in self._put_right(n, norm_index):
                     sims[i, j] = max(sims[i, j], TYPO_SCORE)
         # gene symbols mean nothing to the text tower (it read "KRT5+ TP63+ cells" as regulatory T cells, 0.70,
         # "CD19+CD27+ cells" as stem cells, "Mono_CD16" as classical monocytes): a span of symbols and generic
@@ -324,36 +318,24 @@ class PromptResolver:
                     sims[i, j] = -np.inf
         return sims
 
-    def _misspelt(self, norm: str) -> list[int]:
-        """The names a one-word span misspells ("helthy", "livr", "hepatocyets"): at Damerau-Levenshtein
-        distance 1 (2 from eight letters on) of one-word names, all of one label per field, where the
-        word is none the text tower knows whole."""
-        if not norm.isalpha() or len(norm) < 4 or norm in self._words:
-            return []
-        limit = 1 if len(norm) < 8 else 2
-        near = [j for name, js in self._one_word.items() if DamerauLevenshtein.distance(norm, name, score_cutoff=limit)
-                <= limit for j in js]
-        labels: dict[str, set[str]] = {}
-        for j in near:
-            labels.setdefault(self.entries[j].field, set()).add(self.entries[j].label)
-        return [j for j in near if len(labels[self.entries[j].field]) == 1]
-
-    def _clipped(self, norm: str, norm_index: dict[str, list[int]]) -> list[int]:
-        """The names a span says with one word clipped or misspelt ("lung adeno", "fibros", "endo cells",
-        "alveloar macrophages"): a word of four letters or more that the text tower does not know whole, and
-        that begins a longer word of the names or is at :meth:`_misspelt`'s distance from one, such that the
-        span with that word put right is a name; all of one label per field."""
+    def _put_right(self, norm: str, norm_index: dict[str, list[int]]) -> list[int]:
+        """The names a span says with one word misspelt or clipped ("helthy", "hepatocyets", "alveloar
+        macrophages", "lung adeno", "fibros"): a word of four letters or more that the text tower does not know
+        whole, at Damerau-Levenshtein distance 1 (2 from eight letters on) from a word of the names or beginning
+        a longer one, such that the span with that word put right is a name of the model; all of one label per
+        field."""
         words, found = norm.split(), []
         for k, w in enumerate(words):
             for c in self._word_fixes(w):
                 found += norm_index.get(" ".join(words[:k] + [c] + words[k + 1:]), [])
+        found = [j for j in found if self.entries[j].in_model]
         labels: dict[str, set[str]] = {}
         for j in found:
             labels.setdefault(self.entries[j].field, set()).add(self.entries[j].label)
         return [j for j in found if len(labels[self.entries[j].field]) == 1]
 
     def _word_fixes(self, word: str) -> list[str]:
-        """The words of the names that ``word`` may be clipped or misspelt from (see :meth:`_clipped`)."""
+        """The words of the names that ``word`` may be clipped or misspelt from (see :meth:`_put_right`)."""
         if word not in self._fixes:
             out = []
             if word.isalpha() and len(word) >= 4 and word not in self._words:
