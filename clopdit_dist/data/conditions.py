@@ -428,8 +428,9 @@ _SHARED_HEAD = re.compile(r"(?<![\w+-])((?:type\s+)?[\w+-]+)(\s*(?:/|&|\band\b|\
 
 def expand_shared_heads(text: str, names: dict[str, str]) -> str:
     """"CD4 and CD8 T cells" -> "CD4 T cells and CD8 T cells": two words (or "type" and a word: "type I and
-    type II pneumocytes") joined by "and", "or", "/" or "&" before the words they share, where each word with those words is an exact name (``names``: normalised
-    name -> field) of one field; the longest shared words that make both names. Other text is left as it is."""
+    type II pneumocytes") joined by "and", "or", "/" or "&" before the words they share, where each word with
+    those words is an exact name (``names``: normalised name -> field) of one field; the longest shared words
+    that make both names. Other text is left as it is."""
     def swap(m: re.Match) -> str:
         a, gap, b, tail = m.groups()
         words = tail.split()
