@@ -152,7 +152,8 @@ def heldout_names(kind: str, label: str, tier: str = "reworded") -> list[str]:
 # "cell_type_ontology_term_id: CL:..."), also quoted (JSON) and anywhere in a part, so
 # "Cell type: B cell. Tissue: lung." and Census value filters
 # ("cell_type == 'B cell' and tissue_general == 'lung'") read as pairs
-_FIELD_KEY = re.compile(r"""(?:^|(?<=[\s,.{(\[=]))["']?(cell[ _]?type|tissue(?:[ _]general)?|disease)(?:_ontology_term_id)?"""
+_FIELD_KEY = re.compile(r"""(?:^|(?<=[\s,.{(\[=]))["']?(cell[ _]?type|tissue(?:[ _]general)?|disease)"""
+                        r"""(?:_ontology_term_id)?"""
                         r"""["']?\s*(?:==|=|:)""", re.IGNORECASE)
 _FIELD_OF_KEY = {v: k for k, v in FIELD_NAMES.items()} | {f.replace("_", " "): f for f in CONDITION_FIELDS} | {
     "celltype": "cell_type"}

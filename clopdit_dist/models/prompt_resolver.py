@@ -444,7 +444,8 @@ class PromptResolver:
             # "AT2 cells, LUAD": in free text a disease whose name holds its organ names that organ
             organ = self._organ[out.fields["disease"]]
             out.fields["tissue_general"], out.candidates["tissue_general"] = organ, [(organ, 1.0)]
-            out.confidence["tissue_general"], out.spans["tissue_general"] = out.confidence["disease"], out.spans["disease"]
+            out.confidence["tissue_general"] = out.confidence["disease"]
+            out.spans["tissue_general"] = out.spans["disease"]
         if self.markers is not None and "cell_type" not in absent:
             # also where a "cell type:" value matched no name ("SCGB1A1+ secretory cell"); read from what is asked
             self._read_markers(out, "; ".join(p for p in (scope.asked, scope.context) if p) if scope.split
@@ -474,7 +475,7 @@ class PromptResolver:
         cells": regulatory T cells)."""
         named = [c for c, _ in r.candidates["cell_type"]]
         for name in (r.spans.get("cell_type") or "").split(", "):  # each name of a list ("CD4 T cells, CD8 T cells")
-            if name and normalize_name(name) in self._exact_field:  # "CD45+ cells" names the group: CD45 narrows nothing
+            if name and normalize_name(name) in self._exact_field:  # "CD45+ cells" is the group: CD45 narrows nothing
                 text = text.replace(name, " ")
         if len(named) == 1:
             # a named type's own subtype, where the markers name it clearly apart; a type read by meaning only
