@@ -347,6 +347,13 @@ def _model_names(vocab: dict[str, list[str]]) -> list[NameEntry]:
 # a misspelt or clipped name ("helthy", "lung adeno"): above every field's threshold, below an exact name, so a
 # name spelt right wins
 TYPO_SCORE = 0.97
+
+
+def put_right(score: float) -> bool:
+    """Whether a match's score is an exact name's or a name put right (:data:`TYPO_SCORE`), not a similarity
+    (which may be as high with a small text tower)."""
+    return score >= 1.0 or abs(score - TYPO_SCORE) < 1e-6
+
 # "=" and "_" join the words of metadata strings ("condition=healthy_control; compartment=LN")
 _WORD = re.compile(r"[^\s,;:|()\[\]{}\"=_]+")
 # (relative pronouns and demonstratives since session 27: "cells that" was a B cell by similarity, 0.715)
@@ -510,7 +517,7 @@ def select_matches(matches: list[Match], thresholds: dict[str, float]) -> dict[s
         return any(o.field != m.field and o.span.contains(m.span) and o.span.length > m.span.length for o in passing)
 
     # a name put right ("alveloar macrophages", TYPO_SCORE) ranks as a name spelt right, so the longer one wins
-    order = sorted(passing, key=lambda m: (-max(m.score, float(m.score >= TYPO_SCORE)), inside_other(m),
+    order = sorted(passing, key=lambda m: (-1.0 if put_right(m.score) else -m.score, inside_other(m),
                                            -m.span.length, -m.score, bool(m.entry.group), m.span.segment, m.span.start))
     chosen: dict[str, Match] = {}
     for m in order:
@@ -585,9 +592,9 @@ def _nested_ok(a: Match, b: Match) -> bool:
         return False
     tissue = pair["tissue_general"]
     outer = next(m for f, m in pair.items() if f != "tissue_general")
-    exact = outer.score >= TYPO_SCORE and (outer.field == "disease" or tissue.score >= 1.0)  # "lung adeno" too
+    exact = put_right(outer.score) and (outer.field == "disease" or tissue.score >= 1.0)  # "lung adeno" too
     # a sub-site named exactly inside a cell type's name or description: "cells lining the air sacs"
-    site = outer.field == "cell_type" and tissue.entry.narrower and tissue.score >= TYPO_SCORE
+    site = outer.field == "cell_type" and tissue.entry.narrower and put_right(tissue.score)
     # one wording that is exactly a name of a tissue and of a disease names both: "psoriatic plaque"
     if outer.field == "disease" and tissue.span == outer.span:
         return tissue.score >= 1.0 and outer.score >= 1.0

@@ -118,6 +118,7 @@ from ..data.conditions import (
     listed_matches,
     normalize_name,
     prompt_error,
+    put_right,
     resolver_names,
     select_matches,
     split_structured,
@@ -481,7 +482,7 @@ class PromptResolver:
             # a named type's own subtype, where the markers name it clearly apart; a type read by meaning only
             # ("cells lining the air sacs, SFTPC+"), where the markers name others and not it
             subtypes = [t for t in self._subtypes.get(named[0], ()) if t in self.vocab["cell_type"]]
-            by_meaning = r.confidence["cell_type"] < TYPO_SCORE and self.markers.cell_types(text, named) is None
+            by_meaning = not put_right(r.confidence["cell_type"]) and self.markers.cell_types(text, named) is None
             pool = self.vocab["cell_type"] if by_meaning else named + subtypes if subtypes else None
             found = self.markers.cell_types(text, pool) if pool else None
             if found is not None and named[0] not in found[0]:
