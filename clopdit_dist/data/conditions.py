@@ -81,7 +81,7 @@ def vocab_from_conditions(conditions: list[dict]) -> dict[str, list[str]]:
 
 VOCAB_FILES = ("train_names", "heldout_reworded", "heldout_rare", "templates", "caption_style", "parents",
                "census_labels", "narrower", "descriptions", "shorthand", "unspecific", "subtypes",
-               "protein_aliases")
+               "protein_aliases", "ontology_dropped", "not_sites")
 
 
 @functools.cache
@@ -268,12 +268,13 @@ class NameEntry:
     narrower: bool = False  # a name more specific than ``label``, answered with it (narrower.yaml)
     ontology_id: bool = False  # ``name`` is the label's ontology term id ("CL:0000236")
     shorthand: bool = False  # lab shorthand or a health wording (shorthand.yaml)
+    from_ontology: bool = False  # the label's term's synonym, or (narrower) a term below it (data/ontology.py)
 
     @property
     def exact_only(self) -> bool:
-        """Census names (lacking or narrower), term ids and shorthand count only when a span is one exactly:
-        by similarity "uninfected" was "virus-infected" and "healthy donor" "infected donors"."""
-        return not self.in_model or self.narrower or self.ontology_id or self.shorthand
+        """Census names (lacking or narrower), term ids, shorthand and ontology names count only when a span is one
+        exactly: by similarity "uninfected" was "virus-infected" and "healthy donor" "infected donors"."""
+        return not self.in_model or self.narrower or self.ontology_id or self.shorthand or self.from_ontology
 
 
 def resolver_names(vocab: dict[str, list[str]], ontology_ids: dict[str, dict[str, str]] | None = None
@@ -286,8 +287,11 @@ def resolver_names(vocab: dict[str, list[str]], ontology_ids: dict[str, dict[str
     (``shorthand=True``, exact only) the ``shorthand.yaml`` names of sample, donor and cell shorthand
     ("BAL", "PB", "ctrl", "VSMC"), and
     (``in_model=False``) the names of ``census_labels.yaml`` labels outside it, each where its
-    normalised form is none of the former's; and (``ontology_id=True``) the vocabulary labels'
-    ontology term ids where given (``Manifest.ontology_term_ids``). Never a held-out name."""
+    normalised form is none of the former's; and, where ``ontology_ids`` gives the vocabulary labels'
+    ontology term ids (``Manifest.ontology_term_ids``), the ids themselves (``ontology_id=True``), the
+    terms' ontology synonyms and, after the Census names (which refuse what a model lacks: "microglia" is
+    below macrophage), the names of the terms below them (``from_ontology=True``, exact only,
+    :func:`_ontology_names`). Never a held-out name."""
     out = _model_names(vocab)
     own = {e.norm for e in out}
     present = {f: {str(x) for x in vocab.get(f, ())} for f in CONDITION_FIELDS}
@@ -306,6 +310,12 @@ def resolver_names(vocab: dict[str, list[str]], ontology_ids: dict[str, dict[str
                 out += [NameEntry(f, label, name, normalize_name(name), (), is_acronym(name),
                                   shorthand=file == "shorthand") for name in names
                         if label in present[f] and (f, normalize_name(name)) not in taken]
+    from .ontology import narrower_terms, term_synonyms
+
+    in_vocab = {f: {label: term for label, term in terms.items() if label in present.get(f, ())}
+                for f, terms in (ontology_ids or {}).items() if f in present}
+    out += _ontology_names(out, {f: {label: term_synonyms(term) for label, term in terms.items()}
+                                 for f, terms in in_vocab.items()})
     taken = {e.norm for e in out}
     for f in CONDITION_FIELDS:
         for label, names in (vocab_file("census_labels").get(FIELD_KIND[f]) or {}).items():
@@ -314,7 +324,49 @@ def resolver_names(vocab: dict[str, list[str]], ontology_ids: dict[str, dict[str
             for name in dict.fromkeys([label, *(names or ()), *generic_rewrites(label)]):
                 if normalize_name(name) not in taken:
                     out.append(NameEntry(f, label, name, normalize_name(name), (), is_acronym(name), False))
+    out += _ontology_names(out, {f: narrower_terms(terms) for f, terms in in_vocab.items()}, narrower=True)
     return out
+
+
+def _ontology_names(table: list[NameEntry], names: dict[str, dict[str, tuple[str, ...] | list[str]]],
+                   narrower: bool = False) -> list[NameEntry]:
+    """Entries for ontology ``names`` (field -> label -> names) that name their label and nothing else. The
+    shipped ontologies give exact and related synonyms alike, untyped, so a name is left out where it is
+
+    * an abbreviation (no lower-case letter: "DC2", "IPC", "ARC"; or a short word: "bac"), which other fields of
+      study, or plain English, use for other things; or a curator's note ("(Mmus)", "NN_1");
+    * already a name of ``table`` (of this label or another), or a name of two labels;
+    * a held-out name of the evaluation's prompt tiers (they measure wordings the resolver was never given);
+    * a wording holding another label's name, or a group's that lacks the label ("plasmacytoid T cell",
+      "T-associated plasma cell" for the plasmacytoid dendritic cell; "lymph node of lung" below lymph node).
+    """
+    held = {normalize_name(h) for tier in ("reworded", "rare") for t in heldout_tables(tier).values()
+            for hs in t.values() for h in hs}
+    dropped = {normalize_name(n) for t in vocab_file("ontology_dropped").values() for ns in t.values() for n in ns}
+    named = {e.norm for e in table}
+    found: dict[tuple[str, str], dict[str, str]] = {}  # (field, norm) -> label -> name
+    for f, table_f in names.items():
+        for label, label_names in sorted(table_f.items()):
+            for name in label_names:
+                norm = normalize_name(name)
+                if _usable_ontology_name(name) and not {norm} & (named | held | dropped):
+                    found.setdefault((f, norm), {}).setdefault(label, name)
+    inside = [e for e in table if e.in_model and not e.ontology_id]
+    out = []
+    for (f, norm), by_label in sorted(found.items()):
+        if len(by_label) > 1:
+            continue
+        (label, name), = by_label.items()
+        words = f" {norm} "
+        if not any(f" {e.norm} " in words and e.label != label and label not in e.group
+                   for e in inside if e.field == f):
+            out.append(NameEntry(f, label, name, norm, narrower=narrower, from_ontology=True))
+    return out
+
+
+def _usable_ontology_name(name: str) -> bool:
+    return (any(c.islower() for c in name) and not set(name) & set("()[]_")
+            and not (name.isalpha() and name.islower() and len(name) <= 3))
 
 
 def _model_names(vocab: dict[str, list[str]]) -> list[NameEntry]:
@@ -513,12 +565,16 @@ def select_matches(matches: list[Match], thresholds: dict[str, float]) -> dict[s
     passing = [m for m in matches if m.score >= thresholds[m.field]
                and (m.score >= 1.0 or not exact_fields.get(m.span, set()) - {m.field})]
 
-    def inside_other(m: Match) -> bool:
-        return any(o.field != m.field and o.span.contains(m.span) and o.span.length > m.span.length for o in passing)
+    def inside_other(m: Match, exact: bool) -> bool:
+        return any(o.field != m.field and o.span.contains(m.span) and o.span.length > m.span.length
+                   and (put_right(o.score) or not exact) for o in passing)
 
-    # a name put right ("alveloar macrophages", TYPO_SCORE) ranks as a name spelt right, so the longer one wins
-    order = sorted(passing, key=lambda m: (-1.0 if put_right(m.score) else -m.score, inside_other(m),
-                                           -m.span.length, -m.score, bool(m.entry.group), m.span.segment, m.span.start))
+    # a name put right ("alveloar macrophages", TYPO_SCORE) ranks as a name spelt right, so the longer one wins; of
+    # two names, one inside another field's name yields first ("white blood cells in the gut": the gut), then one
+    # inside a span read by meaning ("cells lining the blood vessels of the liver": the liver)
+    order = sorted(passing, key=lambda m: (-1.0 if put_right(m.score) else -m.score, inside_other(m, True),
+                                           inside_other(m, False), -m.span.length, -m.score, bool(m.entry.group),
+                                           m.span.segment, m.span.start))
     chosen: dict[str, Match] = {}
     for m in order:
         if m.field in chosen:
@@ -620,7 +676,7 @@ class ResolvedPrompt:
     None: the generator leaves it out with a warning, or refuses the prompt if it names nothing
     else; evaluation marginalises it). ``absent``: for the latter, the Census label named.
     ``narrowed``: per field, the prompt's text where it names a label narrower than the model's
-    (``narrower.yaml``: "Kupffer cells"), which ``fields`` answers with the model's label
+    (``narrower.yaml``: "Kupffer cells"; or an ontology term below it), which ``fields`` answers with the model's label
     ("macrophage"; the generator warns).
     ``structured``: whether the prompt had recognised "key: value" pairs.
     ``markers``: where the prompt names no cell type in words, the marker genes it was read from

@@ -153,9 +153,10 @@ class MarkerTable:
         :data:`MARGIN` of the best score (:meth:`scores`) where the best reaches ``min_score``, with that
         score and the genes read; None where the prompt names no expressed gene or no type stands out.
         Among the few types a prompt already names ("FCGR3A+ CD14- monocytes") the markers only have
-        to tell them apart: pass a lower ``min_score``."""
+        to tell them apart: pass a lower ``min_score`` (0 or less), and a gene said absent is enough ("CD27- B
+        cells": the B cells that do not express it)."""
         mentions = self.mentions(prompt)
-        if not any(s > 0 for _, s in mentions):
+        if not any(s > 0 for _, s in mentions) and not (mentions and vocab is not None and min_score <= 0):
             return None
         score = self.scores(mentions)
         allowed = np.array([vocab is None or t in vocab for t in self.labels])

@@ -191,6 +191,7 @@ class PromptResolver:
         self._subtypes = vocab_file("subtypes").get("cell_type") or {}
         self._unspecific = {f: frozenset(normalize_name(w) for w in vocab_file("unspecific").get(FIELD_KIND[f]) or ())
                             for f in CONDITION_FIELDS}
+        self._not_sites = frozenset(normalize_name(n) for n in vocab_file("not_sites").get("tissue") or ())
         self.vocab = {f: [str(x) for x in vocab.get(f, ())] for f in CONDITION_FIELDS}
         self.thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
         self.max_words = max_words
@@ -208,10 +209,12 @@ class PromptResolver:
         self._norm_array = np.array(self._norms, dtype=object)
         self._exact_field = {e.norm: e.field for e in self.entries if e.in_model and not e.ontology_id}
         # the words of the names a clipped or misspelt word may stand for (a model label's, shorthand and narrower
-        # names too; not a Census label the model lacks), and the tower's whole-word vocabulary: a word it knows
+        # names too; not a Census label the model lacks, nor the thousands of ontology terms below its labels), and
+        # the tower's whole-word vocabulary: a word it knows
         # ("lives", "long") is a word, not a misspelt name ("liver", "lung")
         self._words = {w.lower() for w in tower.tokenizer.get_vocab() if w.isalpha()}
         self._name_words = {w for e in self.entries if e.in_model and not e.acronym and not e.ontology_id
+                            and not (e.from_ontology and e.narrower)
                             for w in e.norm.split() if w.isalpha()}
         self._fixes: dict[str, list[str]] = {}  # word -> the name words it may be clipped or misspelt from
         described = {normalize_name(n) for t in vocab_file("descriptions").values() for ns in t.values() for n in ns}
@@ -289,6 +292,11 @@ class PromptResolver:
             for i, n in enumerate(span_norms):
                 if all(w in words or w in self._generic for w in n.split()):
                     sims[i, cols] = np.where(sims[i, cols] >= 1.0, 1.0, -np.inf)
+        # a tissue's name inside a compound that names something else ("blood vessels", "skin-homing") is no tissue
+        compounds = [s for s, n in zip(spans, span_norms, strict=True) if n in self._not_sites]
+        for i, s in enumerate(spans):
+            if any(c.contains(s) for c in compounds):
+                sims[i, self._field_of == "tissue_general"] = -np.inf
         # a Census name counts only when named exactly: it flags or narrows a prompt, it never guesses
         sims[:, self._exact_only] = np.where(sims[:, self._exact_only] >= 1.0, 1.0, -np.inf)
         for i, n in enumerate(span_norms):  # misspelt or clipped: also a shorthand or narrower name ("lupsu")
