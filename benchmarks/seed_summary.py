@@ -25,7 +25,8 @@ same way for every seed:
 * the earlier stages' floors from ``demo_summary.json`` (autoencoder gene-mean Pearson, CLOP
   zero-shot accuracy).
 
-Across seeds: the mean, the lowest and the highest, and how many seeds meet each floor.
+Across seeds: the mean with its 95% Student-t interval half-width, the lowest and the highest, and how many
+seeds meet each floor.
 
     python benchmarks/seed_summary.py benchmarks/results/demo benchmarks/results/demo_seed1 \\
         benchmarks/results/demo_seed2 --out benchmarks/results/seed_summary.json
@@ -181,18 +182,29 @@ def main() -> None:
         if not rows:
             continue
         values = [r["value"] for r in rows]
-        across[name] = {"floor": rows[0]["floor"], "mean": round(sum(values) / len(values), 4), "min": min(values),
-                        "max": max(values), "seeds": len(rows),
+        across[name] = {"floor": rows[0]["floor"], "mean": round(sum(values) / len(values), 4),
+                        "ci95": _t_half_width(values), "min": min(values), "max": max(values), "seeds": len(rows),
                         "seeds_met": None if rows[0]["met"] is None else sum(bool(r["met"]) for r in rows)}
     result = {"demos": args.demos, "per_seed": per_seed, "across_seeds": across}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     width = max(map(len, across))
-    print(f"{'floor':<{width}}  {'need':>11}  {'mean':>7}  {'min':>7}  {'max':>7}  met")
+    print(f"{'floor':<{width}}  {'need':>11}  {'mean':>7}  {'± 95%':>7}  {'min':>7}  {'max':>7}  met")
     for name, a in across.items():
         met = "-" if a["seeds_met"] is None else f"{a['seeds_met']}/{a['seeds']}"
-        print(f"{name:<{width}}  {a['floor']:>11}  {a['mean']:>7.3f}  {a['min']:>7.3f}  {a['max']:>7.3f}  {met}")
+        ci = "" if a["ci95"] is None else f"{a['ci95']:.3f}"
+        print(f"{name:<{width}}  {a['floor']:>11}  {a['mean']:>7.3f}  {ci:>7}  {a['min']:>7.3f}  {a['max']:>7.3f}  {met}")
+
+
+def _t_half_width(values: list[float]) -> float | None:
+    """Half-width of the 95% Student-t interval of the mean over seeds (None for one seed)."""
+    import numpy as np
+    from scipy import stats
+
+    if len(values) < 2:
+        return None
+    return round(float(stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values))), 4)
 
 
 if __name__ == "__main__":

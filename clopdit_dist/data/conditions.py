@@ -35,6 +35,7 @@ from importlib import resources
 import numpy as np
 
 from ..errors import PromptError
+from .ontology import narrower_terms, term_synonyms
 
 CONDITION_FIELDS = ("cell_type", "tissue_general", "disease")
 FIELD_NAMES = {"cell_type": "cell type", "tissue_general": "tissue", "disease": "disease"}
@@ -310,8 +311,6 @@ def resolver_names(vocab: dict[str, list[str]], ontology_ids: dict[str, dict[str
                 out += [NameEntry(f, label, name, normalize_name(name), (), is_acronym(name),
                                   shorthand=file == "shorthand") for name in names
                         if label in present[f] and (f, normalize_name(name)) not in taken]
-    from .ontology import narrower_terms, term_synonyms
-
     in_vocab = {f: {label: term for label, term in terms.items() if label in present.get(f, ())}
                 for f, terms in (ontology_ids or {}).items() if f in present}
     out += _ontology_names(out, {f: {label: term_synonyms(term) for label, term in terms.items()}
