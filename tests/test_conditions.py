@@ -331,6 +331,9 @@ def test_prompts_in_ontology_words(resolver):
                         "disease": "systemic lupus erythematosus"}
     assert x.narrowed == {"disease": "pediatric systemic lupus erythematosus"}
     assert r.resolve("microglia", allow_empty=True).absent == {"cell_type": "microglial cell"}
+    # a Census label the model lacks refuses its ontology synonyms too: "Ito cells" are hepatic stellate cells (below
+    # fibroblast in the Cell Ontology), not fibroblasts
+    assert r.resolve("Ito cells", allow_empty=True).absent == {"cell_type": "hepatic stellate cell"}
 
 
 def test_resolver_table_is_disjoint_from_heldout(resolver):

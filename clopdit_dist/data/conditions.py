@@ -35,7 +35,7 @@ from importlib import resources
 import numpy as np
 
 from ..errors import PromptError
-from .ontology import narrower_terms, term_synonyms
+from .ontology import narrower_terms, term_id, term_synonyms
 
 CONDITION_FIELDS = ("cell_type", "tissue_general", "disease")
 FIELD_NAMES = {"cell_type": "cell type", "tissue_general": "tissue", "disease": "disease"}
@@ -323,12 +323,24 @@ def resolver_names(vocab: dict[str, list[str]], ontology_ids: dict[str, dict[str
             for name in dict.fromkeys([label, *(names or ()), *generic_rewrites(label)]):
                 if normalize_name(name) not in taken:
                     out.append(NameEntry(f, label, name, normalize_name(name), (), is_acronym(name), False))
-    out += _ontology_names(out, {f: narrower_terms(terms) for f, terms in in_vocab.items()}, narrower=True)
+    if not in_vocab:
+        return out
+    # a Census label the model lacks refuses its ontology synonyms too ("Ito cells" are hepatic stellate cells, which
+    # lie below fibroblast), and a term below it goes to no label of the model: each term below goes to the nearest
+    # label, present or lacking, and only the present labels' terms are named (the lacking labels' would be
+    # thousands: every part of the brain)
+    lacking = {f: {label: term for label in dict.fromkeys(e.label for e in out if e.field == f and not e.in_model)
+                   if (term := term_id(label, f))} for f in in_vocab}
+    out += _ontology_names(out, {f: {label: term_synonyms(term) for label, term in terms.items()}
+                                 for f, terms in lacking.items()}, in_model=False)
+    below = {f: narrower_terms({**lacking[f], **terms}) for f, terms in in_vocab.items()}
+    out += _ontology_names(out, {f: {label: names for label, names in b.items() if label in present[f]}
+                                 for f, b in below.items()}, narrower=True)
     return out
 
 
 def _ontology_names(table: list[NameEntry], names: dict[str, dict[str, tuple[str, ...] | list[str]]],
-                   narrower: bool = False) -> list[NameEntry]:
+                   narrower: bool = False, in_model: bool = True) -> list[NameEntry]:
     """Entries for ontology ``names`` (field -> label -> names) that name their label and nothing else. The
     shipped ontologies give exact and related synonyms alike, untyped, so a name is left out where it is
 
@@ -359,7 +371,7 @@ def _ontology_names(table: list[NameEntry], names: dict[str, dict[str, tuple[str
         words = f" {norm} "
         if not any(f" {e.norm} " in words and e.label != label and label not in e.group
                    for e in inside if e.field == f):
-            out.append(NameEntry(f, label, name, norm, narrower=narrower, from_ontology=True))
+            out.append(NameEntry(f, label, name, norm, in_model=in_model, narrower=narrower, from_ontology=True))
     return out
 
 

@@ -33,6 +33,15 @@ def term_synonyms(term_id: str) -> tuple[str, ...]:
         return ()
 
 
+ONTOLOGY_OF = {"cell_type": "CL", "tissue_general": "UBERON", "disease": "MONDO"}
+
+
+def term_id(label: str, field: str) -> str | None:
+    """The term id of ``label`` in the ontology of condition field ``field`` ("cardiac muscle cell" ->
+    "CL:0000746"), None where the shipped ontology has no term of that label."""
+    return _parser().get_term_id_by_label(label, ONTOLOGY_OF[field])
+
+
 def narrower_terms(terms: dict[str, str]) -> dict[str, list[str]]:
     """label -> the names (label and synonyms) of the ontology terms below the label's term ``terms[label]``
     (is_a and part_of, as the shipped ontology relates them: "Kupffer cell" below macrophage, "sigmoid colon"
