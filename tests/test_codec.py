@@ -187,7 +187,8 @@ def test_a_run_on_the_pca_codec_trains_clop_and_the_dit_and_generates(pca_run, s
     # user errors on this run: one line, exit code 2, no traceback
     for argv, expect in ((["generate", "--run", run, "--prompt", "  ;  ", "--out", out], "names no cells"),
                          (["generate", "--run", run, "--prompt", "kidney podocytes", "--out", out],
-                          "cell type 'podocytes' is a Census cell type this model was not trained on"),
+                          # the Cell Ontology's synonym "kidney podocyte" names the cell type, refused by its label
+                          "cell type 'kidney podocytes' (podocyte) is a Census cell type this model was not trained on"),
                          (["train", "dit", "--run", run, "--shards", shards_dir, "train.stepz=3"], "train.stepz"),
                          (["train", "clop", "--run", run, "--shards", shards_dir, "codec.name=autoencoder"],
                           "already uses codec 'pca'")):
