@@ -351,28 +351,36 @@ def _ontology_names(table: list[NameEntry], names: dict[str, dict[str, tuple[str
     * a wording holding another label's name, or a group's that lacks the label ("plasmacytoid T cell",
       "T-associated plasma cell" for the plasmacytoid dendritic cell; "lymph node of lung" below lymph node).
     """
-    held = {normalize_name(h) for tier in ("reworded", "rare") for t in heldout_tables(tier).values()
-            for hs in t.values() for h in hs}
-    dropped = {normalize_name(n) for t in vocab_file("ontology_dropped").values() for ns in t.values() for n in ns}
-    named = {e.norm for e in table}
+    left_out = {e.norm for e in table} | _heldout_and_dropped_norms()
     found: dict[tuple[str, str], dict[str, str]] = {}  # (field, norm) -> label -> name
     for f, table_f in names.items():
         for label, label_names in sorted(table_f.items()):
             for name in label_names:
                 norm = normalize_name(name)
-                if _usable_ontology_name(name) and not {norm} & (named | held | dropped):
+                if _usable_ontology_name(name) and norm not in left_out:
                     found.setdefault((f, norm), {}).setdefault(label, name)
-    inside = [e for e in table if e.in_model and not e.ontology_id]
+    inside: dict[tuple[str, str], list[NameEntry]] = {}  # (field, norm) -> the model's names
+    for e in table:
+        if e.in_model and not e.ontology_id:
+            inside.setdefault((e.field, e.norm), []).append(e)
     out = []
     for (f, norm), by_label in sorted(found.items()):
         if len(by_label) > 1:
             continue
         (label, name), = by_label.items()
-        words = f" {norm} "
-        if not any(f" {e.norm} " in words and e.label != label and label not in e.group
-                   for e in inside if e.field == f):
+        words = norm.split()
+        parts = (" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1))
+        if not any(e.label != label and label not in e.group for part in parts for e in inside.get((f, part), ())):
             out.append(NameEntry(f, label, name, norm, in_model=in_model, narrower=narrower, from_ontology=True))
     return out
+
+
+@functools.cache
+def _heldout_and_dropped_norms() -> frozenset[str]:
+    """The normalised held-out names of the evaluation's tiers and the names of ``ontology_dropped.yaml``."""
+    held = {h for tier in ("reworded", "rare") for t in heldout_tables(tier).values() for hs in t.values() for h in hs}
+    dropped = {n for t in vocab_file("ontology_dropped").values() for ns in t.values() for n in ns}
+    return frozenset(normalize_name(n) for n in held | dropped)
 
 
 def _usable_ontology_name(name: str) -> bool:
