@@ -207,6 +207,9 @@ class PromptResolver:
         self._field_of = np.array([e.field for e in self.entries])
         self._norms = [e.norm for e in self.entries]
         self._norm_array = np.array(self._norms, dtype=object)
+        self._norm_index: dict[str, list[int]] = {}  # normalised name -> its entries
+        for j, n in enumerate(self._norms):
+            self._norm_index.setdefault(n, []).append(j)
         self._exact_field = {e.norm: e.field for e in self.entries if e.in_model and not e.ontology_id}
         # the words of the names a clipped or misspelt word may stand for (a model label's, shorthand and narrower
         # names too; not a Census label the model lacks, nor the thousands of ontology terms below its labels), and
@@ -272,9 +275,7 @@ class PromptResolver:
             if n.isalpha() and n not in self._words and n + "s" not in self._words:
                 head = self.tower.tokenizer.tokenize(n)[0]
                 sims[i, self._one_word_name & (self._norm_array != head)] = -np.inf
-        norm_index: dict[str, list[int]] = {}
-        for j, n in enumerate(self._norms):
-            norm_index.setdefault(n, []).append(j)
+        norm_index = self._norm_index
         for i, n in enumerate(span_norms):
             for j in norm_index.get(n, ()):
                 sims[i, j] = 1.0
