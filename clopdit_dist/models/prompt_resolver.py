@@ -275,16 +275,15 @@ class PromptResolver:
             if n.isalpha() and n not in self._words and n + "s" not in self._words:
                 head = self.tower.tokenizer.tokenize(n)[0]
                 sims[i, self._one_word_name & (self._norm_array != head)] = -np.inf
-        norm_index = self._norm_index
         for i, n in enumerate(span_norms):
-            for j in norm_index.get(n, ()):
+            for j in self._norm_index.get(n, ()):
                 sims[i, j] = 1.0
             if spans[i].text.endswith("s"):  # an acronym's plural ("AMs", "DCs") is that acronym
-                for j in norm_index.get(normalize_name(spans[i].text[:-1]), ()):
+                for j in self._norm_index.get(normalize_name(spans[i].text[:-1]), ()):
                     if self._acronym[j]:
                         sims[i, j] = 1.0
             for f, variant in self._group_synonym_variants(n):
-                for j in norm_index.get(variant, ()):
+                for j in self._norm_index.get(variant, ()):
                     if self._field_of[j] == f:
                         sims[i, j] = 1.0
         # words that name no particular disease ("infection", "lesions": unspecific.yaml) name one only exactly
@@ -302,7 +301,7 @@ class PromptResolver:
         sims[:, self._exact_only] = np.where(sims[:, self._exact_only] >= 1.0, 1.0, -np.inf)
         for i, n in enumerate(span_norms):  # misspelt or clipped: also a shorthand or narrower name ("lupsu")
             if sims[i].max() < 1.0:
-                for j in self._put_right(n, norm_index):
+                for j in self._put_right(n):
                     sims[i, j] = max(sims[i, j], TYPO_SCORE)
         # gene symbols mean nothing to the text tower (it read "KRT5+ TP63+ cells" as regulatory T cells, 0.70,
         # "CD19+CD27+ cells" as stem cells, "Mono_CD16" as classical monocytes): a span of symbols and generic
@@ -328,7 +327,7 @@ class PromptResolver:
                     sims[i, j] = -np.inf
         return sims
 
-    def _put_right(self, norm: str, norm_index: dict[str, list[int]]) -> list[int]:
+    def _put_right(self, norm: str) -> list[int]:
         """The names a span says with one word misspelt or clipped ("helthy", "hepatocyets", "alveloar
         macrophages", "lung adeno", "fibros"): a word of four letters or more that the text tower does not know
         whole, at Damerau-Levenshtein distance 1 (2 from eight letters on) from a word of the names or beginning
@@ -337,7 +336,7 @@ class PromptResolver:
         words, found = norm.split(), []
         for k, w in enumerate(words):
             for c in self._word_fixes(w):
-                found += norm_index.get(" ".join(words[:k] + [c] + words[k + 1:]), [])
+                found += self._norm_index.get(" ".join(words[:k] + [c] + words[k + 1:]), [])
         found = [j for j in found if self.entries[j].in_model]
         labels: dict[str, set[str]] = {}
         for j in found:
