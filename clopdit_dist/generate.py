@@ -34,7 +34,7 @@ from .models.autoencoder import draw_counts
 from .models.codec import LatentCodec, load_codec
 from .models.condition import check_prompts, load_condition_encoder
 from .models.dit import DiTConfig, LatentDiT
-from .models.flow import FlowConfig, GaussianPrior, SamplerConfig, load_prior, sample, start_from
+from .models.flow import CellNoise, FlowConfig, GaussianPrior, SamplerConfig, load_prior, sample, start_from
 from .models.marker_table import MarkerTable
 from .run import RunDir
 
@@ -130,12 +130,13 @@ class CellGenerator:
     @torch.no_grad()
     def latents(self, cond: torch.Tensor, n: int, sampler: SamplerConfig, seed: int, batch_size: int = 2048,
                 drop: torch.Tensor | None = None, x0: torch.Tensor | None = None,
-                source: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                source: tuple[torch.Tensor, torch.Tensor] | None = None,
+                noise: CellNoise | None = None) -> torch.Tensor:
         """(n, latent_dim) latents: ``cond`` is one condition (1, K, C) or one per cell (n, K, C);
         ``drop`` (1 or n, K) marks fields left on the learned null; ``x0`` (n, tokens, token_dim)
-        is the starting noise (else drawn from ``seed``); ``source`` (loc, scale), each (n,
-        latent_dim), moves it to each cell's prior (a DiT trained with ``flow.prior=cell_type``
-        needs it: :meth:`source_of`)."""
+        is the starting noise and ``noise`` the SDE's step noise (else both drawn from ``seed``);
+        ``source`` (loc, scale), each (n, latent_dim), moves it to each cell's prior (a DiT
+        trained with ``flow.prior=cell_type`` needs it: :meth:`source_of`)."""
         if (self.prior is None) != (source is None):
             raise ValueError("this DiT starts from per-type priors: pass source" if source is None
                              else "this DiT starts from N(0, I): it takes no source")
@@ -155,7 +156,8 @@ class CellGenerator:
                     start_noise = torch.randn((b, *shape), generator=g, device=self.device)
                 start_noise = start_from(start_noise.to(self.device), prior)
             with self._autocast:
-                x = sample(model, cond[rows].to(self.device), shape, sampler, g, start_noise, prior)
+                x = sample(model, cond[rows].to(self.device), shape, sampler, g, start_noise, prior,
+                           None if noise is None else noise.take(rows))
             out.append(self.dit.unstandardize(x))
         return torch.cat(out)
 
@@ -343,13 +345,14 @@ class CellGenerator:
 
     def _generate_fields(self, prompts, n, sampler, seed, batch_size, strict) -> ad.AnnData:
         """All prompts' cells in one batched sampling run (each cell carries its own condition),
-        with each prompt's starting noise, library sizes and counts drawn from its own seed, so a
-        prompt gives the same cells alone or beside others (SDE noise excepted)."""
+        with each prompt's starting noise, SDE step noise, library sizes and counts drawn from its
+        own seed, so a prompt gives the same cells alone or beside others."""
         check_prompts(prompts)
         shape = (self.dit.dit.tokens, self.dit.dit.token_dim)
         plans = [self.plan(p, n[i], np.random.default_rng([seed, i, 7]), strict) for i, p in enumerate(prompts)]
         x0 = [torch.randn((n[i], *shape), generator=torch.Generator().manual_seed(prompt_seed(seed, i)))
               for i in range(len(prompts))]
+        noise = CellNoise([prompt_seed(seed, i) for i in range(len(prompts))], n, shape)
         items = [(c, m) for plan in plans for c, m in plan]  # (condition, cells), prompt after prompt
         counts_per = torch.tensor([m for _, m in items])
         shifts = [self.disease_shift(c, sampler) for c, _ in items]
@@ -368,7 +371,8 @@ class CellGenerator:
             if rows.any():
                 z[rows] = self.latents(cond[rows], int(rows.sum()), smp, seed, batch_size,
                                        None if drop is None else drop[rows], x0[rows],
-                                       None if source is None else (source[0][rows], source[1][rows])).float().cpu()
+                                       None if source is None else (source[0][rows], source[1][rows]),
+                                       noise.take(rows)).float().cpu()
         log_shift = None
         if any(sh is not None for sh in shifts):
             width = z.shape[1] if sampler.disease_shift == "latent" else len(self.codec.genes)

@@ -222,6 +222,24 @@ def test_a_new_combination_is_sampled_with_compositional_guidance(pca_run):
     assert (joint.obs["guidance_fields"] == "joint").all()
 
 
+def test_a_prompt_gives_the_same_cells_alone_beside_others_and_in_any_batching(pca_run):
+    """Starting noise, SDE step noise (flow.CellNoise), library sizes and counts all come from the
+    prompt's own seed: another prompt in the call, or smaller batches, leave its cells as they were."""
+    from dataclasses import replace
+
+    from clopdit_dist.generate import CellGenerator
+
+    gen = CellGenerator.from_run(pca_run)
+    sde = replace(gen.default_sampler, method="sde", noise=1.0, steps=4)
+    (t, s, d), other = sorted(gen._train_combinations)[:2]
+    prompt = "cell type: {}; tissue: {}; disease: {}".format
+    alone = gen.generate([prompt(t, s, d)], n=9, seed=5, sampler=sde)
+    beside = gen.generate([prompt(t, s, d), prompt(*other)], n=[9, 7], seed=5, sampler=sde, batch_size=4)
+    np.testing.assert_allclose(beside.obsm["X_latent"][:9], alone.obsm["X_latent"], rtol=1e-4, atol=1e-5)
+    reseeded = gen.generate([prompt(t, s, d)], n=9, seed=6, sampler=sde)
+    assert not np.allclose(reseeded.obsm["X_latent"], alone.obsm["X_latent"], atol=1e-3)
+
+
 def test_a_new_disease_combination_is_its_healthy_combination_shifted_by_the_disease(pca_run, shards_dir):
     """disease_shift: a new (type, tissue, disease) is sampled as (type, tissue, normal) and moved
     by the disease's mean effect on that type in the tissues training has it in, in the latent

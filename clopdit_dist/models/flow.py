@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError
@@ -276,15 +277,63 @@ def guided_velocity(model, x: torch.Tensor, t: float, cond: torch.Tensor, cfg: S
     return out
 
 
+class CellNoise:
+    """The SDE sampler's step noise, every cell's from a stream of its own block.
+
+    The cells of stream ``s`` (a prompt's seed) come in blocks of ``block``; block ``b`` draws
+    one (block cells, *shape) standard normal per step from a generator seeded (s, b), and each
+    of its cells takes its row. A cell's noise thus depends on its stream and its place there
+    only: not on the other prompts of the call, nor on how the call is split into batches, so
+    one prompt's change leaves the other prompts' cells as they were.
+    """
+
+    def __init__(self, seeds: Sequence[int], counts: Sequence[int], shape: tuple[int, ...], block: int = 256):
+        self.shape = tuple(shape)
+        keys, pos, size = [], [], []
+        for s, n in zip(seeds, counts, strict=True):
+            for b, start in enumerate(range(0, n, block)):
+                m = min(block, n - start)
+                keys += [int(np.random.SeedSequence([s % 2 ** 63, b]).generate_state(1, np.uint64)[0] >> 1)] * m
+                pos += range(m)
+                size += [m] * m
+        self.key, self.pos, self.size = np.array(keys, np.int64), np.array(pos, np.int64), np.array(size, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    def take(self, rows) -> "CellNoise":
+        """The noise of a subset of cells (a slice, a boolean mask or indices)."""
+        rows = rows.numpy() if isinstance(rows, torch.Tensor) else rows
+        out = object.__new__(CellNoise)
+        out.shape, out.key, out.pos, out.size = self.shape, self.key[rows], self.pos[rows], self.size[rows]
+        return out
+
+    def steps(self, device=None) -> Iterator[torch.Tensor]:
+        """(cells, *shape) noise for step after step."""
+        blocks = [(torch.Generator().manual_seed(int(k)), int(self.size[rows[0]]), torch.from_numpy(rows),
+                   torch.from_numpy(self.pos[rows])) for k in np.unique(self.key)
+                  for rows in [np.flatnonzero(self.key == k)]]
+        while True:
+            out = torch.empty((len(self), *self.shape))
+            for g, m, rows, pos in blocks:
+                out[rows] = torch.randn((m, *self.shape), generator=g)[pos]
+            yield out.to(device)
+
+
 @torch.no_grad()
 def sample(model, cond: torch.Tensor, shape: tuple[int, int], cfg: SamplerConfig,
            generator: torch.Generator, x0: torch.Tensor | None = None,
-           source: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+           source: tuple[torch.Tensor, torch.Tensor] | None = None,
+           noise: CellNoise | None = None) -> torch.Tensor:
     """Integrate from noise (``x0``, else drawn from ``generator``) to data. ``cond`` (B, K, C);
     returns latents (B, *shape). ``source`` (loc, scale), each (B, T * D), is the Gaussian ``x0``
     was drawn from (:class:`GaussianPrior`); only the SDE needs it, to run in the coordinates where
-    that source is N(0, I)."""
+    that source is N(0, I). The SDE's step noise comes from ``noise`` (one stream per cell
+    block, :class:`CellNoise`) where given, else from ``generator``."""
     B = cond.shape[0]
+    if noise is not None and len(noise) != B:
+        raise ValueError(f"noise holds {len(noise)} cells for a batch of {B}")
+    step_noise = None if noise is None else noise.steps(cond.device)
     x = torch.randn((B, *shape), generator=generator, device=cond.device) if x0 is None else x0.to(cond.device)
     loc, scale = (0.0, 1.0) if source is None else (s.to(x).view(x.shape) for s in source)
     ts = torch.linspace(0.0, 1.0, cfg.steps + 1).tolist()
@@ -309,8 +358,9 @@ def sample(model, cond: torch.Tensor, shape: tuple[int, int], cfg: SamplerConfig
             drift = v0 - 0.5 * eta * (x - loc - t0 * v0)
             x = x + h * drift
             if i < cfg.steps - 1 and eta > 0:
-                x = x + scale * (eta * (1 - t0) * h) ** 0.5 * torch.randn(x.shape, generator=generator,
-                                                                          device=x.device)
+                eps = torch.randn(x.shape, generator=generator, device=x.device) if step_noise is None \
+                    else next(step_noise)
+                x = x + scale * (eta * (1 - t0) * h) ** 0.5 * eps
         else:
             raise ValueError(f"sampler method {cfg.method!r}: use euler, heun, midpoint or sde")
     return x
