@@ -294,7 +294,7 @@ def resolver_names(vocab: dict[str, list[str]], ontology_ids: dict[str, dict[str
     below macrophage), the names of the terms below them (``from_ontology=True``, exact only,
     :func:`_ontology_names`). Never a held-out name."""
     out = _model_names(vocab)
-    own = {e.norm for e in out}
+    own = {(e.field, e.norm) for e in out}
     present = {f: {str(x) for x in vocab.get(f, ())} for f in CONDITION_FIELDS}
     for f, table in (ontology_ids or {}).items():
         out += [NameEntry(f, label, term, normalize_name(term), ontology_id=True)
@@ -302,7 +302,7 @@ def resolver_names(vocab: dict[str, list[str]], ontology_ids: dict[str, dict[str
     for f in CONDITION_FIELDS:
         for label, names in (vocab_file("narrower").get(FIELD_KIND[f]) or {}).items():
             for name in dict.fromkeys([n for name in names for n in (name, *generic_rewrites(name))]):
-                if label in present[f] and normalize_name(name) not in own:
+                if label in present[f] and (f, normalize_name(name)) not in own:
                     out.append(NameEntry(f, label, name, normalize_name(name), (), is_acronym(name), narrower=True))
     taken = {(e.field, e.norm) for e in out}
     for f in CONDITION_FIELDS:  # leaf names of their label: descriptions by meaning, shorthand exactly

@@ -54,9 +54,10 @@ NEGATION = re.compile(
     r"\b(?:not|neither|nor|excluding|exclude|except(?:\s+for)?|other\s+than|rather\s+than|instead\s+of|"
     r"apart\s+from|aren't|isn't|are\s+not|is\s+not|minus|as\s+opposed\s+to|in\s+contrast\s+to|unlike)\b",
     re.IGNORECASE)
-# a field left open on purpose: "any tissue", "whatever disease", "regardless of (the) cell type"
+# a field left open on purpose: "any tissue", "whatever disease", "regardless of (the) cell type"; not
+# "without any disease", "w/o any disease", "free of any disease", which say healthy (shorthand.yaml)
 OPEN_FIELD = re.compile(
-    r"\b(?:any|whatever|whichever|every|all|regardless\s+of(?:\s+the)?|across(?:\s+all)?)\s+"
+    r"(?<!without\s)(?<!w/o\s)(?<!free\sof\s)\b(?:any|whatever|whichever|every|all|regardless\s+of(?:\s+the)?|across(?:\s+all)?)\s+"
     r"(?:cell[\s-]?types?|tissues?|organs?|diseases?|conditions?|disease\s+states?)\b", re.IGNORECASE)
 def open_fields(text: str) -> set[str]:
     """The fields ``text`` leaves open on purpose (:data:`OPEN_FIELD`): {"tissue_general"} for "any tissue"."""
