@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clopdit_dist.models.dit import DiTConfig
-from clopdit_dist.models.flow import (FlowConfig, GaussianPrior, SamplerConfig, condition_drop, flow_matching_loss,
+from clopdit_dist.models.flow import (CellNoise, FlowConfig, GaussianPrior, SamplerConfig, condition_drop, flow_matching_loss,
                                       guided_velocity, load_prior, sample, start_from)
 
 
@@ -74,6 +74,28 @@ def test_the_sde_keeps_the_data_distribution_from_a_shifted_scaled_source():
     g = torch.Generator().manual_seed(0)
     wrong = sample(model, cond_for(0.0, n), (2, 2), cfg, g, start_from(torch.randn(n, 2, 2, generator=g), source))
     assert abs(wrong.mean().item() - 3.0) > 0.3 or abs(wrong.std().item() - 0.5) > 0.15
+
+
+def test_cell_noise_is_each_blocks_own_stream_and_drives_the_sde_to_the_data_distribution():
+    noise = CellNoise([0, 1000], [300, 5], (2, 2), block=256)
+    full = next(noise.steps())
+    # a cell's noise is the same however the cells are split, and alone or beside another prompt's
+    split = torch.cat([next(noise.take(slice(0, 100)).steps()), next(noise.take(slice(100, 305)).steps())])
+    assert torch.equal(split, full)
+    assert torch.equal(next(CellNoise([0], [300], (2, 2), block=256).steps()), full[:300])
+    every_third = torch.arange(305) % 3 == 0
+    assert torch.equal(next(noise.take(every_third).steps()), full[every_third])
+    assert not torch.equal(next(CellNoise([7], [300], (2, 2)).steps()), full[:300])
+    # standard normal draws: the SDE driven by them keeps the data distribution
+    loc, scale, n = 2.0, 0.4, 4000
+    model = ShiftedSourceVelocity(mu=3.0, s=0.5, loc=loc, scale=scale)
+    source = (torch.full((n, 4), loc), torch.full((n, 4), scale))
+    cfg = SamplerConfig(method="sde", steps=200, guidance=1.0, noise=1.0)
+    g = torch.Generator().manual_seed(0)
+    x = sample(model, cond_for(0.0, n), (2, 2), cfg, g, start_from(torch.randn(n, 2, 2, generator=g), source), source,
+               CellNoise([0, 1000], [n // 2, n // 2], (2, 2)))
+    assert x.mean().item() == pytest.approx(3.0, abs=0.1)
+    assert x.std().item() == pytest.approx(0.5, abs=0.05)
 
 
 def test_joint_dropout_trains_the_all_null_branch_and_is_off_by_default():

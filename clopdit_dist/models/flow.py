@@ -310,14 +310,16 @@ class CellNoise:
 
     def steps(self, device=None) -> Iterator[torch.Tensor]:
         """(cells, *shape) noise for step after step."""
-        blocks = [(torch.Generator().manual_seed(int(k)), int(self.size[rows[0]]), torch.from_numpy(rows),
-                   torch.from_numpy(self.pos[rows])) for k in np.unique(self.key)
-                  for rows in [np.flatnonzero(self.key == k)]]
+        keys, block_of = np.unique(self.key, return_inverse=True)
+        order = np.argsort(block_of, kind="stable")
+        bounds = np.searchsorted(block_of[order], np.arange(len(keys) + 1))
+        blocks = [(torch.Generator().manual_seed(int(k)), int(self.size[order[a]]), torch.from_numpy(order[a:b]),
+                   torch.from_numpy(self.pos[order[a:b]])) for k, a, b in zip(keys, bounds[:-1], bounds[1:])]
         while True:
             out = torch.empty((len(self), *self.shape))
             for g, m, rows, pos in blocks:
                 out[rows] = torch.randn((m, *self.shape), generator=g)[pos]
-            yield out.to(device)
+            yield out if device is None else out.to(device)
 
 
 @torch.no_grad()
