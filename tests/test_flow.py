@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from clopdit_dist.models.dit import DiTConfig
-from clopdit_dist.models.flow import (CellNoise, FlowConfig, GaussianPrior, SamplerConfig, condition_drop, flow_matching_loss,
-                                      guided_velocity, load_prior, sample, start_from)
+from clopdit_dist.models.flow import (CellNoise, FlowConfig, GaussianPrior, SamplerConfig, condition_drop,
+                                      flow_matching_loss, guided_velocity, load_prior, sample, start_from)
 
 
 class GaussianVelocity(torch.nn.Module):
@@ -60,14 +60,17 @@ class ShiftedSourceVelocity(torch.nn.Module):
         return self.scale * self.white((x - self.loc) / self.scale, t, cond_for(self.mu, len(x)), drop)
 
 
-def test_the_sde_keeps_the_data_distribution_from_a_shifted_scaled_source():
+@pytest.mark.parametrize("cell_noise", [False, True], ids=["one_generator", "cell_noise"])
+def test_the_sde_keeps_the_data_distribution_from_a_shifted_scaled_source(cell_noise):
     loc, scale = 2.0, 0.4
     model = ShiftedSourceVelocity(mu=3.0, s=0.5, loc=loc, scale=scale)
     n = 4000
     source = (torch.full((n, 4), loc), torch.full((n, 4), scale))
     cfg = SamplerConfig(method="sde", steps=200, guidance=1.0, noise=1.0)
     g = torch.Generator().manual_seed(0)
-    x = sample(model, cond_for(0.0, n), (2, 2), cfg, g, start_from(torch.randn(n, 2, 2, generator=g), source), source)
+    noise = CellNoise([0, 1000], [n // 2, n // 2], (2, 2)) if cell_noise else None  # step noise per prompt's block
+    x = sample(model, cond_for(0.0, n), (2, 2), cfg, g, start_from(torch.randn(n, 2, 2, generator=g), source), source,
+               noise)
     assert x.mean().item() == pytest.approx(3.0, abs=0.1)
     assert x.std().item() == pytest.approx(0.5, abs=0.05)
     # the same SDE told the source is N(0, I) pulls the cells off the data distribution
@@ -76,7 +79,7 @@ def test_the_sde_keeps_the_data_distribution_from_a_shifted_scaled_source():
     assert abs(wrong.mean().item() - 3.0) > 0.3 or abs(wrong.std().item() - 0.5) > 0.15
 
 
-def test_cell_noise_is_each_blocks_own_stream_and_drives_the_sde_to_the_data_distribution():
+def test_cell_noise_is_each_blocks_own_stream():
     noise = CellNoise([0, 1000], [300, 5], (2, 2), block=256)
     full = next(noise.steps())
     # a cell's noise is the same however the cells are split, and alone or beside another prompt's
@@ -86,16 +89,6 @@ def test_cell_noise_is_each_blocks_own_stream_and_drives_the_sde_to_the_data_dis
     every_third = torch.arange(305) % 3 == 0
     assert torch.equal(next(noise.take(every_third).steps()), full[every_third])
     assert not torch.equal(next(CellNoise([7], [300], (2, 2)).steps()), full[:300])
-    # standard normal draws: the SDE driven by them keeps the data distribution
-    loc, scale, n = 2.0, 0.4, 4000
-    model = ShiftedSourceVelocity(mu=3.0, s=0.5, loc=loc, scale=scale)
-    source = (torch.full((n, 4), loc), torch.full((n, 4), scale))
-    cfg = SamplerConfig(method="sde", steps=200, guidance=1.0, noise=1.0)
-    g = torch.Generator().manual_seed(0)
-    x = sample(model, cond_for(0.0, n), (2, 2), cfg, g, start_from(torch.randn(n, 2, 2, generator=g), source), source,
-               CellNoise([0, 1000], [n // 2, n // 2], (2, 2)))
-    assert x.mean().item() == pytest.approx(3.0, abs=0.1)
-    assert x.std().item() == pytest.approx(0.5, abs=0.05)
 
 
 def test_joint_dropout_trains_the_all_null_branch_and_is_off_by_default():
