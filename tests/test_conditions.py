@@ -680,6 +680,13 @@ def test_spelling_alike_words_sub_sites_and_health_wordings(resolver):
     assert resolver.resolve("CD8 T cells from tumor-free lung").fields["disease"] == "normal"
     # a span that begins or ends with a relative pronoun is no name ("cells that" was a B cell by similarity)
     assert resolver.resolve("cells that give rise to every blood lineage", allow_empty=True).groups["cell_type"] is None
+    # nor one that begins with a determiner or quantifier, or ends with an adverb ("such cells" was a B cell, and
+    # took the place of the cell type that a run's resolver reads from the markers the question gave)
+    for p in ("Simulate 50 such cells", "all other cells", "several more cells", "give me the cells again"):
+        assert resolver.resolve(p, allow_empty=True).groups["cell_type"] is None, p
+    r = resolver.resolve("Given the markers [AGER, RTKN2, CLIC5, EMP2], what is the cell type in healthy lung "
+                         "corresponding to these markers? Simulate 50 such cells.")
+    assert (r.groups["cell_type"], r.fields["tissue_general"], r.fields["disease"]) == (None, "lung", "normal")
     # a parent's name names the parent even where a training caption used it for one child
     r = resolver.resolve("macrophages, colon, inflammatory bowel disease")
     assert {c for c, _ in r.candidates["disease"]} == {"ulcerative colitis", "Crohn disease"}

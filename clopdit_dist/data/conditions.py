@@ -427,10 +427,14 @@ def put_right(score: float) -> bool:
 
 # "=" and "_" join the words of metadata strings ("condition=healthy_control; compartment=LN")
 _WORD = re.compile(r"[^\s,;:|()\[\]{}\"=_]+")
-# (relative pronouns and demonstratives since session 27: "cells that" was a B cell by similarity, 0.715)
+# (relative pronouns and demonstratives since session 27: "cells that" was a B cell by similarity, 0.715; determiners,
+# quantifiers and adverbs since session 31: "Simulate 50 such cells", "other cells", "several more cells", "cells
+# again" were B or ciliated cells. No vocabulary name begins or ends with one of them.)
 EDGE_STOPWORDS = frozenset("a an the of from in into with and or for to on at by as is are my me some any "
                            "please generate simulate show give want i that which who whose those these this "
-                           "they them their its".split())
+                           "they them their its "
+                           "such same other another several more many few each every all both similar like "
+                           "again also too just only very much most".split())
 
 
 @dataclass(frozen=True)
