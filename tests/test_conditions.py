@@ -502,6 +502,11 @@ def test_a_child_named_beside_its_group_wins(resolver):
     both match exactly; the longer group span used to win and give a mixture of epithelial types."""
     r = resolver.resolve("ciliated airway epithelial cells")
     assert r.candidates["cell_type"] == [("ciliated cell", 1.0)] and r.groups["cell_type"] is None
+    # the cells lining the airways are the airway epithelium, not its club cells (whose description, "dome-shaped
+    # cell of the small airways", was nearer by meaning than the group's names until the group was given this one)
+    r = resolver.resolve("cells lining the airways in the lungs of someone with covid")
+    assert r.groups["cell_type"] == "airway epithelial cell" and r.fields["disease"] == "COVID-19"
+    assert resolver.resolve("club cells lining the airways").fields["cell_type"] == "club cell"
     # a group whose children the other name is not among stays a group: two groups in a list give both
     r = resolver.resolve("T cells and dendritic cells")
     assert {c for c, _ in r.candidates["cell_type"]} == {"CD4-positive, alpha-beta T cell", "regulatory T cell",
