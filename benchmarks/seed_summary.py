@@ -46,6 +46,13 @@ def _mean(block: dict, metric: str) -> float | None:
     return None if v is None else float(v["mean"] if isinstance(v, dict) else v)
 
 
+def _block(generators: dict, name: str, part: str) -> dict | None:
+    """One generator's aggregate (``macro``, ``macro_seen``, ...), None where the set has none: a small atlas
+    can leave a set without a condition of enough cells (8,000 cells: no training-study condition has 30
+    held-out cells, so the fidelity set is empty)."""
+    return (generators.get(name) or {}).get(part)
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
@@ -59,21 +66,21 @@ def floors(metrics: dict, summary: dict) -> dict[str, dict]:
         out[name] = {"value": None if value is None else round(value, 4), "floor": floor,
                      "met": None if value is None or met is None else bool(met(value))}
 
-    model, real = S["model_canonical"], S["real_half"]
+    model, real = S.get("model_canonical", {}), S.get("real_half", {})
     for judge, need in (("cell_type", 0.95), ("tissue_general", 0.9), ("disease", 0.9)):
         for part in ("macro", "macro_seen"):
             put(f"identity_{judge}_{part}_over_ceiling",
                 _ratio(_mean(model.get(part), f"identity_{judge}"), _mean(real.get(part), f"identity_{judge}")),
                 f">= {need}", lambda v, n=need: v >= n)
     put("identity_cell_type_macro_codec_roundtrip_over_ceiling",
-        _ratio(_mean(S["codec_roundtrip"]["macro"], "identity_cell_type"), _mean(real["macro"], "identity_cell_type")),
+        _ratio(_mean(_block(S, "codec_roundtrip", "macro"), "identity_cell_type"), _mean(real.get("macro"), "identity_cell_type")),
         "(reference)")
     # references beside the tissue and cell-type floors: on a new study, what training-study cells of the right
     # condition score (the cell-type ones since session 27: at 50,000 cells they fail where the model fails)
     for judge in ("tissue_general", "cell_type"):
         for base in ("training_copies", "gaussian", "codec_roundtrip"):
             put(f"identity_{judge}_macro_seen_{base}_over_ceiling",
-                _ratio(_mean(S[base].get("macro_seen"), f"identity_{judge}"),
+                _ratio(_mean(_block(S, base, "macro_seen"), f"identity_{judge}"),
                        _mean(real.get("macro_seen"), f"identity_{judge}")), "(reference)")
     # the canonical prompt naming the held-out cells' assay (the "assay" tier, session 25): beside the floors
     # above, which read canonical prompts, what the assay in the prompt changes
@@ -81,18 +88,20 @@ def floors(metrics: dict, summary: dict) -> dict[str, dict]:
         for judge in ("cell_type", "tissue_general", "disease"):
             for part in ("macro", "macro_seen"):
                 put(f"assay_tier_identity_{judge}_{part}_over_ceiling",
-                    _ratio(_mean(S["model_assay"].get(part), f"identity_{judge}"),
+                    _ratio(_mean(_block(S, "model_assay", part), f"identity_{judge}"),
                            _mean(real.get(part), f"identity_{judge}")), "(reference)")
         for metric in LOWER_IS_BETTER:
             put(f"assay_tier_generalisation_{metric}_over_copies",
-                _ratio(_mean(S["model_assay"]["macro_seen"], metric), _mean(S["training_copies"]["macro_seen"], metric)),
+                _ratio(_mean(_block(S, "model_assay", "macro_seen"), metric), _mean(_block(S, "training_copies", "macro_seen"), metric)),
                 "(reference)")
-            put(f"assay_tier_fidelity_{metric}_over_gaussian",
-                _ratio(_mean(C["model_assay"]["macro"], metric), _mean(C["gaussian"]["macro"], metric)), "(reference)")
+            if "model_assay" in C:  # not where the cells set has no condition with an assay of its own to name
+                put(f"assay_tier_fidelity_{metric}_over_gaussian",
+                    _ratio(_mean(_block(C, "model_assay", "macro"), metric), _mean(_block(C, "gaussian", "macro"), metric)),
+                    "(reference)")
     for metric in (*LOWER_IS_BETTER, "coverage"):
-        mine = _mean(C["model_canonical"]["macro"], metric)
+        mine = _mean(_block(C, "model_canonical", "macro"), metric)
         for base in ("gaussian", "type_mean_nb"):
-            other = _mean(C[base]["macro"], metric)
+            other = _mean(_block(C, base, "macro"), metric)
             if mine is None or other is None:
                 continue
             if metric in LOWER_IS_BETTER:
@@ -104,49 +113,50 @@ def floors(metrics: dict, summary: dict) -> dict[str, dict]:
     for base in ("training_copies", "codec_roundtrip", "real_half"):
         for metric in LOWER_IS_BETTER:
             put(f"fidelity_{metric}_{base}_over_gaussian",
-                _ratio(_mean(C[base]["macro"], metric), _mean(C["gaussian"]["macro"], metric)), "(reference)")
+                _ratio(_mean(_block(C, base, "macro"), metric), _mean(_block(C, "gaussian", "macro"), metric)), "(reference)")
     # the unbiased (U-statistic) energy and MMD of every generator, absolute: they can be <= 0, so no ratio
     for metric in ("energy_u", "mmd_u"):
         for base in ("model_canonical", "real_half", "gaussian", "training_copies", "codec_roundtrip", "type_mean_nb"):
-            put(f"fidelity_{metric}_{base}", _mean(C[base]["macro"], metric), "(reference)")
+            put(f"fidelity_{metric}_{base}", _mean(_block(C, base, "macro"), metric), "(reference)")
         for base in ("model_canonical", "real_half", "training_copies", "codec_roundtrip"):
-            put(f"generalisation_{metric}_{base}", _mean(S[base]["macro_seen"], metric), "(reference)")
-    put("fidelity_coverage_over_real_half", _ratio(_mean(C["model_canonical"]["macro"], "coverage"),
-                                                   _mean(C["real_half"]["macro"], "coverage")), ">= 0.8", lambda v: v >= 0.8)
+            put(f"generalisation_{metric}_{base}", _mean(_block(S, base, "macro_seen"), metric), "(reference)")
+    put("fidelity_coverage_over_real_half", _ratio(_mean(_block(C, "model_canonical", "macro"), "coverage"),
+                                                   _mean(_block(C, "real_half", "macro"), "coverage")), ">= 0.8", lambda v: v >= 0.8)
     seen = "macro_seen"
     for metric in (*LOWER_IS_BETTER, "coverage"):
-        r = _ratio(_mean(model[seen], metric), _mean(S["training_copies"][seen], metric))
+        r = _ratio(_mean(model.get(seen), metric), _mean(_block(S, "training_copies", seen), metric))
         if metric in LOWER_IS_BETTER:
             put(f"generalisation_{metric}_over_copies", r, "<= 1.1", lambda v: v <= 1.1)
         else:
             put(f"generalisation_{metric}_over_copies", r, ">= 0.9", lambda v: v >= 0.9)
-    put("decoded_mean_diversity", _mean(model[seen], "diversity_means"), "0.9 .. 1.1", lambda v: 0.9 <= v <= 1.1)
-    put("decoded_mean_diversity_codec_ceiling", _mean(S["codec_roundtrip"][seen], "diversity_means"), "(reference)")
-    put("coverage_over_gaussian", _ratio(_mean(model[seen], "coverage"), _mean(S["gaussian"][seen], "coverage")),
+    put("decoded_mean_diversity", _mean(model.get(seen), "diversity_means"), "0.9 .. 1.1", lambda v: 0.9 <= v <= 1.1)
+    put("decoded_mean_diversity_codec_ceiling", _mean(_block(S, "codec_roundtrip", seen), "diversity_means"), "(reference)")
+    put("coverage_over_gaussian", _ratio(_mean(model.get(seen), "coverage"), _mean(_block(S, "gaussian", seen), "coverage")),
         ">= 1", lambda v: v >= 1)
-    auc_model, auc_copies = _mean(model[seen], "auc"), _mean(S["training_copies"][seen], "auc")
+    auc_model, auc_copies = _mean(model.get(seen), "auc"), _mean(_block(S, "training_copies", seen), "auc")
     put("auc_minus_copies", None if auc_model is None or auc_copies is None else auc_model - auc_copies, "<= 0.1",
         lambda v: v <= 0.1)
-    canon = _mean(model[seen], "identity_cell_type")
-    put("reworded_minus_canonical_identity", _mean(S["model_reworded"][seen], "identity_cell_type") - canon,
+    canon = _mean(model.get(seen), "identity_cell_type")
+    reworded = _mean(_block(S, "model_reworded", seen), "identity_cell_type")
+    put("reworded_minus_canonical_identity", None if reworded is None or canon is None else reworded - canon,
         ">= -0.03", lambda v: v >= -0.03)
-    put("freeform_over_canonical_identity", _ratio(_mean(S["model_freeform"][seen], "identity_cell_type"), canon),
+    put("freeform_over_canonical_identity", _ratio(_mean(_block(S, "model_freeform", seen), "identity_cell_type"), canon),
         ">= 0.8", lambda v: v >= 0.8)
     put("tissue_only_tv", metrics.get("field_subset", {}).get("mean_tv"), "<= 0.25", lambda v: v <= 0.25)
     if model.get("macro_novel"):
         for judge, need in (("cell_type", 0.9), ("disease", 0.8)):
             put(f"unseen_{judge}_over_ceiling", _ratio(_mean(model["macro_novel"], f"identity_{judge}"),
-                                                       _mean(real["macro_novel"], f"identity_{judge}")),
+                                                       _mean(real.get("macro_novel"), f"identity_{judge}")),
                 f">= {need}", lambda v, n=need: v >= n)
             # the latent space's own ceiling: real cells of the new combination encoded and decoded by the codec
             put(f"unseen_{judge}_codec_roundtrip_over_ceiling",
-                _ratio(_mean(S["codec_roundtrip"]["macro_novel"], f"identity_{judge}"),
-                       _mean(real["macro_novel"], f"identity_{judge}")), "(reference)")
+                _ratio(_mean(_block(S, "codec_roundtrip", "macro_novel"), f"identity_{judge}"),
+                       _mean(real.get("macro_novel"), f"identity_{judge}")), "(reference)")
     for name, gens in (("studies", S), ("cells", C)):
-        put(f"memorisation_{name}", _mean(gens["model_canonical"]["macro"], "memorisation_ratio"), ">= 1",
+        put(f"memorisation_{name}", _mean(_block(gens, "model_canonical", "macro"), "memorisation_ratio"), ">= 1",
             lambda v: v >= 1)
         for base in ("gaussian", "codec_roundtrip"):
-            put(f"memorisation_{name}_{base}", _mean(gens[base]["macro"], "memorisation_ratio"), "(reference)")
+            put(f"memorisation_{name}_{base}", _mean(_block(gens, base, "macro"), "memorisation_ratio"), "(reference)")
     aug = metrics.get("augmentation", {})
     if "real_only" in aug:
         before, after = aug["real_only"]["f1_rare_mean"], aug["plus_generated"]["f1_rare_mean"]

@@ -623,6 +623,15 @@ def test_markers_name_the_subtype_of_a_named_type_only_when_they_set_it_apart(re
     assert r0.resolve("CD4+ CD4 T cells").fields["cell_type"] == "CD4-positive, alpha-beta T cell"
     assert r0.resolve("MARCO+ macrophages").fields["cell_type"] == "alveolar macrophage"
     assert r0.resolve("macrophages").fields["cell_type"] == "macrophage"
+    # the label's own words are no marker, also where Tregs express CD4 more than CD4 T cells do (an 8,000-cell
+    # atlas of seed 7): "CD4-positive, alpha-beta T cell" was read as "CD4+" beside the name and gave Tregs
+    p[0, 0], p[1, 0] = 3e-3, 3e-1
+    r0 = PromptResolver(resolver.tower, VOCAB, markers=MarkerTable.from_expression(labels, ["CD4", "FOXP3", "CD8A",
+                                                                                             "MARCO"], p))
+    for prompt in ("cell type: CD4-positive, alpha-beta T cell; tissue: blood; disease: normal",
+                   "CD4-positive, alpha-beta T cell"):
+        assert r0.resolve(prompt).fields["cell_type"] == "CD4-positive, alpha-beta T cell", prompt
+    assert r0.resolve("CD4-positive, alpha-beta T cells, FOXP3+").fields["cell_type"] == "regulatory T cell"
 
 
 def test_a_gene_said_absent_narrows_a_named_group_and_compounds_name_no_tissue(resolver):

@@ -483,7 +483,11 @@ class PromptResolver:
         its own (``subtypes.yaml``), the subtype where the markers name it and not the type ("FOXP3+ CD4 T
         cells": regulatory T cells)."""
         named = [c for c, _ in r.candidates["cell_type"]]
-        for name in (r.spans.get("cell_type") or "").split(", "):  # each name of a list ("CD4 T cells, CD8 T cells")
+        span = r.spans.get("cell_type") or ""
+        # the whole name first: a label with a comma in it ("CD4-positive, alpha-beta T cell") is one name, whose
+        # "CD4-positive" is no marker (read as CD4+, it gave regulatory T cells where they express CD4 the more); then
+        # each name of a list ("CD4 T cells, CD8 T cells")
+        for name in (span, *span.split(", ")):
             if name and normalize_name(name) in self._exact_field:  # "CD45+ cells" is the group: CD45 narrows nothing
                 text = text.replace(name, " ")
         if len(named) == 1:
