@@ -632,6 +632,10 @@ def test_markers_name_the_subtype_of_a_named_type_only_when_they_set_it_apart(re
                    "CD4-positive, alpha-beta T cell"):
         assert r0.resolve(prompt).fields["cell_type"] == "CD4-positive, alpha-beta T cell", prompt
     assert r0.resolve("CD4-positive, alpha-beta T cells, FOXP3+").fields["cell_type"] == "regulatory T cell"
+    # nor is a gene that the type's own names hold, in a wording of the type that is no name of it: "CD4" restates
+    # the CD4 T cell and sets none of its subtypes apart; FOXP3 does
+    assert r0.resolve("CD4+ helper T lymphocytes from blood").fields["cell_type"] == "CD4-positive, alpha-beta T cell"
+    assert r0.resolve("FOXP3+ CD4+ helper T lymphocytes").fields["cell_type"] == "regulatory T cell"
 
 
 def test_a_gene_said_absent_narrows_a_named_group_and_compounds_name_no_tissue(resolver):

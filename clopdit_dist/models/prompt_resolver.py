@@ -187,6 +187,7 @@ class PromptResolver:
                  max_words: int = 6, *, ontology_ids: dict[str, dict[str, str]] | None = None,
                  markers=None, assays: list[str] | None = None, _exclude: NameEntry | None = None):
         self.tower, self.markers, self.assays = tower, markers, list(assays or ())
+        self._own_genes_of: dict[str, frozenset[str]] = {}
         self._generic = generic_words()
         self._subtypes = vocab_file("subtypes").get("cell_type") or {}
         self._unspecific = {f: frozenset(normalize_name(w) for w in vocab_file("unspecific").get(FIELD_KIND[f]) or ())
@@ -491,6 +492,10 @@ class PromptResolver:
             if name and normalize_name(name) in self._exact_field:  # "CD45+ cells" is the group: CD45 narrows nothing
                 text = text.replace(name, " ")
         if len(named) == 1:
+            # a gene the type's own names hold ("CD4" of "CD4+ helper T cells") restates the type and sets none of
+            # its subtypes apart (read as a marker, it gave regulatory T cells where they express CD4 the more)
+            text = " ".join(w for w in self.markers.tokens(text)
+                            if (self.markers.symbol(w) or ("",))[0] not in self._own_genes(named[0]))
             # a named type's own subtype, where the markers name it clearly apart; a type read by meaning only
             # ("cells lining the air sacs, SFTPC+"), where the markers name others and not it
             subtypes = [t for t in self._subtypes.get(named[0], ()) if t in self.vocab["cell_type"]]
@@ -515,6 +520,15 @@ class PromptResolver:
         r.unresolved.pop("cell_type", None)
         r.candidates["cell_type"] = [(t, 1.0 / len(labels)) for t in labels]
         r.confidence["cell_type"] = round(min(1.0, score / (2 * MIN_SCORE)) / len(labels), 4)
+
+    def _own_genes(self, label: str) -> frozenset[str]:
+        """The genes the cell type's own names say it expresses ("CD4" of "CD4 T cell"; not its narrower names')."""
+        if label not in self._own_genes_of:
+            self._own_genes_of[label] = frozenset(
+                sym[0] for e in self.entries if e.field == "cell_type" and e.label == label and e.in_model
+                and not e.group and not e.narrower and not e.ontology_id and not e.from_ontology
+                for w in self.markers.tokens(e.name) if (sym := self.markers.symbol(w)) and sym[1] > 0)
+        return self._own_genes_of[label]
 
     def _read_assay(self, r: ResolvedPrompt, named: AssaysNamed, value: str | None) -> None:
         """The assays the prompt names (``named``: read from its "assay:" value where it has one,
