@@ -771,3 +771,20 @@ def test_metadata_strings_clinical_wordings_and_shared_heads(resolver):
     r = resolver.resolve('{"celltype": "plasma cell", "tissue": "lung", "condition": "COVID-19"}')
     assert (r.fields["cell_type"], r.fields["tissue_general"], r.fields["disease"]) == \
         ("plasma cell", "lung", "COVID-19")
+
+
+def test_a_type_the_atlas_did_not_train_on_is_refused_by_name_and_cd4_cells_are_t_cells(resolver):
+    """A small atlas can leave a rare type out of training (seed 7 at 8,000 cells: no hematopoietic stem cell).
+    Its names then refuse the prompt, as a Census label the model lacks does; before, "CD34+ haematopoietic stem
+    cells circulating in the peripheral blood" gave plasma cells by meaning. And the clinic's "CD4 cells" are CD4 T
+    cells by name, not the marker CD4 alone (which gave regulatory T cells on that atlas)."""
+    from clopdit_dist.models.prompt_resolver import PromptResolver
+
+    vocab = {**VOCAB, "cell_type": [c for c in VOCAB["cell_type"] if c != "hematopoietic stem cell"]}
+    r = PromptResolver(resolver.tower, vocab).resolve(
+        "CD34+ haematopoietic stem cells circulating in the peripheral blood of healthy adults", allow_empty=True)
+    assert r.fields["cell_type"] is None and "cell_type" in r.unresolved and r.fields["tissue_general"] == "blood"
+    r = resolver.resolve("I want CD4 cells from healthy PBMCs, but not Tregs")
+    assert r.candidates["cell_type"] == [("CD4-positive, alpha-beta T cell", 1.0)]
+    assert {c for c, _ in resolver.resolve("CD4s and CD8s").candidates["cell_type"]} == \
+        {"CD4-positive, alpha-beta T cell", "CD8-positive, alpha-beta T cell"}

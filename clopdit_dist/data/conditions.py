@@ -317,7 +317,11 @@ def resolver_names(vocab: dict[str, list[str]], ontology_ids: dict[str, dict[str
                                  for f, terms in in_vocab.items()})
     taken = {e.norm for e in out}
     for f in CONDITION_FIELDS:
-        for label, names in (vocab_file("census_labels").get(FIELD_KIND[f]) or {}).items():
+        # a label this model lacks: a Census label, or one of the project's own (train_names.yaml) that this atlas
+        # did not train on (a rare type of a small atlas: "hematopoietic stem cells" at 8,000 cells), refused by name
+        lacking = {**{label: train_names(FIELD_KIND[f], label) for label in train_tables()[FIELD_KIND[f]]},
+                   **(vocab_file("census_labels").get(FIELD_KIND[f]) or {})}
+        for label, names in lacking.items():
             if label in present[f]:
                 continue
             for name in dict.fromkeys([label, *(names or ()), *generic_rewrites(label)]):
