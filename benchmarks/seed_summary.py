@@ -73,7 +73,8 @@ def floors(metrics: dict, summary: dict) -> dict[str, dict]:
                 _ratio(_mean(model.get(part), f"identity_{judge}"), _mean(real.get(part), f"identity_{judge}")),
                 f">= {need}", lambda v, n=need: v >= n)
     put("identity_cell_type_macro_codec_roundtrip_over_ceiling",
-        _ratio(_mean(_block(S, "codec_roundtrip", "macro"), "identity_cell_type"), _mean(real.get("macro"), "identity_cell_type")),
+        _ratio(_mean(_block(S, "codec_roundtrip", "macro"), "identity_cell_type"),
+               _mean(real.get("macro"), "identity_cell_type")),
         "(reference)")
     # references beside the tissue and cell-type floors: on a new study, what training-study cells of the right
     # condition score (the cell-type ones since session 27: at 50,000 cells they fail where the model fails)
@@ -92,11 +93,13 @@ def floors(metrics: dict, summary: dict) -> dict[str, dict]:
                            _mean(real.get(part), f"identity_{judge}")), "(reference)")
         for metric in LOWER_IS_BETTER:
             put(f"assay_tier_generalisation_{metric}_over_copies",
-                _ratio(_mean(_block(S, "model_assay", "macro_seen"), metric), _mean(_block(S, "training_copies", "macro_seen"), metric)),
+                _ratio(_mean(_block(S, "model_assay", "macro_seen"), metric),
+                       _mean(_block(S, "training_copies", "macro_seen"), metric)),
                 "(reference)")
             if "model_assay" in C:  # not where the cells set has no condition with an assay of its own to name
                 put(f"assay_tier_fidelity_{metric}_over_gaussian",
-                    _ratio(_mean(_block(C, "model_assay", "macro"), metric), _mean(_block(C, "gaussian", "macro"), metric)),
+                    _ratio(_mean(_block(C, "model_assay", "macro"), metric),
+                           _mean(_block(C, "gaussian", "macro"), metric)),
                     "(reference)")
     for metric in (*LOWER_IS_BETTER, "coverage"):
         mine = _mean(_block(C, "model_canonical", "macro"), metric)
@@ -113,7 +116,8 @@ def floors(metrics: dict, summary: dict) -> dict[str, dict]:
     for base in ("training_copies", "codec_roundtrip", "real_half"):
         for metric in LOWER_IS_BETTER:
             put(f"fidelity_{metric}_{base}_over_gaussian",
-                _ratio(_mean(_block(C, base, "macro"), metric), _mean(_block(C, "gaussian", "macro"), metric)), "(reference)")
+                _ratio(_mean(_block(C, base, "macro"), metric), _mean(_block(C, "gaussian", "macro"), metric)),
+                "(reference)")
     # the unbiased (U-statistic) energy and MMD of every generator, absolute: they can be <= 0, so no ratio
     for metric in ("energy_u", "mmd_u"):
         for base in ("model_canonical", "real_half", "gaussian", "training_copies", "codec_roundtrip", "type_mean_nb"):
@@ -121,7 +125,8 @@ def floors(metrics: dict, summary: dict) -> dict[str, dict]:
         for base in ("model_canonical", "real_half", "training_copies", "codec_roundtrip"):
             put(f"generalisation_{metric}_{base}", _mean(_block(S, base, "macro_seen"), metric), "(reference)")
     put("fidelity_coverage_over_real_half", _ratio(_mean(_block(C, "model_canonical", "macro"), "coverage"),
-                                                   _mean(_block(C, "real_half", "macro"), "coverage")), ">= 0.8", lambda v: v >= 0.8)
+                                                   _mean(_block(C, "real_half", "macro"), "coverage")),
+        ">= 0.8", lambda v: v >= 0.8)
     seen = "macro_seen"
     for metric in (*LOWER_IS_BETTER, "coverage"):
         r = _ratio(_mean(model.get(seen), metric), _mean(_block(S, "training_copies", seen), metric))
@@ -130,8 +135,10 @@ def floors(metrics: dict, summary: dict) -> dict[str, dict]:
         else:
             put(f"generalisation_{metric}_over_copies", r, ">= 0.9", lambda v: v >= 0.9)
     put("decoded_mean_diversity", _mean(model.get(seen), "diversity_means"), "0.9 .. 1.1", lambda v: 0.9 <= v <= 1.1)
-    put("decoded_mean_diversity_codec_ceiling", _mean(_block(S, "codec_roundtrip", seen), "diversity_means"), "(reference)")
-    put("coverage_over_gaussian", _ratio(_mean(model.get(seen), "coverage"), _mean(_block(S, "gaussian", seen), "coverage")),
+    put("decoded_mean_diversity_codec_ceiling", _mean(_block(S, "codec_roundtrip", seen), "diversity_means"),
+        "(reference)")
+    put("coverage_over_gaussian",
+        _ratio(_mean(model.get(seen), "coverage"), _mean(_block(S, "gaussian", seen), "coverage")),
         ">= 1", lambda v: v >= 1)
     auc_model, auc_copies = _mean(model.get(seen), "auc"), _mean(_block(S, "training_copies", seen), "auc")
     put("auc_minus_copies", None if auc_model is None or auc_copies is None else auc_model - auc_copies, "<= 0.1",
@@ -140,7 +147,8 @@ def floors(metrics: dict, summary: dict) -> dict[str, dict]:
     reworded = _mean(_block(S, "model_reworded", seen), "identity_cell_type")
     put("reworded_minus_canonical_identity", None if reworded is None or canon is None else reworded - canon,
         ">= -0.03", lambda v: v >= -0.03)
-    put("freeform_over_canonical_identity", _ratio(_mean(_block(S, "model_freeform", seen), "identity_cell_type"), canon),
+    put("freeform_over_canonical_identity",
+        _ratio(_mean(_block(S, "model_freeform", seen), "identity_cell_type"), canon),
         ">= 0.8", lambda v: v >= 0.8)
     put("tissue_only_tv", metrics.get("field_subset", {}).get("mean_tv"), "<= 0.25", lambda v: v <= 0.25)
     if model.get("macro_novel"):
