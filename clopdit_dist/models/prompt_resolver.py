@@ -484,16 +484,13 @@ class PromptResolver:
         its own (``subtypes.yaml``), the subtype where the markers name it and not the type ("FOXP3+ CD4 T
         cells": regulatory T cells)."""
         named = [c for c, _ in r.candidates["cell_type"]]
-        span = r.spans.get("cell_type") or ""
-        # the whole name first: a label with a comma in it ("CD4-positive, alpha-beta T cell") is one name, whose
-        # "CD4-positive" is no marker (read as CD4+, it gave regulatory T cells where they express CD4 the more); then
-        # each name of a list ("CD4 T cells, CD8 T cells")
-        for name in (span, *span.split(", ")):
+        for name in (r.spans.get("cell_type") or "").split(", "):  # each name of a list ("CD4 T cells, CD8 T cells")
             if name and normalize_name(name) in self._exact_field:  # "CD45+ cells" is the group: CD45 narrows nothing
                 text = text.replace(name, " ")
         if len(named) == 1:
-            # a gene the type's own names hold ("CD4" of "CD4+ helper T cells") restates the type and sets none of
-            # its subtypes apart (read as a marker, it gave regulatory T cells where they express CD4 the more)
+            # a gene the type's own names hold ("CD4" of "CD4-positive, alpha-beta T cell", whose comma the list split
+            # above cuts, or of "CD4+ helper T cells") restates the type and sets none of its subtypes apart (read as
+            # a marker, it gave regulatory T cells where they express CD4 the more)
             text = " ".join(w for w in self.markers.tokens(text)
                             if (self.markers.symbol(w) or ("",))[0] not in self._own_genes(named[0]))
             # a named type's own subtype, where the markers name it clearly apart; a type read by meaning only
