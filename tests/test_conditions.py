@@ -89,9 +89,23 @@ def test_parse_structured_prompts():
     '{"cell_type": "classical monocyte", "tissue": "blood", "disease": "COVID-19"}',  # JSON
     "Cell type: classical monocyte. Tissue: blood. Disease: COVID-19.",  # sentences
     "cell type: classical monocyte, tissue: blood, disease: COVID-19",
+    "cell_type=classical monocyte&tissue=blood&disease=COVID-19",  # URL query
 ])
 def test_structured_prompts_in_the_ecosystems_syntaxes(prompt):
     assert parse_fields(prompt) == {"cell_type": "classical monocyte", "tissue_general": "blood", "disease": "COVID-19"}
+
+
+def test_a_field_value_ends_where_another_pair_begins():
+    known, _, free = split_structured("generate with cell_type=alveolar macrophage and condition=COVID-19")
+    assert known == {"cell_type": "alveolar macrophage"} and "condition=COVID-19" in " ".join(free)
+    known, _, free = split_structured("cell_type == 'B cell' and is_primary_data == True")
+    assert known == {"cell_type": "B cell"}
+    assert parse_fields("cell type: B cell and T cell") == {"cell_type": "B cell and T cell"}  # a list, not a pair
+    # a quoted value ends at its closing quote; an apostrophe is no closing quote
+    known, _, free = split_structured('species = "human", tissue = "lung", cell type = "basal cell", healthy donors only.')
+    assert known == {"tissue_general": "lung", "cell_type": "basal cell"} and "healthy donors only" in free
+    assert parse_fields("disease: 'Crohn's disease', tissue: 'colon'") == {"disease": "Crohn's disease",
+                                                                            "tissue_general": "colon"}
 
 
 def test_a_structured_value_keeps_its_own_brackets_and_commas():
@@ -409,6 +423,11 @@ def test_a_narrower_census_name_is_answered_with_the_models_label(resolver):
     # a name that carries its organ still names the tissue
     r = resolver.resolve("liver sinusoidal endothelial cells")
     assert r.condition() == {"cell_type": "endothelial cell", "tissue_general": "liver"} and r.narrowed
+    # a number word names nothing: "cell type, one" was read as "type one" pneumocyte
+    assert resolver.resolve("lung cells of the following cell type, one per row").fields["cell_type"] is None
+    # "intra-" + an organ's adjective names the organ
+    assert resolver.resolve("intrahepatic cholangiocytes").condition() == {"cell_type": "cholangiocyte",
+                                                                           "tissue_general": "liver"}
     # the model's own names are not narrowed; a near-miss of a narrower name pulls nothing
     assert resolver.resolve("macrophages in the liver").narrowed == {}
     assert resolver.resolve("Kupffer-like stellate thing", allow_empty=True).narrowed == {}
@@ -537,8 +556,17 @@ def test_a_label_may_be_named_by_its_ontology_term_id(resolver):
     for r_ in (with_ids, resolver):
         with pytest.raises(PromptError, match="CL:9999999"):
             r_.resolve("CL:9999999")
-    with pytest.raises(PromptError, match="ontology term id"):
-        resolver.resolve(cd4)
+    # an id of a term above, below or outside the model's labels is read as its term's name
+    assert resolver.resolve(cd4).fields["cell_type"] == "CD4-positive, alpha-beta T cell"  # a model without ids
+    assert with_ids.resolve("CL:0000236 from UBERON:0002048").groups["cell_type"] == "B cell"  # B cell: a group
+    assert with_ids.resolve("CL:0000091").narrowed == {"cell_type": "Kupffer cell"}  # Kupffer cell: below macrophage
+    with pytest.raises(PromptError, match="kidney"):
+        with_ids.resolve("UBERON:0002113")
+    # a pasted query string, its escapes decoded; an id's colon is no "key: value" pair
+    r = with_ids.resolve(f"GET /v1/generate?cell_type={cd4.replace(':', '%3A')}&tissue=skin%20of%20body&n=256")
+    assert r.condition() == {"cell_type": "CD4-positive, alpha-beta T cell", "tissue_general": "skin of body"}
+    assert with_ids.resolve(f'generate_cells(celltype_label="{cd4}", tissue_type="{lung}")').condition() == {
+        "cell_type": "CD4-positive, alpha-beta T cell", "tissue_general": "lung"}
 
 
 def test_an_assay_in_the_prompt_is_read_apart_from_the_fields(resolver):
@@ -572,6 +600,10 @@ def test_a_request_inside_a_story_resolves_to_what_it_asks_for(resolver):
     r = resolver.resolve("Our lab has lupus PBMCs. Please generate monocytes.")
     assert r.fields["disease"] == "systemic lupus erythematosus" and r.fields["tissue_general"] == "blood"
     assert {c for c, _ in r.candidates["cell_type"]} == {"classical monocyte", "non-classical monocyte"}
+    # the cells a relative clause says they act on are not the cells asked for
+    r = resolver.resolve("CLEC9A+ XCR1+ antigen-presenting cells that cross-present to naive CD8 T cells, "
+                         "sampled from a lymph node")
+    assert r.fields["cell_type"] == "conventional dendritic cell" and r.fields["tissue_general"] == "lymph node"
 
 
 def test_excluded_labels_leave_a_group_or_list(resolver):

@@ -28,6 +28,24 @@ def test_the_request_sentence_is_asked_and_the_story_around_it_is_not():
     assert "bile duct cells from NAFLD livers" in s.asked and "hepatocytes" in s.asides
 
 
+def test_a_studys_design_is_an_aside():
+    s = read_scope("We are simulating a cohort for an NAFLD vs control comparison. This call is the control arm only: "
+                   "2k hepatocytes from healthy livers")
+    assert "NAFLD" in s.asides and "NAFLD" not in s.asked + s.context and "healthy livers" in s.asked + s.context
+    s = read_scope("For our non-lesional vs healthy comparison we need melanocytes from psoriasis patients")
+    assert s.asked == "For our we need melanocytes from psoriasis patients"
+
+
+def test_what_a_relative_clause_says_the_cells_act_on_is_an_aside():
+    s = read_scope("CLEC9A+ XCR1+ antigen-presenting cells that cross-present to naive CD8 T cells, from a lymph node")
+    assert "CD8" not in s.asked and "naive CD8 T cells" in s.asides
+    assert "antigen-presenting cells that cross-present" in s.asked and "from a lymph node" in s.asked
+    # the verb stays: it may be what describes the cells asked for
+    s = read_scope("cells that kill virus-infected cells in COVID-19 lung")
+    assert s.asked == "cells that kill" and "COVID-19 lung" in s.asides
+    assert read_scope("macrophages which engulf neutrophils").asked == "macrophages which engulf"
+
+
 def test_negations_exclude_up_to_their_clause_or_preposition():
     s = read_scope("dendritic cells from healthy blood, but not the plasmacytoid type")
     assert s.excluded == ["the plasmacytoid type"] and "plasmacytoid" not in s.asked

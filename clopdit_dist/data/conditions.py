@@ -153,15 +153,19 @@ def heldout_names(kind: str, label: str, tier: str = "reworded") -> list[str]:
 # "cell_type_ontology_term_id: CL:..."), also quoted (JSON) and anywhere in a part, so
 # "Cell type: B cell. Tissue: lung." and Census value filters
 # ("cell_type == 'B cell' and tissue_general == 'lung'") read as pairs
-_FIELD_KEY = re.compile(r"""(?:^|(?<=[\s,.{(\[=]))["']?(cell[ _]?type|tissue(?:[ _]general)?|disease)"""
+_FIELD_KEY = re.compile(r"""(?:^|(?<=[\s,.{(\[=&?]))["']?(cell[ _]?type|tissue(?:[ _]general)?|disease)"""
                         r"""(?:_ontology_term_id)?"""
                         r"""["']?\s*(?:==|=|:)""", re.IGNORECASE)
 _FIELD_OF_KEY = {v: k for k, v in FIELD_NAMES.items()} | {f.replace("_", " "): f for f in CONDITION_FIELDS} | {
     "celltype": "cell_type"}
-# ", key:" / "| key =" inside a field's value: another pair's key of one to three words (not a term id's "CL:")
-_NEXT_KEY = re.compile(r"""[,|]\s*["']?(?:[A-Za-z][\w-]*\s+){0,2}[A-Za-z][\w-]*["']?\s*[:=](?!\d)""")
+# ", key:" / "| key =" / "&key=" inside a field's value: another pair's key of one to three words (not a term id's
+# "CL:"); after " and " a one-word key with "=" ("cell_type=alveolar macrophage and condition=COVID-19")
+_NEXT_KEY = re.compile(r"""[,|]\s*["']?(?:[A-Za-z][\w-]*\s+){0,2}[A-Za-z][\w-]*["']?\s*[:=](?!\d)"""
+                       r"""|&[A-Za-z][\w-]*=|\s(?=and\s+["']?[A-Za-z][\w-]*["']?\s*==?(?!\d))""")
+# a value in quotes and what follows its closing quote (a quote followed by a letter is an apostrophe: "Crohn's")
+_QUOTED_VALUE = re.compile(r"""\s*(?P<q>["'“‘])(?P<value>.*?)["'”’](?!\w)(?P<rest>.*)""", re.DOTALL)
 TERM_ID = re.compile(r"\b[A-Za-z]+:\d+\b")  # "CL:0000236 from UBERON:0002048": ids, no "CL" pair
-_VALUE_EDGES = " \t\"'{},."  # and a closing bracket the value does not open (_strip_value)
+_VALUE_EDGES = " \t\"'{},.&"  # and a closing bracket the value does not open (_strip_value)
 
 
 def _strip_value(value: str) -> str:
@@ -175,6 +179,12 @@ def _strip_value(value: str) -> str:
         if v == value:
             return v
         value = v
+
+
+def _pair_colon(text: str) -> int:
+    """The offset of the first ":" of ``text`` outside an ontology term id ("UBERON:0002048"), or -1."""
+    ids = [m.span() for m in TERM_ID.finditer(text)]
+    return next((i for i, c in enumerate(text) if c == ":" and not any(a < i < b for a, b in ids)), -1)
 
 
 def parse_fields(prompt: str) -> dict[str, str]:
@@ -207,14 +217,19 @@ def split_structured(prompt: str) -> tuple[dict[str, str], dict[str, str], list[
             if cut:
                 free.append(value[cut.start() + 1:].strip())
                 value = value[:cut.start()]
+            # a quoted value ends at its closing quote: 'cell type = "basal cell", healthy donors only'
+            quoted = _QUOTED_VALUE.match(value)
+            if quoted and has_words(re.sub(r"(?i)\b(?:and|or)\b", " ", quoted.group("rest"))):
+                free.append(quoted.group("rest").strip(_VALUE_EDGES))
+                value = quoted.group("value")
             value = _strip_value(value)
             if value:
                 fields[_FIELD_OF_KEY[m.group(1).lower().replace("_", " ")]] = value
         # a key is a few words ("location", "marker genes"); before a longer one the colon ends a sentence
         # ("... I want to model the epidermis itself: the main epidermal cells"), which is free text
-        if ":" in head and head.split(":", 1)[1].strip() and not TERM_ID.match(head.strip()) \
-                and len(head.split(":", 1)[0].split()) <= 3:
-            key, value = head.split(":", 1)
+        colon = _pair_colon(head)
+        if colon >= 0 and head[colon + 1:].strip() and len(head[:colon].split()) <= 3:
+            key, value = head[:colon], head[colon + 1:]
             other[key.strip().lower()] = value.strip()
             free.append(key.strip())  # a key may say something itself: "COVID-19 ICU cohort: classical monocytes"
         elif head.strip(_VALUE_EDGES + "()[]"):
@@ -438,7 +453,7 @@ EDGE_STOPWORDS = frozenset("a an the of from in into with and or for to on at by
                            "please generate simulate show give want i that which who whose those these this "
                            "they them their its "
                            "such same other another several more many few each every all both similar like "
-                           "again also too just only very much most".split())
+                           "again also too just only very much most one".split())
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,15 @@ def term_synonyms(term_id: str) -> tuple[str, ...]:
         return ()
 
 
+@functools.lru_cache(maxsize=4096)
+def term_label(term_id: str) -> str | None:
+    """The label the shipped ontologies give ``term_id`` ("CL:0000236" -> "B cell"), None for a term they lack."""
+    try:
+        return _parser().get_term_label(term_id)
+    except (ValueError, KeyError):
+        return None
+
+
 ONTOLOGY_OF = {"cell_type": "CL", "tissue_general": "UBERON", "disease": "MONDO"}
 
 

@@ -12,7 +12,8 @@ only as context). :func:`read_scope` splits the free text by cue words alone (no
 * **context**: the other sentences and parts, without their asides;
 * **asides**: what follows a comparison ("to compare them with X", "contrast", "combine them with"),
   what the user already has ("we already have X", "our data has lots of X") or will add ("we'll add
-  X later"), each up to the end of its clause;
+  X later"), a study's design ("for an NAFLD vs control comparison"), and the object of a relative clause about what the cells do to others ("cells that
+  cross-present to naive CD8 T cells"), each up to the end of its clause;
 * **excluded**: what follows a negation ("not", "neither ... nor", "excluding", "except", "other
   than", "rather than", "instead of", "isn't", "aren't", "as opposed to", "unlike") up to the end of its clause or the next
   preposition, and "X cells" for a "non-X" word that begins no name the model knows
@@ -50,6 +51,18 @@ ASIDES = [re.compile(p, re.IGNORECASE) for p in (
     r"\s+(?:already\s+)?(?P<cut>(?:ha(?:ve|s|d)|got|sequenced|profiled|captured|collected)\b)",
     r"(?P<cut>\balready\s+(?:ha(?:ve|s|d)|got|in|sequenced|profiled|captured|collected)\b)",
 )]
+# the design of a study, an aside by itself (the clause goes on: "for our UC vs healthy comparison we need X")
+STUDY_DESIGN = re.compile(r"\b[\w-]+\s+(?:vs\.?|versus)\s+[\w-]+\s+(?:comparison|contrast|study|analysis|design)s?\b",
+                          re.IGNORECASE)
+# the object of a relative clause about what the cells do to other cells: "CLEC9A+ antigen-presenting cells that
+# cross-present to naive CD8 T cells", "macrophages which engulf neutrophils". The clause's verb stays (it may
+# describe the cells asked for: "cells that kill virus-infected cells"); what it acts on is an aside, from the
+# object on, whether or not the sentence is a request
+RELATIVE_OBJECT = re.compile(
+    r"\b(?:that|which|who)\s+(?:\w+ly\s+|can\s+|may\s+|will\s+)?"
+    r"(?:cross[\s-]?present|present|prime|activate|kill|lyse|suppress|help|engulf|phagocytose|recruit|attract|"
+    r"interact|support|licen[cs]e|stimulate|inhibit|target)(?:s|d|ed)?(?:\s+antigens?)?(?:\s+(?:to|with|on))?\s+"
+    r"(?P<cut>)", re.IGNORECASE)
 NEGATION = re.compile(
     r"\b(?:not|neither|nor|excluding|exclude|except(?:\s+for)?|other\s+than|rather\s+than|instead\s+of|"
     r"apart\s+from|aren't|isn't|are\s+not|is\s+not|minus|as\s+opposed\s+to|in\s+contrast\s+to|unlike)\b",
@@ -146,6 +159,8 @@ def read_scope(text: str, names_a_label: Callable[[str], bool] = lambda _: False
                 # inside one, from the cue on ("I want X, to compare against Y")
                 start = m.start("cut") if is_request else _clause_start(part, m.start("cut"))
                 side.append((start, _clause_end(part, m.end())))
+        side += [(m.start("cut"), _clause_end(part, m.end())) for m in RELATIVE_OBJECT.finditer(part)]
+        side += [m.span() for m in STUDY_DESIGN.finditer(part)]
         for a, b in side:
             kept = _cut(part[a:b], [(x - a, y - a) for x, y in removed if a <= x < b])
             if kept:

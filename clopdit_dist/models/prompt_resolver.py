@@ -92,6 +92,7 @@ candidate spans at all (:func:`~clopdit_dist.data.conditions.generic_words`): Mi
 from __future__ import annotations
 
 import re
+import urllib.parse
 
 import numpy as np
 import torch
@@ -127,6 +128,7 @@ from ..data.conditions import (
     vocab_file,
     vocab_from_conditions,
 )
+from ..data.ontology import term_label
 from ..data.prompt_scope import PromptScope, open_fields, read_scope
 from .marker_table import MARKER_SIGNS, MIN_SCORE, NEGATIVE_SIGNS
 from .text import TextEmbeddingCache, TextTower
@@ -151,6 +153,7 @@ _LIST_SPLIT = re.compile(r",|/|\b(?:and|or|nor)\b", re.IGNORECASE)
 # a gene symbol with a negative sign glued to it ("CD14-", "CD3E-neg", "CD16low"): read by the marker table only
 _NEGATED_GENE = re.compile(r"[A-Z][A-Z0-9]*\d[A-Z0-9]*(?:" + "|".join(
     re.escape(w) if not w.isalpha() else f"[-_]?{w}" for w in sorted(NEGATIVE_SIGNS, key=len, reverse=True)) + ")")
+_URL_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")  # "tissue=skin%20of%20body", "CL%3A0000057"
 # keys of "key: value" pairs that name no condition field: ignored
 IGNORED_KEYS = frozenset({"organism", "species", "markers", "marker genes", "genes", "organism_ontology_term_id"})
 
@@ -396,7 +399,7 @@ class PromptResolver:
         prompt = str(prompt)
         if not has_words(prompt):
             raise prompt_error(prompt, "the prompt has no words")
-        known, other, free = split_structured(prompt)
+        known, other, free = split_structured(self._spelled_out(prompt))
         known = {f: v for f, v in known.items() if f in CONDITION_FIELDS}
         chosen: dict[str, Match] = {}
         unresolved: dict[str, str] = {}
@@ -419,7 +422,7 @@ class PromptResolver:
                 lists.update(listed_matches({f: chosen[f]}, matches, value))
         rest = [f for f in CONDITION_FIELDS if f not in known]
         text = "; ".join(free + [v for k, v in other.items() if k not in IGNORED_KEYS | ASSAY_KEYS]) \
-            if known or other else prompt
+            if known or other else self._spelled_out(prompt)
         in_text = assays_named(text)  # assay names are not read as fields ("v2" means nothing to a text tower)
         text = expand_shared_heads(in_text.rest, self._exact_field)
         scope = read_scope(text, self._names_a_label) if rest and has_words(text) else PromptScope(text)
@@ -466,14 +469,24 @@ class PromptResolver:
         if not allow_empty and all(v is None for v in out.fields.values()) and not out.assays:
             why = self.unresolved_reason(out) if unresolved else \
                 "it names no cell type, tissue or disease this model knows"
-            terms = TERM_ID.findall(prompt)
+            terms = TERM_ID.findall(self._spelled_out(prompt))  # the ids no shipped ontology names
             if terms:
-                why += (f"; ontology term id {', '.join(map(repr, terms))} is none of its labels' ids"
-                        if any(e.ontology_id for e in self.entries) else
-                        f"; it cannot read ontology term ids ({', '.join(map(repr, terms))}): its shards were built "
-                        "before they were kept, rebuild them with `clopdit data shards` to use ids")
+                why += f"; ontology term id {', '.join(map(repr, terms))} is no term of the shipped ontologies"
             raise prompt_error(prompt, why)
         return out
+
+    def _spelled_out(self, prompt: str) -> str:
+        """``prompt`` with URL escapes decoded ("CL%3A0000057" from a query string) and each ontology term id
+        that is none of the model's labels' ids written as its term's label ("CL:0000236" -> "B cell"), so that
+        an id of a group, a narrower term or a term the model lacks is read as its name is."""
+        if _URL_ESCAPE.search(prompt):
+            prompt = urllib.parse.unquote(prompt)
+        own = {e.norm for e in self.entries if e.ontology_id}
+
+        def name(m: re.Match) -> str:
+            term = m.group(0).split(":")[0].upper() + ":" + m.group(0).split(":")[1]
+            return m.group(0) if normalize_name(term) in own else (term_label(term) or m.group(0))
+        return TERM_ID.sub(name, prompt)
 
     def _read_markers(self, r: ResolvedPrompt, text: str) -> None:
         """The cell type from the marker genes ``text`` names
