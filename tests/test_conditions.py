@@ -425,6 +425,9 @@ def test_a_narrower_census_name_is_answered_with_the_models_label(resolver):
     assert r.condition() == {"cell_type": "endothelial cell", "tissue_general": "liver"} and r.narrowed
     # a number word names nothing: "cell type, one" was read as "type one" pneumocyte
     assert resolver.resolve("lung cells of the following cell type, one per row").fields["cell_type"] is None
+    # Crohn disease of the colon names the disease and its site, as "psoriatic plaque" does
+    assert resolver.resolve("enterocytes from a Crohn's colitis biopsy").condition() == {
+        "cell_type": "enterocyte", "tissue_general": "large intestine", "disease": "Crohn disease"}
     # "intra-" + an organ's adjective names the organ
     assert resolver.resolve("intrahepatic cholangiocytes").condition() == {"cell_type": "cholangiocyte",
                                                                            "tissue_general": "liver"}
@@ -600,6 +603,12 @@ def test_a_request_inside_a_story_resolves_to_what_it_asks_for(resolver):
     r = resolver.resolve("Our lab has lupus PBMCs. Please generate monocytes.")
     assert r.fields["disease"] == "systemic lupus erythematosus" and r.fields["tissue_general"] == "blood"
     assert {c for c, _ in r.candidates["cell_type"]} == {"classical monocyte", "non-classical monocyte"}
+    # the two sides of a comparison are both asked for; a disease denied with its organ is a healthy donor
+    r = resolver.resolve("show me naive vs memory B cells in a lymph node")
+    assert {c for c, _ in r.candidates["cell_type"]} == {"naive B cell", "memory B cell"}
+    r = resolver.resolve("Lung tissue from organ donors with no lung disease, endothelial cells please")
+    assert r.condition() == {"cell_type": "endothelial cell", "tissue_general": "lung", "disease": "normal"}
+    assert resolver.resolve("hepatocytes from donors without liver disease").fields["disease"] == "normal"
     # the cells a relative clause says they act on are not the cells asked for
     r = resolver.resolve("CLEC9A+ XCR1+ antigen-presenting cells that cross-present to naive CD8 T cells, "
                          "sampled from a lymph node")

@@ -28,6 +28,18 @@ def test_the_request_sentence_is_asked_and_the_story_around_it_is_not():
     assert "bile duct cells from NAFLD livers" in s.asked and "hepatocytes" in s.asides
 
 
+def test_a_comparison_is_an_aside_from_its_cue_on():
+    s = read_scope("Are type I pneumocytes depleted in LUAD compared with normal lung? Generate both so I can check.")
+    assert "type I pneumocytes depleted in LUAD" in s.context and "normal lung" in s.asides
+
+
+def test_a_field_said_unspecified_is_left_open():
+    from clopdit_dist.data.prompt_scope import open_fields
+    assert open_fields("Keratinocytes from skin. No disease condition was specified, so I left it open.") == {"disease"}
+    assert open_fields("tissue not specified; unspecified disease") == {"tissue_general", "disease"}
+    assert open_fields("the disease was given as psoriasis") == set()  # said, not left open
+
+
 def test_a_studys_design_is_an_aside():
     s = read_scope("We are simulating a cohort for an NAFLD vs control comparison. This call is the control arm only: "
                    "2k hepatocytes from healthy livers")

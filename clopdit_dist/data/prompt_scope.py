@@ -39,10 +39,11 @@ REQUEST = re.compile(
     r"\b(?:please|pls|generate|simulate|synthesi[sz]e|produce|create|make|give|show|need|want|would\s+like|"
     r"(?:i|we)'d\s+like|looking\s+for|can\s+you|could\s+you|get\s+me|request)\b", re.IGNORECASE)
 # asides: the removed text starts at the group "cut" and runs to the end of the clause
+# comparisons: "so I can compare them with X", "to contrast against X", "we'll combine them with X"; from the cue
+# on, also outside a request ("Are type I pneumocytes depleted in LUAD compared with normal lung?")
+COMPARISON = re.compile(r"\b(?:compar|contrast|combin|benchmark|pair)\w*(?:\s+(?:it|them|these|those|this|that))?"
+                        r"\s+(?:with|against|to|alongside|versus)\b", re.IGNORECASE)
 ASIDES = [re.compile(p, re.IGNORECASE) for p in (
-    # comparisons: "so I can compare them with X", "to contrast against X", "we'll combine them with X"
-    r"(?P<cut>\b(?:compar|contrast|combin|benchmark|pair)\w*(?:\s+(?:it|them|these|those|this|that))?"
-    r"\s+(?:with|against|to|alongside|versus)\b)",
     # plans: "we'll add X", "we will take X from a public atlas"
     r"\b(?:we|i)\s*(?:'ll|will|would|'d|'re\s+going\s+to|plan\s+to)\s+(?:also\s+|then\s+|later\s+)?"
     r"(?P<cut>(?:add|take|use|get|pull|combine|contrast|compare|bring|supply|borrow|merge|integrate|source)\b)",
@@ -71,7 +72,12 @@ NEGATION = re.compile(
 # "without any disease", "w/o any disease", "free of any disease", which say healthy (shorthand.yaml)
 OPEN_FIELD = re.compile(
     r"(?<!without\s)(?<!w/o\s)(?<!free\sof\s)\b(?:any|whatever|whichever|every|all|regardless\s+of(?:\s+the)?|across(?:\s+all)?)\s+"
-    r"(?:cell[\s-]?types?|tissues?|organs?|diseases?|conditions?|disease\s+states?)\b", re.IGNORECASE)
+    r"(?:cell[\s-]?types?|tissues?|organs?|diseases?|conditions?|disease\s+states?)\b"
+    # said unspecified: "No disease condition was specified", "tissue not given", "unspecified disease"
+    r"|\bno\s+{field}\s+{be}(?:{said})\b|\b{field}\s+{be}(?:not\s+|un)(?:{said}|known)\b|\bunspecified\s+{field}"
+    .format(field=r"(?:cell[\s-]?types?|tissues?|organs?|diseases?|disease\s+(?:conditions?|states?)|conditions?)",
+            be=r"(?:(?:was|were|is|are|has\s+been|have\s+been)\s+)?",
+            said="specified|given|stated|provided|requested|mentioned"), re.IGNORECASE)
 def open_fields(text: str) -> set[str]:
     """The fields ``text`` leaves open on purpose (:data:`OPEN_FIELD`): {"tissue_general"} for "any tissue"."""
     words = {"cell": "cell_type", "tissue": "tissue_general", "organ": "tissue_general", "disease": "disease",
@@ -159,6 +165,7 @@ def read_scope(text: str, names_a_label: Callable[[str], bool] = lambda _: False
                 # inside one, from the cue on ("I want X, to compare against Y")
                 start = m.start("cut") if is_request else _clause_start(part, m.start("cut"))
                 side.append((start, _clause_end(part, m.end())))
+        side += [(m.start(), _clause_end(part, m.end())) for m in COMPARISON.finditer(part)]
         side += [(m.start("cut"), _clause_end(part, m.end())) for m in RELATIVE_OBJECT.finditer(part)]
         side += [m.span() for m in STUDY_DESIGN.finditer(part)]
         for a, b in side:

@@ -154,6 +154,10 @@ _LIST_SPLIT = re.compile(r",|/|\b(?:and|or|nor)\b", re.IGNORECASE)
 _NEGATED_GENE = re.compile(r"[A-Z][A-Z0-9]*\d[A-Z0-9]*(?:" + "|".join(
     re.escape(w) if not w.isalpha() else f"[-_]?{w}" for w in sorted(NEGATIVE_SIGNS, key=len, reverse=True)) + ")")
 _URL_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")  # "tissue=skin%20of%20body", "CL%3A0000057"
+# a disease denied with its organ or kind ("donors with no lung disease", "without liver disease", "free of any
+# autoimmune disease"): a healthy donor, not the disease the organ's name is nearest
+_NO_DISEASE_OF = re.compile(r"\b(no|without|w/o|free\s+of)\s+((?:any\s+|known\s+)*)((?:[A-Za-z][\w-]*\s+){1,2}?)"
+                            r"(diseases?)\b", re.IGNORECASE)
 # keys of "key: value" pairs that name no condition field: ignored
 IGNORED_KEYS = frozenset({"organism", "species", "markers", "marker genes", "genes", "organism_ontology_term_id"})
 
@@ -476,11 +480,13 @@ class PromptResolver:
         return out
 
     def _spelled_out(self, prompt: str) -> str:
-        """``prompt`` with URL escapes decoded ("CL%3A0000057" from a query string) and each ontology term id
+        """``prompt`` with URL escapes decoded ("CL%3A0000057" from a query string), a disease denied with its organ
+        said as no disease ("no lung disease" -> "no disease (lung)"), and each ontology term id
         that is none of the model's labels' ids written as its term's label ("CL:0000236" -> "B cell"), so that
         an id of a group, a narrower term or a term the model lacks is read as its name is."""
         if _URL_ESCAPE.search(prompt):
             prompt = urllib.parse.unquote(prompt)
+        prompt = _NO_DISEASE_OF.sub(lambda m: f"{m.group(1)} {m.group(4)} ({m.group(3).strip()})", prompt)
         own = {e.norm for e in self.entries if e.ontology_id}
 
         def name(m: re.Match) -> str:
