@@ -102,7 +102,8 @@ def test_a_field_value_ends_where_another_pair_begins():
     assert known == {"cell_type": "B cell"}
     assert parse_fields("cell type: B cell and T cell") == {"cell_type": "B cell and T cell"}  # a list, not a pair
     # a quoted value ends at its closing quote; an apostrophe is no closing quote
-    known, _, free = split_structured('species = "human", tissue = "lung", cell type = "basal cell", healthy donors only.')
+    known, _, free = split_structured(
+        'species = "human", tissue = "lung", cell type = "basal cell", healthy donors only.')
     assert known == {"tissue_general": "lung", "cell_type": "basal cell"} and "healthy donors only" in free
     assert parse_fields("disease: 'Crohn's disease', tissue: 'colon'") == {"disease": "Crohn's disease",
                                                                             "tissue_general": "colon"}

@@ -524,8 +524,8 @@ def candidate_spans(text: str, max_words: int = 6) -> list[Span]:
 
 
 # not a comma: labels hold one ("CD4-positive, alpha-beta T cell")
-_SHARED_HEAD = re.compile(r"(?<![\w+-])((?:type\s+)?[\w+-]+)(\s*(?:/|&|\band\b|\bor\b|\bvs\b\.?|\bversus\b)\s*)((?:type\s+)?[\w+-]+)"
-                          r"((?:\s+[\w-]+){1,3})", re.IGNORECASE)
+_SHARED_HEAD = re.compile(r"(?<![\w+-])((?:type\s+)?[\w+-]+)(\s*(?:/|&|\band\b|\bor\b|\bvs\b\.?|\bversus\b)\s*)"
+                          r"((?:type\s+)?[\w+-]+)((?:\s+[\w-]+){1,3})", re.IGNORECASE)
 
 
 def expand_shared_heads(text: str, names: dict[str, str]) -> str:
@@ -636,8 +636,8 @@ def select_matches(matches: list[Match], thresholds: dict[str, float]) -> dict[s
 # what may stand between the names of a list: "lung and liver", "lung, liver or blood", "lung/liver", "naive vs
 # memory B cells" (a comparison asks for both sides); not a
 # space alone ("NK lymphocyte" is one name, not NK cells and lymphocytes)
-_LIST_GAP = re.compile(r"\s*(?:[,/&]\s*)?(?:(?:and|or|plus|vs\.?|versus|as well as|together with|along with)(?:\s+the)?\s*)?",
-                       re.IGNORECASE)
+_LIST_GAP = re.compile(r"\s*(?:[,/&]\s*)?(?:(?:and|or|plus|vs\.?|versus|as well as|together with|along with)"
+                       r"(?:\s+the)?\s*)?", re.IGNORECASE)
 _LIST_SEPARATOR = re.compile(r"[,/&]|\b(?:and|or|plus|with|vs|versus)\b", re.IGNORECASE)
 # the words that join two names into a list: a span holding one names two things, never one narrower thing
 LIST_WORDS = re.compile(r"&|\b(?:and|or|plus|vs|versus)\b", re.IGNORECASE)

@@ -12,8 +12,9 @@ only as context). :func:`read_scope` splits the free text by cue words alone (no
 * **context**: the other sentences and parts, without their asides;
 * **asides**: what follows a comparison ("to compare them with X", "contrast", "combine them with"),
   what the user already has ("we already have X", "our data has lots of X") or will add ("we'll add
-  X later"), a study's design ("for an NAFLD vs control comparison"), and the object of a relative clause about what the cells do to others ("cells that
-  cross-present to naive CD8 T cells"), each up to the end of its clause;
+  X later"), and the object of a relative clause about what the cells do to others ("cells that
+  cross-present to naive CD8 T cells"), each up to the end of its clause; and a study's design
+  ("for an NAFLD vs control comparison") by itself;
 * **excluded**: what follows a negation ("not", "neither ... nor", "excluding", "except", "other
   than", "rather than", "instead of", "isn't", "aren't", "as opposed to", "unlike") up to the end of its clause or the next
   preposition, and "X cells" for a "non-X" word that begins no name the model knows
@@ -38,11 +39,11 @@ from typing import Callable
 REQUEST = re.compile(
     r"\b(?:please|pls|generate|simulate|synthesi[sz]e|produce|create|make|give|show|need|want|would\s+like|"
     r"(?:i|we)'d\s+like|looking\s+for|can\s+you|could\s+you|get\s+me|request)\b", re.IGNORECASE)
-# asides: the removed text starts at the group "cut" and runs to the end of the clause
 # comparisons: "so I can compare them with X", "to contrast against X", "we'll combine them with X"; from the cue
 # on, also outside a request ("Are type I pneumocytes depleted in LUAD compared with normal lung?")
 COMPARISON = re.compile(r"\b(?:compar|contrast|combin|benchmark|pair)\w*(?:\s+(?:it|them|these|those|this|that))?"
                         r"\s+(?:with|against|to|alongside|versus)\b", re.IGNORECASE)
+# asides: the removed text starts at the group "cut" and runs to the end of the clause
 ASIDES = [re.compile(p, re.IGNORECASE) for p in (
     # plans: "we'll add X", "we will take X from a public atlas"
     r"\b(?:we|i)\s*(?:'ll|will|would|'d|'re\s+going\s+to|plan\s+to)\s+(?:also\s+|then\s+|later\s+)?"
@@ -74,7 +75,8 @@ OPEN_FIELD = re.compile(
     r"(?<!without\s)(?<!w/o\s)(?<!free\sof\s)\b(?:any|whatever|whichever|every|all|regardless\s+of(?:\s+the)?|across(?:\s+all)?)\s+"
     r"(?:cell[\s-]?types?|tissues?|organs?|diseases?|conditions?|disease\s+states?)\b"
     # said unspecified: "No disease condition was specified", "tissue not given", "unspecified disease"
-    r"|\bno\s+{field}\s+{be}(?:{said})\b|\b{field}\s+{be}(?:not\s+|un)(?:{said}|known)\b|\bunspecified\s+{field}"
+    r"|\bno\s+{field}\s+{be}(?:{said})\b|\b{field}\s+{be}(?:not\s+|un)(?:{said}|known)\b"
+    r"|\bunspecified\s+{field}"
     .format(field=r"(?:cell[\s-]?types?|tissues?|organs?|diseases?|disease\s+(?:conditions?|states?)|conditions?)",
             be=r"(?:(?:was|were|is|are|has\s+been|have\s+been)\s+)?",
             said="specified|given|stated|provided|requested|mentioned"), re.IGNORECASE)

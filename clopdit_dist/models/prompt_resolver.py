@@ -11,7 +11,9 @@ Method
    "cell type", "tissue", "disease") are resolved each against its own field only (the
    best span of the value). Other text (parts without a colon, pairs with another key such
    as "location: lung") is then resolved as free text for the fields still unnamed; pairs
-   with an organism or marker key ("organism: human", "markers: CD8A") are ignored.
+   with an organism or marker key ("organism: human", "markers: CD8A") are ignored. Before that, URL escapes
+   are decoded, a disease denied with its organ ("no lung disease") is said as no disease, and an ontology
+   term id that is none of the labels' is written as its term's label (``_spelled_out``).
 2. Free text: every word n-gram (1-6 words, within a ";"-separated part, not beginning or
    ending with a function word) is a candidate span. A span is scored against every name of
    every field -- the label, its TRAINING synonyms and generic rewrites
