@@ -213,6 +213,7 @@ class PromptResolver:
             if len(organs) == 1:
                 self._organ[d] = organs[0]
         self.entries: list[NameEntry] = resolver_names(self.vocab, ontology_ids)
+        self._own_ids = {e.norm for e in self.entries if e.ontology_id}  # the labels' term ids, normalised
         self._cache = TextEmbeddingCache(tower) if tower.frozen else None
         self._field_of = np.array([e.field for e in self.entries])
         self._norms = [e.norm for e in self.entries]
@@ -405,7 +406,8 @@ class PromptResolver:
         prompt = str(prompt)
         if not has_words(prompt):
             raise prompt_error(prompt, "the prompt has no words")
-        known, other, free = split_structured(self._spelled_out(prompt))
+        spelled = self._spelled_out(prompt)
+        known, other, free = split_structured(spelled)
         known = {f: v for f, v in known.items() if f in CONDITION_FIELDS}
         chosen: dict[str, Match] = {}
         unresolved: dict[str, str] = {}
@@ -428,7 +430,7 @@ class PromptResolver:
                 lists.update(listed_matches({f: chosen[f]}, matches, value))
         rest = [f for f in CONDITION_FIELDS if f not in known]
         text = "; ".join(free + [v for k, v in other.items() if k not in IGNORED_KEYS | ASSAY_KEYS]) \
-            if known or other else self._spelled_out(prompt)
+            if known or other else spelled
         in_text = assays_named(text)  # assay names are not read as fields ("v2" means nothing to a text tower)
         text = expand_shared_heads(in_text.rest, self._exact_field)
         scope = read_scope(text, self._names_a_label) if rest and has_words(text) else PromptScope(text)
@@ -475,7 +477,7 @@ class PromptResolver:
         if not allow_empty and all(v is None for v in out.fields.values()) and not out.assays:
             why = self.unresolved_reason(out) if unresolved else \
                 "it names no cell type, tissue or disease this model knows"
-            terms = TERM_ID.findall(self._spelled_out(prompt))  # the ids no shipped ontology names
+            terms = TERM_ID.findall(spelled)  # the ids no shipped ontology names
             if terms:
                 why += f"; ontology term id {', '.join(map(repr, terms))} is no term of the shipped ontologies"
             raise prompt_error(prompt, why)
@@ -489,11 +491,9 @@ class PromptResolver:
         if _URL_ESCAPE.search(prompt):
             prompt = urllib.parse.unquote(prompt)
         prompt = _NO_DISEASE_OF.sub(lambda m: f"{m.group(1)} {m.group(4)} ({m.group(3).strip()})", prompt)
-        own = {e.norm for e in self.entries if e.ontology_id}
-
         def name(m: re.Match) -> str:
             term = m.group(0).split(":")[0].upper() + ":" + m.group(0).split(":")[1]
-            return m.group(0) if normalize_name(term) in own else (term_label(term) or m.group(0))
+            return m.group(0) if normalize_name(term) in self._own_ids else (term_label(term) or m.group(0))
         return TERM_ID.sub(name, prompt)
 
     def _read_markers(self, r: ResolvedPrompt, text: str) -> None:
