@@ -222,6 +222,9 @@ def test_a_list_of_names_of_one_field_gives_each_of_them(resolver):
     assert sum(w for _, w in r.candidates["cell_type"]) == pytest.approx(1.0)
     r = resolver.resolve("macrophages in the lung, not in the liver")
     assert len(r.candidates["tissue_general"]) == 1
+    # quoted items of code (session 33): adata.obs["cell_type"].isin([...])
+    r = resolver.resolve('adata[adata.obs["cell_type"].isin(["classical monocyte", "non-classical monocyte"])]')
+    assert cands(r, "cell_type") == ["classical monocyte", "non-classical monocyte"]
     # two names side by side are one name, not a list ("NK" and "lymphocyte", "goblet" and "epithelial cell")
     assert resolver.resolve("NK lymphocyte from blood").candidates["cell_type"] == [("natural killer cell", 1.0)]
 
@@ -629,6 +632,20 @@ def test_excluded_labels_leave_a_group_or_list(resolver):
     # an exclusion that leaves nothing, or names nothing asked, changes nothing
     assert resolver.resolve("B cells, not T cells").candidates["cell_type"] == \
         resolver.resolve("B cells").candidates["cell_type"]
+    # session 33 (resolver_dev_s33a.yaml): "any kind of", "minus", "drop" and the B lineage (its plasma cells too);
+    # what a "keep" clause names stays in
+    def cands(prompt):
+        return {c for c, _ in resolver.resolve(prompt).candidates["cell_type"]}
+
+    assert cands("all myeloid cells except any kind of macrophage, from COVID-19 lungs") == {
+        "classical monocyte", "non-classical monocyte", "conventional dendritic cell", "neutrophil", "mast cell"}
+    assert cands("Lymphocytes minus the whole B-cell group (drop plasma cells too) from lupus blood") == {
+        "CD4-positive, alpha-beta T cell", "CD8-positive, alpha-beta T cell", "regulatory T cell", "natural killer cell"}
+    assert cands("lymphocytes except B cells, but keep the plasma cells") == cands("lymphocytes except B cells")
+    assert "plasma cell" in cands("lymphocytes except B cells and plasma cells. Keep the plasma cells.")
+    # the epithelium of one organ (CL:0000082, CL:0002563), not every epithelial type
+    assert cands("any lung epithelial cell other than AT2 cells") == {
+        "type I pneumocyte", "ciliated cell", "club cell", "basal cell", "goblet cell"}
     # a field left open on purpose is not guessed
     assert resolver.resolve("COVID-19 samples, any tissue", allow_empty=True).fields["tissue_general"] is None
     # ... but "without any disease" says healthy (session 30, resolver_dev_s30a.yaml), as do healthy controls abbreviated

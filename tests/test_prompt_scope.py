@@ -68,6 +68,20 @@ def test_negations_exclude_up_to_their_clause_or_preposition():
     assert s.excluded == ["airway cells"] and "from normal lung" in s.asked
 
 
+def test_an_exclusions_quantifier_and_verbs_are_part_of_it():
+    # session 33 (resolver_dev_s33a.yaml): "any kind of" ended the scope at its "of"; "drop" excluded nothing
+    s = read_scope("all myeloid cells except any kind of macrophage, from COVID-19 lungs")
+    assert s.excluded == ["any kind of macrophage"] and "macrophage" not in s.asked
+    s = read_scope("Lymphocytes minus the whole B lineage (drop plasma cells too) from lupus blood.")
+    assert s.excluded == ["the whole B lineage", "plasma cells too"] and "plasma" not in s.asked
+    assert not read_scope("T cells profiled with Drop-seq").excluded  # an assay, no verb
+
+
+def test_a_keep_clause_keeps_its_cells_in_and_asks_for_nothing_new():
+    s = read_scope("Every immune cell in COVID-19 BAL except T cells and B cells. Keep the plasma cells.")
+    assert s.kept == ["the plasma cells"] and "plasma" not in s.asked and s.excluded == ["T cells and B cells"]
+
+
 def test_non_x_is_a_negation_unless_it_begins_a_name():
     names = {"non-classical", "non-alcoholic"}
     s = read_scope("non-classical monocytes from non-alcoholic fatty liver", lambda w: w.lower() in names)

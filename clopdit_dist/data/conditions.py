@@ -634,10 +634,10 @@ def select_matches(matches: list[Match], thresholds: dict[str, float]) -> dict[s
 
 
 # what may stand between the names of a list: "lung and liver", "lung, liver or blood", "lung/liver", "naive vs
-# memory B cells" (a comparison asks for both sides); not a
-# space alone ("NK lymphocyte" is one name, not NK cells and lymphocytes)
-_LIST_GAP = re.compile(r"\s*(?:[,/&]\s*)?(?:(?:and|or|plus|vs\.?|versus|as well as|together with|along with)"
-                       r"(?:\s+the)?\s*)?", re.IGNORECASE)
+# memory B cells" (a comparison asks for both sides), quoted items of code ('["classical monocyte", "non-classical
+# monocyte"]'); not a space alone ("NK lymphocyte" is one name, not NK cells and lymphocytes)
+_LIST_GAP = re.compile(r"\s*[\"']?\s*(?:[,/&]\s*)?(?:(?:and|or|plus|vs\.?|versus|as well as|together with|along with)"
+                       r"(?:\s+the)?\s*)?[\"']?\s*", re.IGNORECASE)
 _LIST_SEPARATOR = re.compile(r"[,/&]|\b(?:and|or|plus|with|vs|versus)\b", re.IGNORECASE)
 # the words that join two names into a list: a span holding one names two things, never one narrower thing
 LIST_WORDS = re.compile(r"&|\b(?:and|or|plus|vs|versus)\b", re.IGNORECASE)

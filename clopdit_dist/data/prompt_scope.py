@@ -16,9 +16,12 @@ only as context). :func:`read_scope` splits the free text by cue words alone (no
   cross-present to naive CD8 T cells"), each up to the end of its clause; and a study's design
   ("for an NAFLD vs control comparison") by itself;
 * **excluded**: what follows a negation ("not", "neither ... nor", "excluding", "except", "other
-  than", "rather than", "instead of", "isn't", "aren't", "as opposed to", "unlike") up to the end of its clause or the next
-  preposition, and "X cells" for a "non-X" word that begins no name the model knows
-  ("non-ciliated", not "non-classical").
+  than", "rather than", "instead of", "isn't", "aren't", "as opposed to", "unlike", "minus", "drop", "remove",
+  "leave out") up to the end of its clause or the next preposition after its first word ("any kind of" and "the
+  whole" before it are part of it), and "X cells" for a "non-X" word that begins no name the model knows
+  ("non-ciliated", not "non-classical");
+* **kept**: what a "keep" or "retain" clause keeps in ("... except T cells and B cells. Keep the plasma
+  cells."): never excluded, and not asked for anew.
 
 The resolver reads a cell type from asked, then context; a tissue or disease from asked, then
 context, then asides (a side clause's tissue is usually the study's: "we have lupus PBMCs"); it
@@ -67,8 +70,18 @@ RELATIVE_OBJECT = re.compile(
     r"(?P<cut>)", re.IGNORECASE)
 NEGATION = re.compile(
     r"\b(?:not|neither|nor|excluding|exclude|except(?:\s+for)?|other\s+than|rather\s+than|instead\s+of|"
-    r"apart\s+from|aren't|isn't|are\s+not|is\s+not|minus|as\s+opposed\s+to|in\s+contrast\s+to|unlike)\b",
+    r"apart\s+from|aren't|isn't|are\s+not|is\s+not|minus|as\s+opposed\s+to|in\s+contrast\s+to|unlike|"
+    # verbs that take cells out: "drop plasma cells too", "remove the Tregs", "leave out B cells" (not "Drop-seq")
+    r"drop(?![-\w])|dropping|remove|removing|omit|omitting|leave\s+out|leaving\s+out|filter\s+out)\b",
     re.IGNORECASE)
+# what an exclusion says of its cells before naming them, part of its scope: "except any kind of macrophage", "minus
+# the whole B lineage" (the scope otherwise ends at the first preposition after its first word)
+_QUANTIFIER = re.compile(
+    r"\s*(?:(?:any|all|every|each|the)\s+)?(?:(?:kinds?|types?|sorts?|forms?|subsets?|subtypes?)\s+of\s+"
+    r"|(?:whole|entire)\s+)", re.IGNORECASE)
+# a clause that keeps cells in ("Keep the plasma cells.", "but retain the NK cells"): its cells are not excluded,
+# and it asks for nothing new
+KEEP = re.compile(r"\b(?:keep|keeping|retain|retaining)\b", re.IGNORECASE)
 # a field left open on purpose: "any tissue", "whatever disease", "regardless of (the) cell type"; not
 # "without any disease", "w/o any disease", "free of any disease", which say healthy (shorthand.yaml)
 OPEN_FIELD = re.compile(
@@ -106,6 +119,7 @@ class PromptScope:
     context: str = ""
     asides: str = ""
     excluded: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # what a "keep ..." clause keeps in (never excluded)
     split: bool = False  # whether anything was set apart or taken out (else read the text as it is)
 
 
@@ -123,9 +137,10 @@ def _negated_end(text: str, start: int) -> int:
     """The end of a negation's scope: the clause end, or a preposition after its first word
     ("aren't airway cells from normal lung" excludes "airway cells")."""
     end = _clause_end(text, start)
-    first = re.search(r"\S+", text[start:end])
+    q = _QUANTIFIER.match(text, start, end)
+    first = re.search(r"\S+", text[q.end() if q else start:end])
     if first:
-        m = _PREPOSITION.search(text, start + first.end(), end)
+        m = _PREPOSITION.search(text, (q.end() if q else start) + first.end(), end)
         if m:
             end = m.start()
     return end
@@ -146,7 +161,7 @@ def read_scope(text: str, names_a_label: Callable[[str], bool] = lambda _: False
     """``text`` split into asked, context, asides and excluded parts (module docstring).
     ``names_a_label(word)``: whether a "non-X" word begins one of the model's names (it is then
     a name, "non-classical", not a negation)."""
-    asked, context, asides, excluded, split = [], [], [], [], False
+    asked, context, asides, excluded, kept, split = [], [], [], [], [], False
     parts = [p for p in _SENTENCE.split(text) if p and p.strip()]
     requests = [bool(REQUEST.search(p)) for p in parts]
     for part, is_request in zip(parts, requests):
@@ -160,6 +175,11 @@ def read_scope(text: str, names_a_label: Callable[[str], bool] = lambda _: False
             removed.append((m.start(), end))
             if part[m.end():end].strip():
                 excluded.append(" ".join(part[m.end():end].split()))
+        for m in KEEP.finditer(part):
+            end = _clause_end(part, m.end())
+            removed.append((m.start(), end))
+            if part[m.end():end].strip():
+                kept.append(" ".join(part[m.end():end].split()))
         side = []
         for pattern in ASIDES:
             for m in pattern.finditer(part):
@@ -171,11 +191,12 @@ def read_scope(text: str, names_a_label: Callable[[str], bool] = lambda _: False
         side += [(m.start("cut"), _clause_end(part, m.end())) for m in RELATIVE_OBJECT.finditer(part)]
         side += [m.span() for m in STUDY_DESIGN.finditer(part)]
         for a, b in side:
-            kept = _cut(part[a:b], [(x - a, y - a) for x, y in removed if a <= x < b])
-            if kept:
-                asides.append(kept)
+            aside = _cut(part[a:b], [(x - a, y - a) for x, y in removed if a <= x < b])
+            if aside:
+                asides.append(aside)
         rest = _cut(part, removed + side)
         if rest:
             (asked if is_request or not any(requests) else context).append(rest)
         split = split or bool(removed or side)
-    return PromptScope("; ".join(asked), "; ".join(context), "; ".join(asides), excluded, split or bool(context))
+    return PromptScope("; ".join(asked), "; ".join(context), "; ".join(asides), excluded, kept,
+                       split or bool(context))

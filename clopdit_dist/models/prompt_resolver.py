@@ -471,7 +471,7 @@ class PromptResolver:
             # also where a "cell type:" value matched no name ("SCGB1A1+ secretory cell"); read from what is asked
             self._read_markers(out, "; ".join(p for p in (scope.asked, scope.context) if p) if scope.split
                                else expand_shared_heads(prompt, self._exact_field))
-        self._exclude(out, scope.excluded)  # after the markers: "CD4+ cells, but not Tregs"
+        self._exclude(out, scope.excluded, scope.kept)  # after the markers: "CD4+ cells, but not Tregs"
         value = next((v for k, v in other.items() if k in ASSAY_KEYS), None)
         self._read_assay(out, in_text if value is None else assays_named(value), value)
         if not allow_empty and all(v is None for v in out.fields.values()) and not out.assays:
@@ -561,16 +561,37 @@ class PromptResolver:
         norm = normalize_name(word)
         return any(n == norm or n.startswith(norm + " ") for n in self._names)
 
-    def _exclude(self, r: ResolvedPrompt, excluded: list[str]) -> None:
+    def _exclude(self, r: ResolvedPrompt, excluded: list[str], kept: list[str] = ()) -> None:
         """Remove from each field's candidates the labels the prompt excludes ("dendritic cells, but
         not the plasmacytoid type"; :func:`~clopdit_dist.data.prompt_scope.read_scope`): each excluded
         text, split at list words, resolved like free text; its labels (a group's children) are taken
         out of a group or list the prompt asks for and listed in ``r.excluded``; where the prompt names no cell
         type ("non-immune cells of the liver", "lung cells, not macrophages"), every other type is a candidate
-        (the generator keeps those of the conditions the other fields allow)."""
-        named: dict[str, set[str]] = {}
+        (the generator keeps those of the conditions the other fields allow). The labels ``kept`` names ("Keep
+        the plasma cells.") stay."""
         asked = [c for c, _ in r.candidates.get("cell_type", ())]
-        for piece in (p for text in excluded for p in _LIST_SPLIT.split(text)):
+        named = self._labels_named(excluded, asked)
+        for f, labels in self._labels_named(kept, asked).items():
+            named[f] = named.get(f, set()) - labels
+        for f, labels in named.items():
+            if f == "cell_type" and not r.candidates.get(f):  # "non-immune cells of the liver": every other type
+                keep = [c for c in self.vocab[f] if c not in labels]
+                if keep and len(keep) < len(self.vocab[f]):
+                    r.excluded[f] = sorted(labels & set(self.vocab[f]))
+                    r.fields[f], r.candidates[f] = keep[0], [(c, 1.0 / len(keep)) for c in keep]
+                    r.confidence[f] = round(GROUP_DISCOUNT / len(keep), 4)
+                    r.unresolved.pop(f, None)
+                continue
+            keep = [c for c, _ in r.candidates.get(f, ()) if c not in labels]
+            if len(keep) < len(r.candidates.get(f, ())) and keep:
+                r.excluded[f] = sorted(labels & {c for c, _ in r.candidates[f]})
+                self._narrow(r, f, keep)
+
+    def _labels_named(self, texts: list[str], asked: list[str]) -> dict[str, set[str]]:
+        """Per field, the labels ``texts`` name (each split at list words and resolved like free text; a group as
+        its children; a cell type also by its markers, among ``asked`` where the prompt asks for several)."""
+        named: dict[str, set[str]] = {}
+        for piece in (p for text in texts for p in _LIST_SPLIT.split(text)):
             if not has_words(piece):
                 continue
             spans = candidate_spans(piece, self.max_words)
@@ -587,19 +608,7 @@ class PromptResolver:
                     named.setdefault(f, set()).update(m.entry.group or (m.entry.label,))
         if "cell_type" in named:  # "not macrophages" leaves out alveolar macrophages too
             named["cell_type"] |= {t for c in named["cell_type"] for t in self._subtypes.get(c, ())}
-        for f, labels in named.items():
-            if f == "cell_type" and not r.candidates.get(f):  # "non-immune cells of the liver": every other type
-                keep = [c for c in self.vocab[f] if c not in labels]
-                if keep and len(keep) < len(self.vocab[f]):
-                    r.excluded[f] = sorted(labels & set(self.vocab[f]))
-                    r.fields[f], r.candidates[f] = keep[0], [(c, 1.0 / len(keep)) for c in keep]
-                    r.confidence[f] = round(GROUP_DISCOUNT / len(keep), 4)
-                    r.unresolved.pop(f, None)
-                continue
-            keep = [c for c, _ in r.candidates.get(f, ()) if c not in labels]
-            if len(keep) < len(r.candidates.get(f, ())) and keep:
-                r.excluded[f] = sorted(labels & {c for c, _ in r.candidates[f]})
-                self._narrow(r, f, keep)
+        return named
 
     def _narrow(self, r: ResolvedPrompt, f: str, labels: list[str]) -> None:
         """Field ``f`` of ``r`` restricted to ``labels`` (a subset of its candidates), equal weights."""
