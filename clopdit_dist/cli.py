@@ -24,6 +24,37 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low`` ("--n 0" is refused by argparse, not by a reshape deep inside)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be at least {low}")
+        return v
+    return parse
+
+
+def _non_negative(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number") from None
+    if not v >= 0.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more")
+    return v
+
+
+def _weights(text: str) -> tuple[float, ...]:
+    """Compositional guidance weights, one per field ("2,1,1"), each >= 0."""
+    try:
+        return tuple(_non_negative(w) for w in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers >= 0 separated by commas, e.g. 2,1,1") from None
+
+
 def _interval(text: str) -> tuple[float, float]:
     """``LO,HI`` with 0 <= LO <= HI <= 1: the part of the path (t) that guidance acts on."""
     try:
@@ -43,7 +74,7 @@ def add_shard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--obs-filter", default=None,
                    help="TileDB-SOMA value filter, e.g. \"is_primary_data == True and tissue_general == 'lung'\"")
     p.add_argument("--genes", type=_csv, default=[], help="comma-separated feature ids/names (default: all)")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=_at_least(1), default=1)
     p.add_argument("--node-rank", type=int, default=0,
                    help="this machine's rank when several build into one shared --out (e.g. $SLURM_NODEID)")
     p.add_argument("--num-nodes", type=int, default=1, help="machines building into --out (e.g. $SLURM_NNODES)")
@@ -135,16 +166,20 @@ def cmd_generate(args) -> None:
 
     prompts = list(args.prompt)
     if args.prompts_file:
-        with open(args.prompts_file) as f:
-            prompts += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        try:
+            with open(args.prompts_file) as f:
+                prompts += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PromptError(f"cannot read --prompts-file {args.prompts_file!r} ({exc.__class__.__name__}: "
+                              f"{getattr(exc, 'strerror', None) or exc}); give a text file of one prompt per line") from None
     if not prompts and not args.interpolate:
         raise PromptError("give at least one --prompt, a --prompts-file, or --interpolate A B")
     check_prompts(prompts + list(args.interpolate or []))  # before minutes of model loading
+    _check_output(args.out)
+    _check_device(args.device)
     gen = CellGenerator.from_run(args.run, device=args.device, precision=args.precision, compile=args.compile)
     sampler = sampler_from(gen.default_sampler, guidance=args.guidance, steps=args.steps, method=args.sampler,
-                           noise=args.noise, interval=args.interval,
-                           field_weights=tuple(float(w) for w in args.field_weights.split(",")) if args.field_weights
-                           else None)
+                           noise=args.noise, interval=args.interval, field_weights=args.field_weights)
     if args.interpolate:
         adata = gen.interpolate(*args.interpolate, points=args.points, n=args.n, sampler=sampler, seed=args.seed)
     else:
@@ -158,6 +193,32 @@ def cmd_generate(args) -> None:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     adata.write_h5ad(args.out)
     print(f"wrote {adata.n_obs} cells x {adata.n_vars} genes to {args.out}")
+
+
+def _check_output(path: str) -> None:
+    """Refuse an output file that cannot be written (no such folder, no permission), before any work."""
+    import os
+
+    existed = os.path.exists(path)
+    try:
+        open(path, "ab").close()
+    except OSError as exc:
+        raise ClopditError(f"cannot write --out {path!r} ({exc.strerror}); give a file path in a folder that "
+                           "exists and you can write") from None
+    if not existed:
+        os.remove(path)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ClopditError(f"--device {device!r} is no torch device; give cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ClopditError(f"--device {device!r}: this machine's torch sees {torch.cuda.device_count()} CUDA GPUs; "
+                           "use --device cpu" + (" or cuda:0" if torch.cuda.device_count() else ""))
 
 
 def cmd_plan(args) -> None:
@@ -206,12 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = verbs.add_parser("data", help="atlas and shards").add_subparsers(dest="data_verb", required=True)
     p = data.add_parser("synth", help="write the synthetic Census-shaped atlas")
     p.add_argument("--out", required=True)
-    p.add_argument("--cells", type=int, default=20_000)
-    p.add_argument("--genes", type=int, default=3_000)
-    p.add_argument("--studies", type=int, default=12)
+    p.add_argument("--cells", type=_at_least(1), default=20_000)
+    p.add_argument("--genes", type=_at_least(1), default=3_000)
+    p.add_argument("--studies", type=_at_least(1), default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--organism", default="homo_sapiens")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=_at_least(1), default=1)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_synth)
 
@@ -247,16 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="repeatable")
     p.add_argument("--prompts-file", default=None, help="one prompt per line")
     p.add_argument("--interpolate", nargs=2, metavar=("PROMPT_A", "PROMPT_B"), default=None)
-    p.add_argument("--points", type=int, default=10)
-    p.add_argument("--n", type=int, default=100, help="cells per prompt (per point when interpolating)")
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--points", type=_at_least(2), default=10)
+    p.add_argument("--n", type=_at_least(1), default=100, help="cells per prompt (per point when interpolating)")
+    p.add_argument("--guidance", type=_non_negative, default=None)
+    p.add_argument("--steps", type=_at_least(1), default=None)
     p.add_argument("--sampler", default=None, choices=["euler", "heun", "midpoint", "sde"])
-    p.add_argument("--noise", type=float, default=None, help="SDE noise (diversity); with --sampler sde")
-    p.add_argument("--field-weights", default=None, help="compositional guidance weights, e.g. 2,1,1")
+    p.add_argument("--noise", type=_non_negative, default=None, help="SDE noise (diversity); with --sampler sde")
+    p.add_argument("--field-weights", type=_weights, default=None, help="compositional guidance weights, e.g. 2,1,1")
     p.add_argument("--interval", default=None, type=_interval,
                    help="apply guidance only for t in LO,HI (0 = noise, 1 = data); the plain conditional elsewhere")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_at_least(0), default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: the DiT's matmuls in bf16 (CPUs with AVX512-BF16/AMX, GPUs); ~1.4x on CPU")
@@ -291,14 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, help="the shards the run was trained on")
     p.add_argument("--out", required=True, help="directory for metrics.json, report.md and the plots")
     p.add_argument("--split", default="test", help="held-out studies (and <split>_cells) to report: test or val")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--cells", type=int, default=200, help="generated cells per condition (at most)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's)")
+    p.add_argument("--seeds", type=_at_least(1), default=3)
+    p.add_argument("--cells", type=_at_least(2), default=200, help="generated cells per condition (at most)")
+    p.add_argument("--steps", type=_at_least(1), default=None, help="sampler steps (default: the run's)")
     p.add_argument("--sampler", default=None, choices=["euler", "heun", "midpoint", "sde"],
                    help="sampler method (default: the run's)")
-    p.add_argument("--noise", type=float, default=None, help="SDE noise; with --sampler sde")
+    p.add_argument("--noise", type=_non_negative, default=None, help="SDE noise; with --sampler sde")
     p.add_argument("--interval", default=None, type=_interval, help="guidance interval LO,HI in t (default: the run's)")
-    p.add_argument("--guidance", type=float, default=None, help="skip the val sweep and use this guidance")
+    p.add_argument("--guidance", type=_non_negative, default=None, help="skip the val sweep and use this guidance")
     p.add_argument("--compare", action="append", default=[], metavar="NAME=RUN",
                    help="another run on the same shards scored beside this one (repeatable)")
     p.add_argument("--no-report", action="store_true", help="metrics.json only, no report.md/plots")
@@ -312,8 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("demo", help="the whole path on the embedded atlas")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--cells", type=int, default=20_000)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cells", type=_at_least(1), default=20_000)
+    p.add_argument("--workers", type=_at_least(1), default=2)
     p.add_argument("--seed", type=int, default=0, help="the synthetic atlas's seed (other seeds check that "
                    "defaults were not tuned to seed 0)")
     p.add_argument("overrides", nargs="*", metavar="STAGE:KEY=VALUE",

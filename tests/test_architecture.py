@@ -108,6 +108,28 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, atlas_dir, shards_dir):
     assert not (tmp_path / "d").exists()  # the demo refused its override before building anything
 
 
+def test_generate_refuses_bad_arguments_before_loading_a_model(tmp_path):
+    """Counts below one, negative guidance or noise, an unreadable prompts file, an output that
+    cannot be written and a GPU the machine lacks are refused by name (exit 2, no traceback); they
+    used to fail inside the sampler or after generating (session 33). The run directory does not
+    exist: each is refused before it is looked at."""
+    run, out = str(tmp_path / "no_run"), str(tmp_path / "x.h5ad")
+    cases = [
+        (["--prompt", "B cells", "--n", "0"], "argument --n: '0': must be at least 1"),
+        (["--prompt", "B cells", "--guidance", "-1"], "argument --guidance: '-1': must be 0 or more"),
+        (["--prompt", "B cells", "--field-weights", "2,x"], "argument --field-weights"),
+        (["--prompts-file", str(tmp_path / "none.txt")], "cannot read --prompts-file"),
+        (["--prompt", "B cells", "--out", str(tmp_path / "no_dir" / "x.h5ad")], "cannot write --out"),
+        (["--prompt", "B cells", "--device", "cuda:64"], "--device 'cuda:64'"),
+    ]
+    for argv, expect in cases:
+        argv = ["generate", "--run", run, *argv] + ([] if "--out" in argv else ["--out", out])
+        r = _cli(*argv)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2 and "Traceback" not in r.stderr and expect in last, (argv, r.stderr[-2000:])
+    assert not os.path.exists(out)
+
+
 def test_no_top_level_package_shared_with_another_distribution():
     """Every top-level import name this distribution installs is its own: a top-level
     ``kernels`` once shadowed Hugging Face's ``kernels`` (a dependency of transformers 5), and
