@@ -47,12 +47,27 @@ def _non_negative(text: str) -> float:
     return v
 
 
+def _positive(text: str) -> float:
+    v = _non_negative(text)
+    if v == 0.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
+    return v
+
+
 def _weights(text: str) -> tuple[float, ...]:
     """Compositional guidance weights, one per field ("2,1,1"), each >= 0."""
     try:
         return tuple(_non_negative(w) for w in text.split(","))
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"{text!r}: give numbers >= 0 separated by commas, e.g. 2,1,1") from None
+
+
+def _named_run(text: str) -> str:
+    """``NAME=RUN_DIR`` of ``evaluate --compare``."""
+    name, _, path = text.partition("=")
+    if not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=RUN_DIR, e.g. pca=runs/pca_codec")
+    return text
 
 
 def _interval(text: str) -> tuple[float, float]:
@@ -328,10 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("plan", help="per-GPU memory under ZeRO 1/2/3 (+offload) and the config to use")
     p.add_argument("--params", required=True, help="parameter count, e.g. 350M, 1.3B")
-    p.add_argument("--gpus", type=int, required=True, help="GPUs per node")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
-    p.add_argument("--cpu-mem", type=float, default=None, help="GiB of CPU memory per node (checked if given)")
+    p.add_argument("--gpus", type=_at_least(1), required=True, help="GPUs per node")
+    p.add_argument("--nodes", type=_at_least(1), default=1)
+    p.add_argument("--gpu-mem", type=_positive, default=80.0, help="GiB per GPU")
+    p.add_argument("--cpu-mem", type=_positive, default=None, help="GiB of CPU memory per node (checked if given)")
     p.add_argument("--headroom", type=float, default=0.3, help="share of GPU memory kept for activations")
     p.add_argument("--largest-layer", type=int, default=None, help="parameters of the largest layer (ZeRO-3)")
     p.add_argument("--json", action="store_true")
@@ -339,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("sweep", help="run a W&B sweep YAML offline (the sweeps package proposes trials)")
     p.add_argument("--config", required=True, help="sweep YAML, e.g. configs/sweeps/dit.yaml")
-    p.add_argument("--trials", type=int, default=4)
+    p.add_argument("--trials", type=_at_least(1), default=4)
     p.add_argument("--shards", required=True)
     p.add_argument("--run-root", required=True, help="one run directory per trial under it")
     p.add_argument("--base-config", default=None, help="stage YAML the trials start from (default: the sweep's)")
@@ -351,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory with trained stages")
     p.add_argument("--shards", required=True, help="the shards the run was trained on")
     p.add_argument("--out", required=True, help="directory for metrics.json, report.md and the plots")
-    p.add_argument("--split", default="test", help="held-out studies (and <split>_cells) to report: test or val")
+    p.add_argument("--split", default="test", choices=["test", "val"],
+                   help="held-out studies (and <split>_cells) to report")
     p.add_argument("--seeds", type=_at_least(1), default=3)
     p.add_argument("--cells", type=_at_least(2), default=200, help="generated cells per condition (at most)")
     p.add_argument("--steps", type=_at_least(1), default=None, help="sampler steps (default: the run's)")
@@ -360,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=_non_negative, default=None, help="SDE noise; with --sampler sde")
     p.add_argument("--interval", default=None, type=_interval, help="guidance interval LO,HI in t (default: the run's)")
     p.add_argument("--guidance", type=_non_negative, default=None, help="skip the val sweep and use this guidance")
-    p.add_argument("--compare", action="append", default=[], metavar="NAME=RUN",
+    p.add_argument("--compare", action="append", default=[], type=_named_run, metavar="NAME=RUN",
                    help="another run on the same shards scored beside this one (repeatable)")
     p.add_argument("--no-report", action="store_true", help="metrics.json only, no report.md/plots")
     p.add_argument("--no-progress", action="store_true")

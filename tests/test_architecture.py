@@ -99,6 +99,11 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, atlas_dir, shards_dir):
          "obs filter"),  # filter
         (["data", "shards", "--source", str(tmp_path / "no_atlas"), "--out", str(tmp_path / "s2")], "does not exist"),
         (["demo", "--out", str(tmp_path / "d"), "flow.prior=cell_type"], "prefix it with its stage"),  # before any work
+        # session 33: these raised tracebacks
+        (["data", "ingest", str(tmp_path / "none.h5ad"), "--out", str(tmp_path / "atlas")], "is no file"),
+        (["plan", "--params", "lots", "--gpus", "8"], "--params 'lots'"),
+        (["sweep", "--config", str(tmp_path / "none.yaml"), "--shards", shards_dir, "--run-root", str(tmp_path / "w")],
+         "sweep config"),
     ]
     for argv, expect in cases:
         r = _cli(*argv)
@@ -108,11 +113,12 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, atlas_dir, shards_dir):
     assert not (tmp_path / "d").exists()  # the demo refused its override before building anything
 
 
-def test_generate_refuses_bad_arguments_before_loading_a_model(tmp_path):
+def test_bad_arguments_are_refused_before_any_work(tmp_path):
     """Counts below one, negative guidance or noise, an unreadable prompts file, an output that
-    cannot be written and a GPU the machine lacks are refused by name (exit 2, no traceback); they
-    used to fail inside the sampler or after generating (session 33). The run directory does not
-    exist: each is refused before it is looked at."""
+    cannot be written, a GPU the machine lacks and a malformed --compare are refused by name (exit 2,
+    no traceback; argparse's usage lines above the error); they used to fail inside the sampler, after
+    generating or after evaluating (session 33). The run directory does not exist: each is refused
+    before it is looked at."""
     run, out = str(tmp_path / "no_run"), str(tmp_path / "x.h5ad")
     cases = [
         (["--prompt", "B cells", "--n", "0"], "argument --n: '0': must be at least 1"),
@@ -122,8 +128,11 @@ def test_generate_refuses_bad_arguments_before_loading_a_model(tmp_path):
         (["--prompt", "B cells", "--out", str(tmp_path / "no_dir" / "x.h5ad")], "cannot write --out"),
         (["--prompt", "B cells", "--device", "cuda:64"], "--device 'cuda:64'"),
     ]
+    cases = [(["generate", "--run", run, *argv] + ([] if "--out" in argv else ["--out", out]), expect)
+             for argv, expect in cases]
+    cases += [(["evaluate", "--run", run, "--shards", str(tmp_path), "--out", str(tmp_path / "e"), "--compare", "pca"],
+               "give NAME=RUN_DIR"), (["plan", "--params", "1B", "--gpus", "0"], "must be at least 1")]
     for argv, expect in cases:
-        argv = ["generate", "--run", run, *argv] + ([] if "--out" in argv else ["--out", out])
         r = _cli(*argv)
         last = r.stderr.strip().splitlines()[-1]
         assert r.returncode == 2 and "Traceback" not in r.stderr and expect in last, (argv, r.stderr[-2000:])

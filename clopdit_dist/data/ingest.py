@@ -62,7 +62,13 @@ def ingest_h5ad(path: str, out: str, organism: str = "homo_sapiens", mapping: di
     """Append the cells of ``path`` to the collection at ``out`` (created if absent).
     Returns the number of cells written."""
     mapping = dict(mapping or {})
-    adata = ad.read_h5ad(path)
+    if not os.path.isfile(path):
+        raise IngestError(f"{path!r} is no file; give the path of an .h5ad of raw counts")
+    try:
+        adata = ad.read_h5ad(path)
+    except (OSError, KeyError) as exc:  # not HDF5, or HDF5 without AnnData's groups
+        raise IngestError(f"cannot read {path!r} as an AnnData .h5ad file ({str(exc).splitlines()[0][:120]}); give "
+                          "an .h5ad of raw counts") from None
     M, where, var = _counts_matrix(adata, layer)
     _check_integer(M, where, path)
     genes = _var_table(var)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+from ..errors import ConfigError
+
 GIB = 1024**3
 
 
@@ -33,7 +35,7 @@ def parse_count(text: str | int | float) -> int:
         return int(text)
     m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kKmMbBtT]?)\s*", str(text))
     if not m:
-        raise ValueError(f"--params {text!r}: write a count such as 350M, 1.3B or 7e9")
+        raise ConfigError(f"--params {text!r}: write a count such as 350M, 1.3B or 7e9")
     scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()]
     return int(float(m.group(1)) * scale)
 

@@ -40,6 +40,8 @@ import time
 
 import yaml
 
+from ..errors import ConfigError
+
 STAGES = {"ae": ("clopdit_dist.stages.ae", "AEStage", "AEStageConfig"),
           "clop": ("clopdit_dist.stages.clop", "ClopStage", "ClopStageConfig"),
           "dit": ("clopdit_dist.stages.dit", "DiTStage", "DiTStageConfig")}
@@ -47,8 +49,17 @@ NEEDS = {"ae": (), "clop": ("ae",), "dit": ("ae", "clop")}
 
 
 def load_sweep(path: str) -> dict:
-    with open(path) as f:
-        return yaml.safe_load(f)
+    try:
+        with open(path) as f:
+            sweep = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"sweep config {path!r}: {exc.strerror}; give a W&B sweep YAML such as "
+                          "configs/sweeps/dit.yaml") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"sweep config {path!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(sweep, dict) or "metric" not in sweep or "parameters" not in sweep:
+        raise ConfigError(f"sweep config {path!r} is no W&B sweep (it needs 'metric' and 'parameters')")
+    return sweep
 
 
 def _command_arg(sweep: dict, flag: str) -> str | None:
@@ -164,8 +175,8 @@ def run_sweep(config: str, trials: int, shards: str, run_root: str, base_config:
     from .distributed import init_distributed
     from .tracking import wandb_mode as resolve_mode
 
+    sweep = load_sweep(config)  # a wrong path is refused before any process group starts
     rank, _, _ = init_distributed()
-    sweep = load_sweep(config)
     stage = sweep_stage(sweep, config)
     base_config = base_config or _command_arg(sweep, "--config")
     metric, goal = sweep["metric"]["name"], sweep["metric"].get("goal", "minimize")
