@@ -643,6 +643,19 @@ def test_excluded_labels_leave_a_group_or_list(resolver):
         "CD4-positive, alpha-beta T cell", "CD8-positive, alpha-beta T cell", "regulatory T cell", "natural killer cell"}
     assert cands("lymphocytes except B cells, but keep the plasma cells") == cands("lymphocytes except B cells")
     assert "plasma cell" in cands("lymphocytes except B cells and plasma cells. Keep the plasma cells.")
+    # a mixture's proportions say nothing of which cells (resolver_dev_s33c.yaml)
+    assert cands("70% classical and 30% non-classical monocytes from healthy blood") == {
+        "classical monocyte", "non-classical monocyte"}
+    assert cands("Mostly hepatocytes with some cholangiocytes, from a NAFLD liver.") == {"hepatocyte", "cholangiocyte"}
+    assert cands("naive and memory B cells in a 2:1 ratio plus a sprinkling of plasma cells") == {
+        "naive B cell", "memory B cell", "plasma cell"}
+    # a pasted chat: the last user turn, with what it leaves out from the user's earlier turns, never the assistant's
+    r = resolver.resolve("User: I'm studying Crohn's disease.\nAssistant: Which cells, from lung or blood?\n"
+                         "User: Fibroblasts from the colon, please.")
+    assert r.fields == {"cell_type": "fibroblast", "tissue_general": "large intestine", "disease": "Crohn disease"}
+    r = resolver.resolve("User: T cells from lymph nodes of healthy donors.\nAssistant: Done.\n"
+                         "User: Forget that. I just want Tregs, no particular organ or condition.")
+    assert r.fields == {"cell_type": "regulatory T cell", "tissue_general": None, "disease": None}
     # the epithelium of one organ (CL:0000082, CL:0002563), not every epithelial type
     assert cands("any lung epithelial cell other than AT2 cells") == {
         "type I pneumocyte", "ciliated cell", "club cell", "basal cell", "goblet cell"}

@@ -82,6 +82,20 @@ def test_a_keep_clause_keeps_its_cells_in_and_asks_for_nothing_new():
     assert s.kept == ["the plasma cells"] and "plasma" not in s.asked and s.excluded == ["T cells and B cells"]
 
 
+def test_a_pasted_chats_user_turns_and_fields_left_open():
+    from clopdit_dist.data.prompt_scope import user_turns
+
+    chat = ("User: Generate alveolar macrophages from COVID-19 lungs.\nAssistant: Done, 800 alveolar macrophages.\n"
+            "User: And the matching blood monocytes from the same patients.")
+    assert user_turns(chat) == ["Generate alveolar macrophages from COVID-19 lungs.",
+                                "And the matching blood monocytes from the same patients."]
+    assert user_turns("cell type: B cell; tissue: lung") is None and user_turns("User: B cells") is None
+    # "no particular organ or condition" leaves both open, in the asked parts only
+    s = read_scope("Forget the lymph node. I just want Tregs, no particular organ or condition.")
+    assert s.held_open == {"tissue_general", "disease"} and s.excluded == ["the lymph node"]
+    assert not read_scope("Please generate Tregs. Last time we had no particular organ in mind.").held_open
+
+
 def test_non_x_is_a_negation_unless_it_begins_a_name():
     names = {"non-classical", "non-alcoholic"}
     s = read_scope("non-classical monocytes from non-alcoholic fatty liver", lambda w: w.lower() in names)

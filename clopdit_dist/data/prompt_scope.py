@@ -20,6 +20,10 @@ only as context). :func:`read_scope` splits the free text by cue words alone (no
   "leave out") up to the end of its clause or the next preposition after its first word ("any kind of" and "the
   whole" before it are part of it), and "X cells" for a "non-X" word that begins no name the model knows
   ("non-ciliated", not "non-classical");
+* a pasted chat ("User: ... Assistant: ... User: ..."): its last user turn is read as above; the user's earlier
+  turns are context (what the last turn leaves out: "the matching blood monocytes from the same patients"); the
+  assistant's turns are not read; a field the asked parts leave open ("no particular organ") is not taken from
+  context or asides (``held_open``);
 * **kept**: what a "keep" or "retain" clause keeps in ("... except T cells and B cells. Keep the plasma
   cells."): never excluded, and not asked for anew.
 
@@ -35,7 +39,7 @@ negative control"), which is no healthy donor.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 # a sentence or ";"-part that asks for something
@@ -72,7 +76,8 @@ NEGATION = re.compile(
     r"\b(?:not|neither|nor|excluding|exclude|except(?:\s+for)?|other\s+than|rather\s+than|instead\s+of|"
     r"apart\s+from|aren't|isn't|are\s+not|is\s+not|minus|as\s+opposed\s+to|in\s+contrast\s+to|unlike|"
     # verbs that take cells out: "drop plasma cells too", "remove the Tregs", "leave out B cells" (not "Drop-seq")
-    r"drop(?![-\w])|dropping|remove|removing|omit|omitting|leave\s+out|leaving\s+out|filter\s+out)\b",
+    r"drop(?![-\w])|dropping|remove|removing|omit|omitting|leave\s+out|leaving\s+out|filter\s+out|"
+    r"forget(?:\s+about)?)\b",
     re.IGNORECASE)
 # what an exclusion says of its cells before naming them, part of its scope: "except any kind of macrophage", "minus
 # the whole B lineage" (the scope otherwise ends at the first preposition after its first word)
@@ -85,8 +90,9 @@ KEEP = re.compile(r"\b(?:keep|keeping|retain|retaining)\b", re.IGNORECASE)
 # a field left open on purpose: "any tissue", "whatever disease", "regardless of (the) cell type"; not
 # "without any disease", "w/o any disease", "free of any disease", which say healthy (shorthand.yaml)
 OPEN_FIELD = re.compile(
-    r"(?<!without\s)(?<!w/o\s)(?<!free\sof\s)\b(?:any|whatever|whichever|every|all|regardless\s+of(?:\s+the)?|across(?:\s+all)?)\s+"
-    r"(?:cell[\s-]?types?|tissues?|organs?|diseases?|conditions?|disease\s+states?)\b"
+    r"(?<!without\s)(?<!w/o\s)(?<!free\sof\s)\b(?:any|whatever|whichever|every|all|regardless\s+of(?:\s+the)?|"
+    r"across(?:\s+all)?|no\s+particular|no\s+specific)\s+"
+    r"{field}(?:\s*(?:,|/|\bor\b|\band\b|\bnor\b)\s*{field})*\b"
     # said unspecified: "No disease condition was specified", "tissue not given", "unspecified disease"
     r"|\bno\s+{field}\s+{be}(?:{said})\b|\b{field}\s+{be}(?:not\s+|un)(?:{said}|known)\b"
     r"|\bunspecified\s+{field}"
@@ -104,6 +110,10 @@ def open_fields(text: str) -> set[str]:
 DESIGN_CONTROL = re.compile(
     r"\b(?:as\s+an?\s+(?:(?:in[\s-]?silico|negative|positive|internal|technical|baseline)\s+)?control|"
     r"(?:in[\s-]?silico|negative|positive|internal|technical|spike[\s-]?in)\s+controls?)\b", re.IGNORECASE)
+# a pasted chat's turns: a role and a colon at a line's start ("User: ...", "Assistant: ...")
+_TURN = re.compile(r"^[ \t]*(user|human|me|assistant|ai|bot|chatgpt|gpt|model|system)[ \t]*:[ \t]*",
+                   re.IGNORECASE | re.MULTILINE)
+_USER_ROLES = frozenset({"user", "human", "me"})
 _NON = re.compile(r"\bnon[- ]([a-z][\w-]*)", re.IGNORECASE)  # "non-ciliated", "non ciliated"; not "none", "nonetheless"
 _SENTENCE = re.compile(r"(?<=[.?!])\s+|[;\n]+")
 _CLAUSE_END = re.compile(r"[,;:.?!()]|\bbut\b", re.IGNORECASE)
@@ -121,6 +131,7 @@ class PromptScope:
     excluded: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)  # what a "keep ..." clause keeps in (never excluded)
     split: bool = False  # whether anything was set apart or taken out (else read the text as it is)
+    held_open: frozenset[str] = frozenset()  # fields the asked parts leave open: not read from context or asides
 
 
 def _clause_end(text: str, start: int) -> int:
@@ -157,11 +168,30 @@ def _cut(text: str, spans: list[tuple[int, int]]) -> str:
     return " ".join(" ".join(out + [text[at:]]).split())
 
 
+def user_turns(text: str) -> list[str] | None:
+    """A pasted chat's user turns, in order, without their role markers (None for text that is no chat: fewer
+    than two turns, or none a user's). The resolver reads the last as the prompt and the earlier ones as its
+    context (:func:`with_context`); the assistant's turns are not read."""
+    marks = list(_TURN.finditer(text))
+    roles = [m.group(1).lower() for m in marks]
+    if len(marks) < 2 or not set(roles) & _USER_ROLES:
+        return None
+    ends = [m.start() for m in marks[1:]] + [len(text)]
+    return [" ".join(text[m.end():end].split()) for m, role, end in zip(marks, roles, ends) if role in _USER_ROLES]
+
+
+def with_context(scope: PromptScope, earlier: list[str]) -> PromptScope:
+    """``scope`` with ``earlier`` (a chat's earlier user turns) read after its own context."""
+    context = "; ".join(p for p in (scope.context, *earlier) if p)
+    return replace(scope, context=context, split=scope.split or bool(context))
+
+
 def read_scope(text: str, names_a_label: Callable[[str], bool] = lambda _: False) -> PromptScope:
     """``text`` split into asked, context, asides and excluded parts (module docstring).
     ``names_a_label(word)``: whether a "non-X" word begins one of the model's names (it is then
     a name, "non-classical", not a negation)."""
     asked, context, asides, excluded, kept, split = [], [], [], [], [], False
+    held_open: set[str] = set()
     parts = [p for p in _SENTENCE.split(text) if p and p.strip()]
     requests = [bool(REQUEST.search(p)) for p in parts]
     for part, is_request in zip(parts, requests):
@@ -195,8 +225,10 @@ def read_scope(text: str, names_a_label: Callable[[str], bool] = lambda _: False
             if aside:
                 asides.append(aside)
         rest = _cut(part, removed + side)
+        if is_request or not any(requests):
+            held_open |= open_fields(part)
         if rest:
             (asked if is_request or not any(requests) else context).append(rest)
         split = split or bool(removed or side)
     return PromptScope("; ".join(asked), "; ".join(context), "; ".join(asides), excluded, kept,
-                       split or bool(context))
+                       split or bool(context), frozenset(held_open))

@@ -131,7 +131,7 @@ from ..data.conditions import (
     vocab_from_conditions,
 )
 from ..data.ontology import term_label
-from ..data.prompt_scope import PromptScope, open_fields, read_scope
+from ..data.prompt_scope import PromptScope, open_fields, read_scope, user_turns, with_context
 from .marker_table import MARKER_SIGNS, MIN_SCORE, NEGATIVE_SIGNS
 from .text import TextEmbeddingCache, TextTower
 
@@ -160,6 +160,14 @@ _URL_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")  # "tissue=skin%20of%20body", "CL%3
 # autoimmune disease"): a healthy donor, not the disease the organ's name is nearest
 _NO_DISEASE_OF = re.compile(r"\b(no|without|w/o|free\s+of)\s+((?:any\s+|known\s+)*)((?:[A-Za-z][\w-]*\s+){1,2}?)"
                             r"(diseases?)\b", re.IGNORECASE)
+# the proportions of a mixture, which say nothing of which cells: "70% classical and 30% non-classical monocytes", "in a
+# 2:1 ratio", "a 1:1 mix of", "mostly"; "with some X" / "plus a sprinkling of X" add X to the list
+_PROPORTION = re.compile(
+    r"(?<![\w.])\d+(?:\.\d+)?\s*%(?:\s+of)?"
+    r"|\b(?:in\s+)?an?\s+\d+(?:\s*:\s*\d+)+\s+(?:ratio|mix(?:ture)?|split|proportion)(?:\s+of)?\b"
+    r"|\b(?:mostly|mainly|predominantly|largely|chiefly)\b", re.IGNORECASE)
+_SOME_MORE = re.compile(r"\b(?:with|plus)\s+(?:some|a\s+few|a\s+handful\s+of|a\s+sprinkling\s+of|a\s+minority\s+of|"
+                        r"a\s+small\s+number\s+of|occasional|scattered)\s+", re.IGNORECASE)
 # keys of "key: value" pairs that name no condition field: ignored
 IGNORED_KEYS = frozenset({"organism", "species", "markers", "marker genes", "genes", "organism_ontology_term_id"})
 
@@ -407,6 +415,9 @@ class PromptResolver:
         if not has_words(prompt):
             raise prompt_error(prompt, "the prompt has no words")
         spelled = self._spelled_out(prompt)
+        turns = user_turns(spelled)  # a pasted chat: its last user turn is the prompt, the earlier ones its context
+        if turns:
+            spelled, earlier = turns[-1], [t for t in turns[:-1] if has_words(t)]
         known, other, free = split_structured(spelled)
         known = {f: v for f, v in known.items() if f in CONDITION_FIELDS}
         chosen: dict[str, Match] = {}
@@ -434,9 +445,13 @@ class PromptResolver:
         in_text = assays_named(text)  # assay names are not read as fields ("v2" means nothing to a text tower)
         text = expand_shared_heads(in_text.rest, self._exact_field)
         scope = read_scope(text, self._names_a_label) if rest and has_words(text) else PromptScope(text)
+        if turns and earlier:
+            scope = with_context(scope, earlier)
         # what is asked first, then the context; a cell type is never read from an aside ("we already have
         # plenty of ciliated cells"), a tissue or disease may be (module docstring of prompt_scope)
-        parts = [(scope.asked, rest), (scope.context, rest), (scope.asides, [f for f in rest if f != "cell_type"])] \
+        # a field the asked parts leave open ("I just want Tregs, no particular organ") is read from them only
+        later = [f for f in rest if f not in scope.held_open]
+        parts = [(scope.asked, rest), (scope.context, later), (scope.asides, [f for f in later if f != "cell_type"])] \
             if scope.split else [(text, rest)]
         for part, fields in parts:
             todo = [f for f in fields if f not in chosen and f not in unresolved]
@@ -485,12 +500,15 @@ class PromptResolver:
 
     def _spelled_out(self, prompt: str) -> str:
         """``prompt`` with URL escapes decoded ("CL%3A0000057" from a query string), a disease denied with its organ
-        said as no disease ("no lung disease" -> "no disease (lung)"), and each ontology term id
+        said as no disease ("no lung disease" -> "no disease (lung)"), a mixture's proportions left out ("70%
+        classical and 30% non-classical monocytes", "hepatocytes with some cholangiocytes": a list), and each ontology
+        term id
         that is none of the model's labels' ids written as its term's label ("CL:0000236" -> "B cell"), so that
         an id of a group, a narrower term or a term the model lacks is read as its name is."""
         if _URL_ESCAPE.search(prompt):
             prompt = urllib.parse.unquote(prompt)
         prompt = _NO_DISEASE_OF.sub(lambda m: f"{m.group(1)} {m.group(4)} ({m.group(3).strip()})", prompt)
+        prompt = _SOME_MORE.sub("and ", _PROPORTION.sub(" ", prompt))
         def name(m: re.Match) -> str:
             term = m.group(0).split(":")[0].upper() + ":" + m.group(0).split(":")[1]
             return m.group(0) if normalize_name(term) in self._own_ids else (term_label(term) or m.group(0))
