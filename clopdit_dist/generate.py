@@ -27,7 +27,8 @@ import scipy.sparse as sp
 import torch
 
 from .config import load_config_section
-from .data.conditions import CONDITION_FIELDS, FIELD_NAMES, organisms_named, parse_fields, vocab_from_conditions
+from .data.conditions import (CONDITION_FIELDS, FIELD_NAMES, ResolvedPrompt, organisms_named, parse_fields,
+                              vocab_from_conditions)
 from .errors import PromptWarning
 from .models.assay_capture import capture_shift
 from .models.autoencoder import draw_counts
@@ -239,7 +240,8 @@ class CellGenerator:
         name such as "T cells" gives its child types as candidates). Where training
         conditions agree with every named field, each cell's missing fields are drawn from
         them in proportion to their training cell counts: ancestral sampling of p(missing |
-        named), so "lung" yields lung's cell-type composition. Where none agrees (a new
+        named), so "lung" yields lung's cell-type composition; a mixture whose shares the prompt states
+        ("70% classical and 30% non-classical monocytes") gets its types in those shares instead. Where none agrees (a new
         combination), the named fields are used as given and the missing ones stay on the
         DiT's learned null (compositional conditioning). A prompt that names nothing this
         model can give raises :class:`~clopdit_dist.errors.PromptError` unless ``strict=False``
@@ -289,6 +291,15 @@ class CellGenerator:
         if other:
             warnings.warn(PromptWarning(f"prompt {prompt!r} names {' and '.join(other)}, but this model was trained "
                                         f"on {self.organism} cells only: these are {self.organism} cells"), stacklevel=3)
+        if r.shares:  # a mixture in stated shares: each type's cells planned as if it alone were asked for
+            counts = rng.multinomial(n, list(r.shares.values()))
+            return [item for t, m in zip(r.shares, counts) if m for item in self._plan_resolved(replace(
+                r, fields={**r.fields, "cell_type": t}, candidates={**r.candidates, "cell_type": [(t, 1.0)]},
+                shares={}), int(m), rng)]
+        return self._plan_resolved(r, n, rng)
+
+    def _plan_resolved(self, r: ResolvedPrompt, n: int, rng: np.random.Generator) -> list[tuple[dict, int]]:
+        """:meth:`plan` of a resolved prompt."""
         allowed = {f: {v for v, _ in r.candidates.get(f) or []} or ({r.fields[f]} if r.fields[f] else None)
                    for f in CONDITION_FIELDS}
         ok = np.array([all(allowed[f] is None or c[i] in allowed[f] for i, f in enumerate(CONDITION_FIELDS))

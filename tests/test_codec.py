@@ -143,6 +143,12 @@ def test_a_run_on_the_pca_codec_trains_clop_and_the_dit_and_generates(pca_run, s
     lung_types = {c[0] for c in gen._train_conditions if c[1] == "lung"}
     assert set(lung.obs["tissue_general"]) == {"lung"} and set(lung.obs["cell_type"]) <= lung_types
     assert lung.obs["cell_type"].nunique() > 3 and (lung.obs["matched_tissue_general"] == "lung").all()
+    # a mixture in stated shares (session 33): the types in those shares, not their training proportions
+    a, b = "classical monocyte", "natural killer cell"  # both in blood on the test atlas; named as the tiny tower reads
+    plan = gen.plan("80% classical monocytes and 20% NK cells from blood", 1000, np.random.default_rng(0))
+    made = {t: sum(m for c, m in plan if c["cell_type"] == t) for t in (a, b)}
+    assert sum(made.values()) == 1000 and 740 <= made[a] <= 860, made
+    assert {c["tissue_general"] for c, _ in plan} == {"blood"}
 
     # a tissue the model was not trained on is left out, with one warning line; nothing it knows: refused
     with pytest.warns(PromptWarning, match="tissue 'kidney' is a Census tissue this model was not trained on"):

@@ -222,6 +222,9 @@ def test_a_list_of_names_of_one_field_gives_each_of_them(resolver):
     assert sum(w for _, w in r.candidates["cell_type"]) == pytest.approx(1.0)
     r = resolver.resolve("macrophages in the lung, not in the liver")
     assert len(r.candidates["tissue_general"]) == 1
+    # a list of labels with commas of their own (session 33: the marker reading split them and kept CD8 alone)
+    r = resolver.resolve("CD4-positive, alpha-beta T cell and CD8-positive, alpha-beta T cell from blood")
+    assert cands(r, "cell_type") == ["CD4-positive, alpha-beta T cell", "CD8-positive, alpha-beta T cell"]
     # quoted items of code (session 33): adata.obs["cell_type"].isin([...])
     r = resolver.resolve('adata[adata.obs["cell_type"].isin(["classical monocyte", "non-classical monocyte"])]')
     assert cands(r, "cell_type") == ["classical monocyte", "non-classical monocyte"]
@@ -649,6 +652,13 @@ def test_excluded_labels_leave_a_group_or_list(resolver):
     assert cands("Mostly hepatocytes with some cholangiocytes, from a NAFLD liver.") == {"hepatocyte", "cholangiocyte"}
     assert cands("naive and memory B cells in a 2:1 ratio plus a sprinkling of plasma cells") == {
         "naive B cell", "memory B cell", "plasma cell"}
+    # ... and stated shares are kept, in the order the types are named
+    assert resolver.resolve("70% classical and 30% non-classical monocytes").shares == pytest.approx(
+        {"classical monocyte": 0.7, "non-classical monocyte": 0.3})
+    assert resolver.resolve("a 1:2 mix of CD4 T cells and CD8 T cells").shares == pytest.approx(
+        {"CD4-positive, alpha-beta T cell": 1 / 3, "CD8-positive, alpha-beta T cell": 2 / 3})
+    assert not resolver.resolve("naive and memory B cells in a 2:1 ratio plus plasma cells").shares  # 3 types, 2 numbers
+    assert not resolver.resolve("monocytes, 10% of them from COVID-19 donors").shares
     # a pasted chat: the last user turn, with what it leaves out from the user's earlier turns, never the assistant's
     r = resolver.resolve("User: I'm studying Crohn's disease.\nAssistant: Which cells, from lung or blood?\n"
                          "User: Fibroblasts from the colon, please.")

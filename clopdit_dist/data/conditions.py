@@ -730,6 +730,9 @@ class ResolvedPrompt:
     names that the model was not trained on (``assays`` is then empty).
     ``excluded``: per field, the labels the prompt asked for by a group or list and then excluded
     ("dendritic cells, but not the plasmacytoid type"; :mod:`~clopdit_dist.data.prompt_scope`).
+    ``shares``: the share of cells of each listed cell type where the prompt states them ("70% classical and 30%
+    non-classical monocytes", "a 1:1 mix of CD4 and CD8 T cells"), else empty (the generator then draws the types in
+    their training proportions).
     """
 
     fields: dict[str, str | None]
@@ -747,6 +750,7 @@ class ResolvedPrompt:
     assay_text: str = ""
     assay_absent: list[str] = field(default_factory=list)
     excluded: dict[str, list[str]] = field(default_factory=dict)
+    shares: dict[str, float] = field(default_factory=dict)
 
     def condition(self) -> dict[str, str]:
         """The named fields only (a partial condition meta)."""

@@ -166,10 +166,29 @@ _PROPORTION = re.compile(
     r"(?<![\w.])\d+(?:\.\d+)?\s*%(?:\s+of)?"
     r"|\b(?:in\s+)?an?\s+\d+(?:\s*:\s*\d+)+\s+(?:ratio|mix(?:ture)?|split|proportion)(?:\s+of)?\b"
     r"|\b(?:mostly|mainly|predominantly|largely|chiefly)\b", re.IGNORECASE)
+_PERCENT = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*%")
+_RATIO = re.compile(r"\b(\d+(?:\s*:\s*\d+)+)\s+(?:ratio|mix(?:ture)?|split|proportion)\b", re.IGNORECASE)
 _SOME_MORE = re.compile(r"\b(?:with|plus)\s+(?:some|a\s+few|a\s+handful\s+of|a\s+sprinkling\s+of|a\s+minority\s+of|"
                         r"a\s+small\s+number\s+of|occasional|scattered)\s+", re.IGNORECASE)
 # keys of "key: value" pairs that name no condition field: ignored
 IGNORED_KEYS = frozenset({"organism", "species", "markers", "marker genes", "genes", "organism_ontology_term_id"})
+
+
+def stated_shares(prompt: str, r: ResolvedPrompt, listed: list[Match]) -> dict[str, float]:
+    """The shares of a mixture's cell types as ``prompt`` states them: its percentages ("70% classical and 30%
+    non-classical monocytes"), else a ratio ("in a 2:1 ratio"), one number per listed type in the order they are
+    named. Empty unless the listed types are leaves, exactly the prompt's candidates, and as many as the numbers."""
+    labels = [m.entry.label for m in listed]
+    if not labels or any(m.entry.group for m in listed) or len(set(labels)) != len(labels) \
+            or {c for c, _ in r.candidates["cell_type"]} != set(labels):
+        return {}
+    numbers = [float(x) for x in _PERCENT.findall(prompt)]
+    if not numbers:
+        ratios = _RATIO.findall(prompt)
+        numbers = [float(x) for x in ratios[0].split(":")] if len(ratios) == 1 else []
+    if len(numbers) != len(labels) or sum(numbers) <= 0:
+        return {}
+    return {t: x / sum(numbers) for t, x in zip(labels, numbers)}
 
 
 class PromptResolver:
@@ -487,6 +506,7 @@ class PromptResolver:
             self._read_markers(out, "; ".join(p for p in (scope.asked, scope.context) if p) if scope.split
                                else expand_shared_heads(prompt, self._exact_field))
         self._exclude(out, scope.excluded, scope.kept)  # after the markers: "CD4+ cells, but not Tregs"
+        out.shares = stated_shares(prompt, out, lists.get("cell_type", []))
         value = next((v for k, v in other.items() if k in ASSAY_KEYS), None)
         self._read_assay(out, in_text if value is None else assays_named(value), value)
         if not allow_empty and all(v is None for v in out.fields.values()) and not out.assays:
@@ -523,8 +543,8 @@ class PromptResolver:
         its own (``subtypes.yaml``), the subtype where the markers name it and not the type ("FOXP3+ CD4 T
         cells": regulatory T cells)."""
         named = [c for c, _ in r.candidates["cell_type"]]
-        for name in (r.spans.get("cell_type") or "").split(", "):  # each name of a list ("CD4 T cells, CD8 T cells")
-            if name and normalize_name(name) in self._exact_field:  # "CD45+ cells" is the group: CD45 narrows nothing
+        for name in self._listed_names(r.spans.get("cell_type") or ""):
+            if normalize_name(name) in self._exact_field:  # "CD45+ cells" is the group: CD45 narrows nothing
                 text = text.replace(name, " ")
         if len(named) == 1:
             # a gene the type's own names hold ("CD4" of "CD4-positive, alpha-beta T cell", whose comma the list split
@@ -556,6 +576,17 @@ class PromptResolver:
         r.unresolved.pop("cell_type", None)
         r.candidates["cell_type"] = [(t, 1.0 / len(labels)) for t in labels]
         r.confidence["cell_type"] = round(min(1.0, score / (2 * MIN_SCORE)) / len(labels), 4)
+
+    def _listed_names(self, spans: str) -> list[str]:
+        """The names of a list's joined spans ("CD4 T cells, CD8 T cells"), a label with a comma of its own kept whole
+        ("CD4-positive, alpha-beta T cell, CD8-positive, alpha-beta T cell": two names, not four)."""
+        pieces, out, i = spans.split(", "), [], 0
+        while i < len(pieces):
+            pair = ", ".join(pieces[i:i + 2])
+            whole = i + 1 < len(pieces) and normalize_name(pair) in self._exact_field
+            out.append(pair if whole else pieces[i])
+            i += 2 if whole else 1
+        return [p for p in out if p]
 
     def _own_genes(self, label: str) -> frozenset[str]:
         """The genes the cell type's own names say it expresses ("CD4" of "CD4 T cell"; not its narrower names')."""
