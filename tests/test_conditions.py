@@ -663,6 +663,9 @@ def test_excluded_labels_leave_a_group_or_list(resolver):
     r = resolver.resolve("User: I'm studying Crohn's disease.\nAssistant: Which cells, from lung or blood?\n"
                          "User: Fibroblasts from the colon, please.")
     assert r.fields == {"cell_type": "fibroblast", "tissue_general": "large intestine", "disease": "Crohn disease"}
+    r = resolver.resolve("User: Make colonic enterocytes from ulcerative colitis.\nAssistant: Done.\n"
+                         "User: OK, and now the goblet cells from the same tissue, but from a healthy control.")
+    assert r.fields == {"cell_type": "goblet cell", "tissue_general": "large intestine", "disease": "normal"}
     r = resolver.resolve("User: T cells from lymph nodes of healthy donors.\nAssistant: Done.\n"
                          "User: Forget that. I just want Tregs, no particular organ or condition.")
     assert r.fields == {"cell_type": "regulatory T cell", "tissue_general": None, "disease": None}

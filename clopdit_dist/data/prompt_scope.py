@@ -32,7 +32,8 @@ context, then asides (a side clause's tissue is usually the study's: "we have lu
 never reads excluded text as asked for, and removes the labels it names from a group or list the
 prompt asks for ("dendritic cells, but not the plasmacytoid type": conventional DCs). A field left
 open on purpose ("any tissue", "whatever disease", "regardless of cell type") is taken out of the
-text, so nothing is read for it, and so is "control" said of the experiment ("as an in-silico control", "a
+text, so nothing is read for it; so is a reference back ("from the same tissue"), whose field comes from the
+context; and so is "control" said of the experiment ("as an in-silico control", "a
 negative control"), which is no healthy donor.
 """
 
@@ -99,6 +100,12 @@ OPEN_FIELD = re.compile(
     .format(field=r"(?:cell[\s-]?types?|tissues?|organs?|diseases?|disease\s+(?:conditions?|states?)|conditions?)",
             be=r"(?:(?:was|were|is|are|has\s+been|have\s+been)\s+)?",
             said="specified|given|stated|provided|requested|mentioned"), re.IGNORECASE)
+# a reference back to what was said before ("from the same tissue", "the same patients"): it names no field
+# itself (read by similarity, "the same tissue, but" was lung), so the field is read from the context
+SAME_AS = re.compile(r"\b(?:the\s+)?(?:same|identical)\s+(?:tissues?|organs?|patients?|donors?|individuals?|"
+                     r"subjects?|samples?|diseases?|conditions?|cohorts?)\b", re.IGNORECASE)
+
+
 def open_fields(text: str) -> set[str]:
     """The fields ``text`` leaves open on purpose (:data:`OPEN_FIELD`): {"tissue_general"} for "any tissue"."""
     words = {"cell": "cell_type", "tissue": "tissue_general", "organ": "tissue_general", "disease": "disease",
@@ -195,7 +202,8 @@ def read_scope(text: str, names_a_label: Callable[[str], bool] = lambda _: False
     parts = [p for p in _SENTENCE.split(text) if p and p.strip()]
     requests = [bool(REQUEST.search(p)) for p in parts]
     for part, is_request in zip(parts, requests):
-        removed: list[tuple[int, int]] = [m.span() for p in (OPEN_FIELD, DESIGN_CONTROL) for m in p.finditer(part)]
+        removed: list[tuple[int, int]] = [m.span() for p in (OPEN_FIELD, DESIGN_CONTROL, SAME_AS)
+                                          for m in p.finditer(part)]
         for m in _NON.finditer(part):
             if not names_a_label(m.group(0)):
                 removed.append(m.span())
