@@ -20,12 +20,14 @@ only as context). :func:`read_scope` splits the free text by cue words alone (no
   "leave out") up to the end of its clause or the next preposition after its first word ("any kind of" and "the
   whole" before it are part of it), and "X cells" for a "non-X" word that begins no name the model knows
   ("non-ciliated", not "non-classical");
-* a pasted chat ("User: ... Assistant: ... User: ..."): its last user turn is read as above; the user's earlier
-  turns are context (what the last turn leaves out: "the matching blood monocytes from the same patients"); the
-  assistant's turns are not read; a field the asked parts leave open ("no particular organ") is not taken from
-  context or asides (``held_open``);
 * **kept**: what a "keep" or "retain" clause keeps in ("... except T cells and B cells. Keep the plasma
-  cells."): never excluded, and not asked for anew.
+  cells."): never excluded, and not asked for anew;
+* **held open**: the fields the asked parts leave open ("I just want Tregs, no particular organ"), which the
+  resolver then takes from neither context nor asides.
+
+A pasted chat ("User: ... Assistant: ... User: ...") is split by :func:`user_turns`: the resolver reads its last user
+turn as the prompt and the user's earlier turns as context (:func:`with_context`; what the last turn leaves out,
+"the matching blood monocytes from the same patients"); the assistant's turns are not read.
 
 The resolver reads a cell type from asked, then context; a tissue or disease from asked, then
 context, then asides (a side clause's tissue is usually the study's: "we have lupus PBMCs"); it

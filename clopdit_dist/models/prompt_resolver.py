@@ -162,12 +162,10 @@ _NO_DISEASE_OF = re.compile(r"\b(no|without|w/o|free\s+of)\s+((?:any\s+|known\s+
                             r"(diseases?)\b", re.IGNORECASE)
 # the proportions of a mixture, which say nothing of which cells: "70% classical and 30% non-classical monocytes", "in a
 # 2:1 ratio", "a 1:1 mix of", "mostly"; "with some X" / "plus a sprinkling of X" add X to the list
-_PROPORTION = re.compile(
-    r"(?<![\w.])\d+(?:\.\d+)?\s*%(?:\s+of)?"
-    r"|\b(?:in\s+)?an?\s+\d+(?:\s*:\s*\d+)+\s+(?:ratio|mix(?:ture)?|split|proportion)(?:\s+of)?\b"
-    r"|\b(?:mostly|mainly|predominantly|largely|chiefly)\b", re.IGNORECASE)
 _PERCENT = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*%")
 _RATIO = re.compile(r"\b(\d+(?:\s*:\s*\d+)+)\s+(?:ratio|mix(?:ture)?|split|proportion)\b", re.IGNORECASE)
+_PROPORTION = re.compile(rf"{_PERCENT.pattern}(?:\s+of)?|\b(?:in\s+)?an?\s+{_RATIO.pattern[2:]}(?:\s+of)?"
+                         r"|\b(?:mostly|mainly|predominantly|largely|chiefly)\b", re.IGNORECASE)
 _SOME_MORE = re.compile(r"\b(?:with|plus)\s+(?:some|a\s+few|a\s+handful\s+of|a\s+sprinkling\s+of|a\s+minority\s+of|"
                         r"a\s+small\s+number\s+of|occasional|scattered)\s+", re.IGNORECASE)
 # keys of "key: value" pairs that name no condition field: ignored
@@ -521,10 +519,9 @@ class PromptResolver:
     def _spelled_out(self, prompt: str) -> str:
         """``prompt`` with URL escapes decoded ("CL%3A0000057" from a query string), a disease denied with its organ
         said as no disease ("no lung disease" -> "no disease (lung)"), a mixture's proportions left out ("70%
-        classical and 30% non-classical monocytes", "hepatocytes with some cholangiocytes": a list), and each ontology
-        term id
-        that is none of the model's labels' ids written as its term's label ("CL:0000236" -> "B cell"), so that
-        an id of a group, a narrower term or a term the model lacks is read as its name is."""
+        classical and 30% non-classical monocytes", "hepatocytes with some cholangiocytes": a list), and each
+        ontology term id that is none of the model's labels' ids written as its term's label ("CL:0000236" -> "B
+        cell"), so that an id of a group, a narrower term or a term the model lacks is read as its name is."""
         if _URL_ESCAPE.search(prompt):
             prompt = urllib.parse.unquote(prompt)
         prompt = _NO_DISEASE_OF.sub(lambda m: f"{m.group(1)} {m.group(4)} ({m.group(3).strip()})", prompt)
