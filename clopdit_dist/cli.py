@@ -185,13 +185,13 @@ def cmd_generate(args) -> None:
             with open(args.prompts_file) as f:
                 prompts += [line.strip() for line in f if line.strip() and not line.startswith("#")]
         except (OSError, UnicodeDecodeError) as exc:
-            raise PromptError(f"cannot read --prompts-file {args.prompts_file!r} ({exc.__class__.__name__}: "
-                              f"{getattr(exc, 'strerror', None) or exc}); give a text file of one prompt per line") from None
+            why = f"{exc.__class__.__name__}: {getattr(exc, 'strerror', None) or exc}"
+            raise PromptError(f"cannot read --prompts-file {args.prompts_file!r} ({why}); give a text file of one "
+                              "prompt per line") from None
     if not prompts and not args.interpolate:
         raise PromptError("give at least one --prompt, a --prompts-file, or --interpolate A B")
     check_prompts(prompts + list(args.interpolate or []))  # before minutes of model loading
     _check_output(args.out)
-    _check_device(args.device)
     gen = CellGenerator.from_run(args.run, device=args.device, precision=args.precision, compile=args.compile)
     sampler = sampler_from(gen.default_sampler, guidance=args.guidance, steps=args.steps, method=args.sampler,
                            noise=args.noise, interval=args.interval, field_weights=args.field_weights)
@@ -222,18 +222,6 @@ def _check_output(path: str) -> None:
                            "exists and you can write") from None
     if not existed:
         os.remove(path)
-
-
-def _check_device(device: str) -> None:
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ClopditError(f"--device {device!r} is no torch device; give cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ClopditError(f"--device {device!r}: this machine's torch sees {torch.cuda.device_count()} CUDA GPUs; "
-                           "use --device cpu" + (" or cuda:0" if torch.cuda.device_count() else ""))
 
 
 def cmd_plan(args) -> None:

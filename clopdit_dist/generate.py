@@ -29,7 +29,7 @@ import torch
 from .config import load_config_section
 from .data.conditions import (CONDITION_FIELDS, FIELD_NAMES, ResolvedPrompt, organisms_named, parse_fields,
                               vocab_from_conditions)
-from .errors import PromptWarning
+from .errors import ConfigError, PromptWarning
 from .models.assay_capture import capture_shift
 from .models.autoencoder import draw_counts
 from .models.codec import LatentCodec, load_codec
@@ -44,6 +44,17 @@ def prompt_seed(seed: int, i: int) -> int:
     """The seed of prompt ``i``'s noise, library sizes and counts: a prompt gives the same cells
     alone or beside others."""
     return seed + 1000 * i
+
+
+def check_device(device: str) -> None:
+    """Refuse a torch device this machine does not have, by name (:class:`~clopdit_dist.errors.ConfigError`)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is no torch device; give cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device!r}: this machine's torch sees {torch.cuda.device_count()} CUDA GPUs; "
+                          "use --device cpu" + (" or cuda:0" if torch.cuda.device_count() else ""))
 
 
 class CellGenerator:
@@ -103,6 +114,7 @@ class CellGenerator:
 
     @classmethod
     def from_run(cls, run_dir: str, device="cpu", precision: str = "fp32", compile: bool = False) -> "CellGenerator":
+        check_device(device)  # before anything is read: "cuda" on a machine without one failed deep inside torch
         run = RunDir(run_dir)
         run.info()  # schema check with a clear message
         codec = load_codec(run, device)
@@ -240,9 +252,9 @@ class CellGenerator:
         name such as "T cells" gives its child types as candidates). Where training
         conditions agree with every named field, each cell's missing fields are drawn from
         them in proportion to their training cell counts: ancestral sampling of p(missing |
-        named), so "lung" yields lung's cell-type composition; a mixture whose shares the prompt states
-        ("70% classical and 30% non-classical monocytes") gets its types in those shares instead. Where none agrees (a new
-        combination), the named fields are used as given and the missing ones stay on the
+        named), so "lung" yields lung's cell-type composition; a mixture whose shares the prompt
+        states ("70% classical and 30% non-classical monocytes") gets its types in those shares
+        instead. Where none agrees (a new combination), the named fields are used as given and the missing ones stay on the
         DiT's learned null (compositional conditioning). A prompt that names nothing this
         model can give raises :class:`~clopdit_dist.errors.PromptError` unless ``strict=False``
         (evaluation), where it gets the training marginal. A field it names but the model cannot

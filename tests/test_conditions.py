@@ -643,7 +643,8 @@ def test_excluded_labels_leave_a_group_or_list(resolver):
     assert cands("all myeloid cells except any kind of macrophage, from COVID-19 lungs") == {
         "classical monocyte", "non-classical monocyte", "conventional dendritic cell", "neutrophil", "mast cell"}
     assert cands("Lymphocytes minus the whole B-cell group (drop plasma cells too) from lupus blood") == {
-        "CD4-positive, alpha-beta T cell", "CD8-positive, alpha-beta T cell", "regulatory T cell", "natural killer cell"}
+        "CD4-positive, alpha-beta T cell", "CD8-positive, alpha-beta T cell", "regulatory T cell",
+        "natural killer cell"}
     assert cands("lymphocytes except B cells, but keep the plasma cells") == cands("lymphocytes except B cells")
     assert "plasma cell" in cands("lymphocytes except B cells and plasma cells. Keep the plasma cells.")
     # a mixture's proportions say nothing of which cells (resolver_dev_s33c.yaml)
@@ -657,7 +658,8 @@ def test_excluded_labels_leave_a_group_or_list(resolver):
         {"classical monocyte": 0.7, "non-classical monocyte": 0.3})
     assert resolver.resolve("a 1:2 mix of CD4 T cells and CD8 T cells").shares == pytest.approx(
         {"CD4-positive, alpha-beta T cell": 1 / 3, "CD8-positive, alpha-beta T cell": 2 / 3})
-    assert not resolver.resolve("naive and memory B cells in a 2:1 ratio plus plasma cells").shares  # 3 types, 2 numbers
+    # three types, two numbers
+    assert not resolver.resolve("naive and memory B cells in a 2:1 ratio plus plasma cells").shares
     assert not resolver.resolve("monocytes, 10% of them from COVID-19 donors").shares
     # a pasted chat: the last user turn, with what it leaves out from the user's earlier turns, never the assistant's
     r = resolver.resolve("User: I'm studying Crohn's disease.\nAssistant: Which cells, from lung or blood?\n"

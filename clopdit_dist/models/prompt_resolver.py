@@ -616,10 +616,9 @@ class PromptResolver:
         (the generator keeps those of the conditions the other fields allow). The labels ``kept`` names ("Keep
         the plasma cells.") stay."""
         asked = [c for c, _ in r.candidates.get("cell_type", ())]
-        named = self._labels_named(excluded, asked)
-        for f, labels in self._labels_named(kept, asked).items():
-            named[f] = named.get(f, set()) - labels
-        for f, labels in named.items():
+        stay = self._labels_named(kept, asked)
+        for f, labels in self._labels_named(excluded, asked).items():
+            labels = labels - stay.get(f, set())
             if f == "cell_type" and not r.candidates.get(f):  # "non-immune cells of the liver": every other type
                 keep = [c for c in self.vocab[f] if c not in labels]
                 if keep and len(keep) < len(self.vocab[f]):
